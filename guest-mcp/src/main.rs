@@ -1,0 +1,101 @@
+//! guest-mcp: serves the agent's tools and the host's control channel.
+
+use anyhow::Context as _;
+use clap::Parser;
+use nexus_guest::control::{ControlTools, PowerAction};
+use nexus_guest::exec::ExecLimits;
+use nexus_guest::listen::{ListenAddr, Listener};
+use nexus_guest::tools::GuestTools;
+use nexus_guest::{HOST_CID, ready};
+use rmcp::ServiceExt;
+use tokio_util::sync::CancellationToken;
+
+/// The MCP server inside a Nexus VM. In a VM, init starts it with
+/// `--listen vsock:1024 --control vsock:1023 --ready-port 1027 --vm`; on a
+/// host, `--listen unix:PATH` or `--stdio` serve the same tools for tests.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Where to serve the agent's tools: vsock:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<ListenAddr>,
+    /// Where to serve the host's control channel: vsock:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    control: Option<ListenAddr>,
+    /// Serve the agent's tools on standard input and output instead.
+    #[arg(long, conflicts_with = "listen")]
+    stdio: bool,
+    /// Once listening, tell the host (vsock CID 2) on this port.
+    #[arg(long, value_name = "PORT")]
+    ready_port: Option<u32>,
+    /// Running as a VM's guest: `shutdown` powers the machine off.
+    #[arg(long)]
+    vm: bool,
+    /// Longest `timeout_s` an exec may ask for, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    max_exec_timeout_s: u64,
+    /// Most output bytes an exec may keep per stream.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_output_bytes: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rmcp=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    if args.listen.is_none() && !args.stdio {
+        anyhow::bail!("nothing to serve: give --listen ADDR or --stdio");
+    }
+    let limits = ExecLimits {
+        max_timeout_s: args.max_exec_timeout_s,
+        max_output_bytes: args.max_output_bytes,
+        ..ExecLimits::default()
+    };
+    let tools = GuestTools::new(limits);
+    let power = if args.vm {
+        PowerAction::Poweroff
+    } else {
+        PowerAction::Refuse
+    };
+    let shutdown = CancellationToken::new();
+
+    // Bind everything before announcing readiness.
+    let listener = args.listen.as_ref().map(Listener::bind).transpose()?;
+    let control = args.control.as_ref().map(Listener::bind).transpose()?;
+    if let Some(control) = control {
+        tokio::spawn(control.serve(ControlTools::new(power), shutdown.clone()));
+    }
+    if let Some(port) = args.ready_port {
+        std::thread::Builder::new()
+            .name("ready".into())
+            .spawn(move || ready::hold_forever(HOST_CID, port))
+            .context("starting the readiness thread")?;
+    }
+
+    if args.stdio {
+        let running = tools
+            .serve(rmcp::transport::stdio())
+            .await
+            .context("starting the MCP session on stdio")?;
+        running.waiting().await.context("serving on stdio")?;
+        shutdown.cancel();
+        return Ok(());
+    }
+    if let Some(listener) = listener {
+        tracing::info!(addr = %args.listen.as_ref().map(ToString::to_string).unwrap_or_default(), "guest-mcp listening");
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        listener.serve(tools, shutdown).await;
+    }
+    Ok(())
+}

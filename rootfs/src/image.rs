@@ -1,0 +1,399 @@
+//! The image directory: kernel files, root filesystem, optional initrd and
+//! manifest, each rebuilt only when its inputs changed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use crate::manifest::{BootHints, FileEntry, Manifest};
+use crate::{BuildError, digest, guest_bin, kernel, run};
+
+/// Bumped whenever the image layout or its init changes.
+const RECIPE_VERSION: &str = "nexus-image-recipe-1";
+
+/// The guest's init configuration, copied into every root filesystem.
+const GUEST_FILES: &[(&str, &str, u32)] = &[
+    ("etc/inittab", include_str!("../guest/inittab"), 0o644),
+    ("etc/nexus/rcS", include_str!("../guest/rcS"), 0o755),
+    ("etc/nexus/rcK", include_str!("../guest/rcK"), 0o755),
+    ("etc/nexus/guest-mcp.sh", include_str!("../guest/guest-mcp.sh"), 0o755),
+    ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
+    ("etc/group", "root:x:0:\ntty:x:5:\n", 0o644),
+    ("etc/hostname", "nexus\n", 0o644),
+];
+
+/// The modular kernel's initrd loads these (and what they depend on), then
+/// hands over to the root filesystem's init.
+const INITRD_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "vmw_vsock_virtio_transport",
+    "ext4",
+];
+const INITRD_INIT: &str = include_str!("../guest/initrd-init");
+
+const BUSYBOX: &str = "/bin/busybox";
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub out: PathBuf,
+    pub name: String,
+    /// A kernel to use instead of building the default one.
+    pub kernel: Option<PathBuf>,
+    /// The supplied kernel's module tree (`/lib/modules/<version>`).
+    pub modules: Option<PathBuf>,
+    /// The supplied kernel needs ACPI to find its devices.
+    pub acpi: bool,
+    pub guest_mcp: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub rootfs_mib: u64,
+}
+
+/// Builds the image in `opts.out`, or leaves it as it is when nothing changed.
+pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
+    let started = Instant::now();
+    if opts.modules.is_some() && opts.kernel.is_none() {
+        return Err(BuildError::Kernel {
+            why: "--modules only makes sense with --kernel (the default kernel has no modules)".into(),
+        });
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| BuildError::io("create", &opts.out, e))?;
+    let kernel = match &opts.kernel {
+        Some(path) => kernel::from_path(path)?,
+        None => kernel::build_default(&opts.cache_dir)?,
+    };
+    let guest = guest_bin::locate_or_build(opts.guest_mcp.as_deref())?;
+    let busybox = Path::new(BUSYBOX);
+    let busybox_bytes = std::fs::read(busybox).map_err(|_| BuildError::Missing {
+        what: "static busybox",
+        path: busybox.into(),
+        hint: "install it with `apt-get install busybox-static` (scripts/install-deps.sh does)".into(),
+    })?;
+    if guest_bin::is_static_elf(&busybox_bytes) != Some(true) {
+        return Err(BuildError::Missing {
+            what: "static busybox",
+            path: busybox.into(),
+            hint: "it is dynamically linked: `apt-get install busybox-static`".into(),
+        });
+    }
+
+    let kernel_files: Vec<(&str, &PathBuf)> = [("kernel", &kernel.bzimage), ("vmlinux", &kernel.vmlinux)]
+        .into_iter()
+        .filter_map(|(name, path)| path.as_ref().map(|p| (name, p)))
+        .collect();
+    let mut inputs = format!(
+        "{RECIPE_VERSION}\nname {}\nkernel {} {}\nbusybox {}\nguest {}\nrootfs_mib {}\nacpi {}\n",
+        opts.name,
+        kernel.release,
+        kernel.config_digest,
+        digest::sha256_hex(&busybox_bytes),
+        digest::file_sha256(&guest)?,
+        opts.rootfs_mib,
+        opts.acpi,
+    );
+    for (name, path) in &kernel_files {
+        inputs.push_str(&format!("{name} {}\n", digest::file_sha256(path)?));
+    }
+    for (path, content, mode) in GUEST_FILES {
+        inputs.push_str(&format!("{path} {mode:o} {}\n", digest::sha256_hex(content.as_bytes())));
+    }
+    if let Some(modules) = &opts.modules {
+        inputs.push_str(&format!("modules {} {}\n", modules.display(), digest::sha256_hex(INITRD_INIT.as_bytes())));
+    }
+    let inputs_digest = digest::sha256_hex(inputs.as_bytes());
+
+    if let Ok(existing) = Manifest::load(&opts.out)
+        && existing.inputs_digest == inputs_digest
+        && existing.verify(&opts.out, false).is_ok()
+    {
+        progress!(
+            "image {} is up to date ({}, checked in {:.1} s)",
+            opts.name,
+            opts.out.display(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(existing);
+    }
+
+    for (name, path) in &kernel_files {
+        copy_atomic(path, &opts.out.join(name))?;
+    }
+    for stale in ["kernel", "vmlinux", "initrd"] {
+        if !kernel_files.iter().any(|(n, _)| *n == stale) && !(stale == "initrd" && opts.modules.is_some()) {
+            let _ = std::fs::remove_file(opts.out.join(stale));
+        }
+    }
+
+    let work = opts.cache_dir.join(format!("image-work-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let result = (|| {
+        progress!("rootfs: staging busybox, guest-mcp and init");
+        let stage = work.join("root");
+        stage_root(&stage, &guest)?;
+        progress!("rootfs: mkfs.ext4 -d ({} MiB, sparse)", opts.rootfs_mib);
+        let tmp = opts.out.join(".rootfs.ext4.tmp");
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "nexus-root", "-E", "root_owner=0:0", "-d"])
+            .arg(&stage)
+            .arg(&tmp)
+            .arg(format!("{}M", opts.rootfs_mib)))?;
+        std::fs::rename(&tmp, opts.out.join("rootfs.ext4"))
+            .map_err(|e| BuildError::io("rename", &tmp, e))?;
+        if let Some(modules) = &opts.modules {
+            progress!("initrd: packing {} modules' loader", modules.display());
+            build_initrd(modules, &work.join("initrd"), &opts.out.join("initrd"))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result?;
+
+    let mut files = BTreeMap::new();
+    let mut names: Vec<&str> = kernel_files.iter().map(|(n, _)| *n).collect();
+    names.push("rootfs.ext4");
+    if opts.modules.is_some() {
+        names.push("initrd");
+    }
+    for name in names {
+        let path = opts.out.join(name);
+        let size = std::fs::metadata(&path)
+            .map_err(|e| BuildError::io("stat", &path, e))?
+            .len();
+        files.insert(
+            name.to_owned(),
+            FileEntry {
+                size,
+                sha256: digest::file_sha256(&path)?,
+            },
+        );
+    }
+    let boot = if opts.modules.is_some() {
+        BootHints {
+            cmdline: "root=/dev/vda rw rootfstype=ext4 rdinit=/init".into(),
+            acpi: true,
+        }
+    } else {
+        BootHints {
+            cmdline: "root=/dev/vda rw rootfstype=ext4 init=/sbin/init".into(),
+            acpi: opts.acpi,
+        }
+    };
+    let manifest = Manifest {
+        name: opts.name.clone(),
+        kernel_version: kernel.release,
+        kernel_config_digest: kernel.config_digest,
+        kernel_source: kernel.source,
+        guest_mcp_version: guest_bin::version_of(&guest)?,
+        built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        inputs_digest,
+        boot,
+        files,
+    };
+    manifest.save(&opts.out)?;
+    progress!(
+        "image {} built in {:.1} s at {}",
+        opts.name,
+        started.elapsed().as_secs_f64(),
+        opts.out.display()
+    );
+    Ok(manifest)
+}
+
+/// Lays out the root filesystem's tree in `stage`.
+fn stage_root(stage: &Path, guest: &Path) -> Result<(), BuildError> {
+    for dir in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc/nexus", "proc", "sys", "dev", "tmp", "run",
+        "root", "var/log", "workspace", "lib/modules",
+    ] {
+        let path = stage.join(dir);
+        std::fs::create_dir_all(&path).map_err(|e| BuildError::io("create", &path, e))?;
+    }
+    install_busybox(stage)?;
+    guest_bin::strip_into(guest, &stage.join("usr/sbin/guest-mcp"))?;
+    for (path, content, mode) in GUEST_FILES {
+        write_mode(&stage.join(path), content.as_bytes(), *mode)?;
+    }
+    Ok(())
+}
+
+/// Copies busybox into `stage/bin` and links every applet to it.
+fn install_busybox(stage: &Path) -> Result<(), BuildError> {
+    let target = stage.join("bin/busybox");
+    std::fs::copy(BUSYBOX, &target).map_err(|e| BuildError::io("copy", Path::new(BUSYBOX), e))?;
+    let out = Command::new(BUSYBOX)
+        .arg("--list-full")
+        .output()
+        .map_err(|source| BuildError::Spawn {
+            program: BUSYBOX.into(),
+            source,
+        })?;
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        let link = stage.join(applet.trim_start_matches('/'));
+        if link.exists() || link.symlink_metadata().is_ok() {
+            continue;
+        }
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| BuildError::io("create", parent, e))?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &link)
+            .map_err(|e| BuildError::io("link", &link, e))?;
+    }
+    Ok(())
+}
+
+/// An initrd for a modular kernel: busybox, the modules the guest needs in
+/// `modules.dep` order, and an init that loads them and switches to the
+/// root drive.
+fn build_initrd(modules: &Path, stage: &Path, out: &Path) -> Result<(), BuildError> {
+    let dep_file = modules.join("modules.dep");
+    if !dep_file.is_file() {
+        return Err(BuildError::Missing {
+            what: "modules.dep",
+            path: dep_file,
+            hint: format!(
+                "generate it with `depmod -b <root> <version>` for the tree that holds {}",
+                modules.display()
+            ),
+        });
+    }
+    let deps = std::fs::read_to_string(&dep_file).map_err(|e| BuildError::io("read", &dep_file, e))?;
+    let order = load_order(&deps, INITRD_MODULES).map_err(|why| BuildError::Kernel { why })?;
+    for dir in ["bin", "sbin", "proc", "sys", "dev", "newroot", "modules"] {
+        let path = stage.join(dir);
+        std::fs::create_dir_all(&path).map_err(|e| BuildError::io("create", &path, e))?;
+    }
+    install_busybox(stage)?;
+    let mut list = String::new();
+    for (i, rel) in order.iter().enumerate() {
+        let src = modules.join(rel);
+        let name = format!("{i:02}-{}", Path::new(rel).file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()));
+        let name = name.trim_end_matches(".xz").trim_end_matches(".zst").to_owned();
+        let dest = stage.join("modules").join(&name);
+        if rel.ends_with(".xz") {
+            let raw = Command::new("xz").arg("-dc").arg(&src).output().map_err(|source| BuildError::Spawn {
+                program: "xz".into(),
+                source,
+            })?;
+            std::fs::write(&dest, raw.stdout).map_err(|e| BuildError::io("write", &dest, e))?;
+        } else {
+            std::fs::copy(&src, &dest).map_err(|e| BuildError::io("copy", &src, e))?;
+        }
+        list.push_str(&name);
+        list.push('\n');
+    }
+    write_mode(&stage.join("modules/order"), list.as_bytes(), 0o644)?;
+    write_mode(&stage.join("init"), INITRD_INIT.as_bytes(), 0o755)?;
+    let tmp = out.with_extension("tmp");
+    let script = format!(
+        "cd {} && find . | cpio -o -H newc --quiet | gzip -1 > {}",
+        shell_quote(&stage.display().to_string()),
+        shell_quote(&tmp.display().to_string())
+    );
+    run(Command::new("sh").arg("-c").arg(script))?;
+    std::fs::rename(&tmp, out).map_err(|e| BuildError::io("rename", &tmp, e))
+}
+
+/// The modules (paths relative to the module tree) that load `wanted`, each
+/// after everything it depends on.
+pub fn load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, String> {
+    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    for line in modules_dep.lines() {
+        let Some((module, rest)) = line.split_once(':') else { continue };
+        deps.insert(module_name(module), (module.to_owned(), rest.split_whitespace().map(str::to_owned).collect()));
+    }
+    let mut order: Vec<String> = Vec::new();
+    fn visit(
+        path: &str,
+        deps: &BTreeMap<String, (String, Vec<String>)>,
+        order: &mut Vec<String>,
+        depth: usize,
+    ) -> Result<(), String> {
+        if depth > 64 {
+            return Err(format!("dependency loop at {path}"));
+        }
+        if order.iter().any(|p| p == path) {
+            return Ok(());
+        }
+        if let Some((_, requires)) = deps.get(&module_name(path)) {
+            // modules.dep lists what a module needs; each of those first.
+            for dep in requires.iter().rev() {
+                visit(dep, deps, order, depth + 1)?;
+            }
+        }
+        order.push(path.to_owned());
+        Ok(())
+    }
+    for name in wanted {
+        match deps.get(*name) {
+            Some((path, _)) => visit(&path.clone(), &deps, &mut order, 0)?,
+            // Built into the kernel: nothing to load.
+            None => {}
+        }
+    }
+    Ok(order)
+}
+
+/// `kernel/drivers/virtio/virtio_mmio.ko.xz` -> `virtio_mmio` (and `-` -> `_`).
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn write_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| BuildError::io("create", parent, e))?;
+    }
+    std::fs::write(path, content).map_err(|e| BuildError::io("write", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| BuildError::io("chmod", path, e))
+}
+
+fn copy_atomic(from: &Path, to: &Path) -> Result<(), BuildError> {
+    let tmp = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).map_err(|e| BuildError::io("copy", from, e))?;
+    std::fs::rename(&tmp, to).map_err(|e| BuildError::io("rename", &tmp, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_load_after_their_dependencies() {
+        let dep = "\
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko kernel/net/vmw_vsock/vsock.ko
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
+kernel/net/vmw_vsock/vsock.ko:
+";
+        let order = load_order(dep, INITRD_MODULES).unwrap();
+        let names: Vec<String> = order.iter().map(|p| module_name(p)).collect();
+        assert_eq!(
+            names,
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_mmio",
+                "virtio_blk",
+                "vsock",
+                "vmw_vsock_virtio_transport_common",
+                "vmw_vsock_virtio_transport",
+            ]
+        );
+    }
+
+    #[test]
+    fn module_names_drop_paths_and_compression() {
+        assert_eq!(module_name("kernel/fs/ext4/ext4.ko.xz"), "ext4");
+        assert_eq!(module_name("a/b/crc32c-intel.ko"), "crc32c_intel");
+    }
+}

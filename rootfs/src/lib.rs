@@ -1,0 +1,117 @@
+//! nexus-rootfs: builds Nexus guest images.
+//!
+//! An image is a directory holding `kernel` (bzImage), `vmlinux` (ELF, for
+//! PVH entry and Firecracker), `rootfs.ext4`, an `initrd` only where the
+//! kernel needs one, and `manifest.json`. The root filesystem is made
+//! without mounting anything (`mkfs.ext4 -d`) and holds busybox, a static
+//! guest-mcp and busybox init configured to mount the workspace and keep
+//! guest-mcp running.
+//!
+//! Every step is cached: the kernel by the digest of its source version and
+//! config fragment, the root filesystem by the digest of everything that
+//! goes into it, so a rebuild with nothing changed does almost no work.
+//!
+//! # Layout
+//!
+//! - `kernel`: the default kernel build and supplied kernels.
+//! - `guest_bin`: the static guest-mcp binary.
+//! - `image`: the root filesystem and the whole image directory.
+//! - `manifest`: `manifest.json`, read by nexusd and the tests.
+//! - `digest`: sha256 helpers.
+
+/// Prints a progress line on stderr (image builds are long and interactive).
+macro_rules! progress {
+    ($($arg:tt)*) => {
+        eprintln!("[nexus-rootfs] {}", format_args!($($arg)*))
+    };
+}
+
+
+pub mod digest;
+pub mod guest_bin;
+pub mod image;
+pub mod kernel;
+pub mod manifest;
+
+pub use image::{BuildOptions, build};
+pub use manifest::Manifest;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("could not {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("kernel: {why}")]
+    Kernel { why: String },
+    #[error("guest-mcp: {why}")]
+    GuestBinary { why: String },
+    #[error("{what} not found at {path}: {hint}")]
+    Missing {
+        what: &'static str,
+        path: PathBuf,
+        hint: String,
+    },
+    #[error("manifest {path}: {why}")]
+    Manifest { path: PathBuf, why: String },
+}
+
+impl BuildError {
+    pub(crate) fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        BuildError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Runs a command, failing with its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<(), BuildError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.output().map_err(|source| BuildError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(BuildError::Command {
+            command: program,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Nexus's cache directory: `$NEXUS_CACHE_DIR`, else `$XDG_CACHE_HOME/nexus`,
+/// else `~/.cache/nexus`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("NEXUS_CACHE_DIR") {
+        return dir.into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("nexus");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/nexus")
+}

@@ -1,0 +1,90 @@
+//! nexus-rootfs: builds a Nexus guest image.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nexus_rootfs::{BuildOptions, build, default_cache_dir};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Builds Nexus guest images (kernel, root filesystem, manifest)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build an image directory, reusing everything that did not change.
+    Build {
+        /// The image directory to create or update.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The image's name, recorded in its manifest.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Use this kernel (bzImage or ELF vmlinux) instead of building
+        /// Nexus's microVM kernel from linux-source-6.1.
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<PathBuf>,
+        /// The module tree of a modular --kernel (e.g. /lib/modules/VERSION);
+        /// an initrd loads virtio, vsock and ext4 from it in modules.dep order.
+        #[arg(long, value_name = "DIR", requires = "kernel")]
+        modules: Option<PathBuf>,
+        /// The supplied kernel finds its devices through ACPI.
+        #[arg(long, requires = "kernel")]
+        acpi: bool,
+        /// A static guest-mcp binary; by default it is built from this workspace.
+        #[arg(long, value_name = "PATH")]
+        guest_mcp: Option<PathBuf>,
+        /// Where kernel builds are cached [default: $NEXUS_CACHE_DIR, or ~/.cache/nexus].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Size of the (sparse) root filesystem image.
+        #[arg(long, default_value_t = 128, value_name = "MIB")]
+        rootfs_mib: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Build {
+        out,
+        name,
+        kernel,
+        modules,
+        acpi,
+        guest_mcp,
+        cache_dir,
+        rootfs_mib,
+    } = cli.command;
+    let opts = BuildOptions {
+        out,
+        name,
+        kernel,
+        modules,
+        acpi,
+        guest_mcp,
+        cache_dir: cache_dir.unwrap_or_else(default_cache_dir),
+        rootfs_mib,
+    };
+    match build(&opts) {
+        Ok(manifest) => {
+            eprintln!(
+                "[nexus-rootfs] kernel {} with guest-mcp {}",
+                manifest.kernel_version, manifest.guest_mcp_version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let mut msg = format!("nexus-rootfs: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

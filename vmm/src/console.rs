@@ -1,0 +1,50 @@
+//! The serial console, captured to a log file per VM.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// How much of the end of a log is read to find its last lines.
+const TAIL_WINDOW: u64 = 64 * 1024;
+
+/// The last `lines` lines written to `path` after byte `from` (where this
+/// boot's output starts), lossily decoded. Empty if there is no log.
+pub fn tail(path: &Path, from: u64, lines: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let start = from.max(len.saturating_sub(TAIL_WINDOW));
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The current length of a log, where the next boot's output will start.
+pub fn offset(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_reads_only_this_boots_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, "old boot\n").unwrap();
+        let from = offset(&log);
+        let body: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::fs::write(&log, format!("old boot\n{body}")).unwrap();
+        let tail20 = tail(&log, from, 20);
+        assert!(tail20.starts_with("line 11\n") && tail20.ends_with("line 30"), "{tail20}");
+        assert_eq!(tail(&log, from, 100).lines().count(), 30);
+        assert_eq!(tail(&dir.path().join("none"), 0, 20), "");
+    }
+}

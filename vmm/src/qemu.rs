@@ -1,0 +1,298 @@
+//! The QEMU `microvm` backend.
+//!
+//! vsock comes from `vhost-device-vsock` (rust-vmm), one process per VM: it
+//! gives QEMU VMs exactly Firecracker's hybrid-vsock interface on the host,
+//! and one process per VM keeps VMs from reaching each other directly
+//! (VMs in one process that share a group can).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::accel::{Resolved, host_tsc_khz};
+use crate::backend::{Backend, BackendKind, LaunchFuture, LaunchRequest, Launched};
+use crate::{VmSpec, VmmError};
+
+/// vhost-device-vsock creates its vhost-user socket shortly after start.
+const VHOST_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pinned vhost-device-vsock version scripts/install-deps.sh installs.
+pub const VHOST_VSOCK_VERSION: &str = "0.3.0";
+
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    pub qemu: PathBuf,
+    pub vhost_vsock: PathBuf,
+}
+
+impl QemuBackend {
+    /// Finds both programs, explicitly given or on `PATH`.
+    pub fn locate(qemu: Option<PathBuf>, vhost_vsock: Option<PathBuf>) -> Result<Self, VmmError> {
+        let qemu = locate_program(
+            qemu,
+            "qemu-system-x86_64",
+            "; install it with `apt-get install qemu-system-x86` (scripts/install-deps.sh does)",
+        )?;
+        let vhost_vsock = locate_program(
+            vhost_vsock,
+            "vhost-device-vsock",
+            &format!(
+                "; install it with `cargo install --locked vhost-device-vsock --version {VHOST_VSOCK_VERSION}` \
+                 (scripts/install-deps.sh does) or set its path in the configuration"
+            ),
+        )?;
+        Ok(Self { qemu, vhost_vsock })
+    }
+
+    /// The full QEMU command line for a request (without the program).
+    pub fn qemu_args(req: &LaunchRequest<'_>, vhost_socket: &Path) -> Vec<String> {
+        let spec = req.spec;
+        let mem = spec.memory_mib;
+        let acpi = if spec.acpi { "on" } else { "off" };
+        let mut args: Vec<String> = vec![
+            "-M".into(),
+            format!("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi={acpi},memory-backend=mem"),
+            // vhost-user devices need guest memory the helper can map.
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-m".into(),
+            format!("{mem}M"),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+        ];
+        match req.accel {
+            Resolved::Kvm => args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
+            Resolved::Tcg => args.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()]),
+        }
+        args.extend([
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            // The guest powers off by resetting; make a reset end QEMU.
+            "-no-reboot".into(),
+            "-chardev".into(),
+            format!("file,id=console,path={},append=on", req.paths.console_log.display()),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-append".into(),
+            kernel_cmdline(spec, req.accel),
+        ]);
+        if let Some(initrd) = &spec.initrd {
+            args.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
+        for (i, drive) in spec.drives.iter().enumerate() {
+            let ro = if drive.read_only { ",readonly=on" } else { "" };
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "id=drive{i},file={},format=raw,if=none,cache=none,aio=threads{ro}",
+                    drive.path.display()
+                ),
+                "-device".into(),
+                format!("virtio-blk-device,drive=drive{i}"),
+            ]);
+        }
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=vsock,path={}", vhost_socket.display()),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsock".into(),
+        ]);
+        args
+    }
+
+    /// The vhost-device-vsock arguments for a request.
+    pub fn vhost_args(req: &LaunchRequest<'_>, vhost_socket: &Path) -> Vec<String> {
+        vec![
+            "--guest-cid".into(),
+            req.cid.to_string(),
+            "--socket".into(),
+            vhost_socket.display().to_string(),
+            "--uds-path".into(),
+            req.paths.vsock_uds.display().to_string(),
+        ]
+    }
+}
+
+/// The image's command line plus what this backend needs: the console on
+/// the first UART, a panic that resets (and so ends QEMU) at once, a reset
+/// by triple fault (microvm has no keyboard controller), and under TCG the
+/// host's TSC frequency, without which boots sometimes hang.
+pub fn kernel_cmdline(spec: &VmSpec, accel: Resolved) -> String {
+    let mut cmdline = format!("console=ttyS0 panic=-1 reboot=t {}", spec.cmdline.trim());
+    if accel == Resolved::Tcg
+        && let Some(khz) = host_tsc_khz()
+    {
+        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+    }
+    cmdline.trim().to_owned()
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn launch<'a>(&'a self, req: LaunchRequest<'a>) -> LaunchFuture<'a> {
+        Box::pin(async move {
+            let vm = req.spec.name.clone();
+            let run_dir = req.paths.run_dir.clone();
+            let vhost_socket = run_dir.join("vhost.sock");
+            let vhost_log = run_dir.join("vhost-device-vsock.log");
+            let mut vhost = spawn_logged(&self.vhost_vsock, &Self::vhost_args(&req, &vhost_socket), &vhost_log)
+                .map_err(|source| VmmError::Io {
+                    vm: vm.clone(),
+                    action: format!("start {}", self.vhost_vsock.display()),
+                    source,
+                })?;
+            if let Err(e) = wait_for_socket(&mut vhost, &vhost_socket, &vhost_log, &vm).await {
+                kill_now(&mut vhost).await;
+                return Err(e);
+            }
+
+            let qemu_log = run_dir.join("qemu.log");
+            let qemu = spawn_logged(&self.qemu, &Self::qemu_args(&req, &vhost_socket), &qemu_log);
+            match qemu {
+                Ok(qemu) => Ok(Launched {
+                    vmm: qemu,
+                    helpers: vec![("vhost-device-vsock", vhost)],
+                    vmm_log: Some(qemu_log),
+                }),
+                Err(source) => {
+                    kill_now(&mut vhost).await;
+                    Err(VmmError::Io {
+                        vm,
+                        action: format!("start {}", self.qemu.display()),
+                        source,
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// Starts `program` in a process group of its own (so a signal meant for
+/// the caller's group does not reach it), output to `log`.
+fn spawn_logged(program: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    let err = out.try_clone()?;
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+}
+
+async fn wait_for_socket(helper: &mut Child, socket: &Path, log: &Path, vm: &str) -> Result<(), VmmError> {
+    let started = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(status)) = helper.try_wait() {
+            return Err(VmmError::Io {
+                vm: vm.to_owned(),
+                action: format!(
+                    "start vhost-device-vsock (it exited with {status}: {})",
+                    std::fs::read_to_string(log).unwrap_or_default().trim()
+                ),
+                source: std::io::Error::other("helper exited"),
+            });
+        }
+        if started.elapsed() > VHOST_SOCKET_TIMEOUT {
+            return Err(VmmError::Io {
+                vm: vm.to_owned(),
+                action: format!("wait for vhost-device-vsock to create {}", socket.display()),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn kill_now(child: &mut Child) {
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+fn locate_program(explicit: Option<PathBuf>, name: &str, hint: &str) -> Result<PathBuf, VmmError> {
+    if let Some(path) = explicit {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(VmmError::MissingProgram {
+                program: format!("{name} (configured as {})", path.display()),
+                hint: hint.into(),
+            })
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let home_cargo = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"));
+    std::env::split_paths(&path)
+        .chain(home_cargo)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| VmmError::MissingProgram {
+            program: format!("{name} (searched PATH and ~/.cargo/bin)"),
+            hint: hint.into(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LaunchPaths;
+    use crate::spec::Drive;
+
+    #[test]
+    fn command_line_carries_drives_in_order_vsock_and_tsc_under_tcg() {
+        let mut spec = VmSpec::new("vm1", "/img/vmlinux");
+        spec.cmdline = "root=/dev/vda rw".into();
+        spec.drives = vec![
+            Drive { path: "/vms/vm1/root.ext4".into(), read_only: false },
+            Drive { path: "/vms/vm1/workspace.ext4".into(), read_only: true },
+        ];
+        spec.memory_mib = 512;
+        spec.vcpus = 2;
+        let req = LaunchRequest {
+            spec: &spec,
+            cid: 9,
+            accel: Resolved::Tcg,
+            paths: LaunchPaths {
+                run_dir: "/run/vm1".into(),
+                vsock_uds: "/run/vm1/vsock.sock".into(),
+                console_log: "/log/vm1.console".into(),
+            },
+        };
+        let args = QemuBackend::qemu_args(&req, Path::new("/run/vm1/vhost.sock")).join(" ");
+        assert!(args.contains("-accel tcg -cpu max"), "{args}");
+        assert!(args.contains("size=512M,share=on"), "{args}");
+        assert!(args.contains("-smp 2"), "{args}");
+        assert!(args.contains("acpi=off"), "{args}");
+        let root = args.find("file=/vms/vm1/root.ext4").unwrap();
+        let ws = args.find("file=/vms/vm1/workspace.ext4").unwrap();
+        assert!(root < ws, "root must be vda");
+        assert!(args.contains("workspace.ext4,format=raw,if=none,cache=none,aio=threads,readonly=on"));
+        assert!(args.contains("path=/run/vm1/vhost.sock"));
+        let cmdline = kernel_cmdline(&spec, Resolved::Tcg);
+        assert!(cmdline.starts_with("console=ttyS0 panic=-1 reboot=t root=/dev/vda rw"));
+        if host_tsc_khz().is_some() {
+            assert!(cmdline.contains("tsc_early_khz="), "{cmdline}");
+        }
+        assert!(!kernel_cmdline(&spec, Resolved::Kvm).contains("tsc_early_khz"));
+        let vhost = QemuBackend::vhost_args(&req, Path::new("/run/vm1/vhost.sock")).join(" ");
+        assert_eq!(vhost, "--guest-cid 9 --socket /run/vm1/vhost.sock --uds-path /run/vm1/vsock.sock");
+    }
+
+    #[test]
+    fn a_missing_vhost_device_vsock_says_how_to_install_it() {
+        let err = QemuBackend::locate(None, Some("/nonexistent/vhost-device-vsock".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cargo install --locked vhost-device-vsock --version 0.3.0"), "{err}");
+    }
+}

@@ -1,0 +1,464 @@
+//! Starting, watching and stopping VMs, the same way for every backend.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::net::UnixStream;
+
+use crate::accel::Resolved;
+use crate::backend::{Backend, LaunchPaths, LaunchRequest};
+use crate::cid::{self, CidLease};
+use crate::process::{Watched, describe};
+pub use crate::readiness::GuestState;
+use crate::readiness::Readiness;
+use crate::{VmSpec, VmmError, console, control, vsock};
+
+/// Unix socket paths are limited to 108 bytes, and the readiness socket
+/// adds `_1027` to the vsock socket's path.
+const MAX_UDS_PATH: usize = 100;
+/// How many console lines boot errors carry.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// Where VMs keep their run-time files, and which programs run them.
+#[derive(Debug, Clone)]
+pub struct VmmConfig {
+    /// One directory per running VM is created here and removed at stop.
+    pub run_root: PathBuf,
+    /// CID lock files, shared by every process that starts VMs on the host.
+    pub cid_dir: PathBuf,
+    /// How long each vsock handshake may take.
+    pub connect_timeout: Duration,
+    /// How long a guest has to power off when asked, before SIGTERM.
+    pub graceful_timeout: Duration,
+    /// How long the VMM has after SIGTERM, before SIGKILL.
+    pub term_timeout: Duration,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            run_root: PathBuf::from("/run/nexus/vms"),
+            cid_dir: PathBuf::from("/run/nexus/cid"),
+            connect_timeout: Duration::from_secs(5),
+            graceful_timeout: Duration::from_secs(10),
+            term_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Starts VMs through one backend.
+#[derive(Debug, Clone)]
+pub struct Vmm {
+    backend: Arc<dyn Backend>,
+    config: VmmConfig,
+}
+
+impl Vmm {
+    pub fn new(backend: Arc<dyn Backend>, config: VmmConfig) -> Self {
+        Self { backend, config }
+    }
+
+    pub fn config(&self) -> &VmmConfig {
+        &self.config
+    }
+
+    /// Starts a VM and returns once its guest-mcp has signalled readiness.
+    ///
+    /// On any error nothing of the VM is left: no process, socket, run
+    /// directory or CID lease.
+    #[tracing::instrument(skip_all, fields(vm = %spec.name))]
+    pub async fn start(&self, spec: VmSpec) -> Result<Vm, VmmError> {
+        spec.validate()?;
+        let accel = spec.accel.resolve()?;
+        let lease = match spec.cid {
+            Some(cid) => cid::lease(&self.config.cid_dir, cid)?,
+            None => cid::lease_any(&self.config.cid_dir)?,
+        };
+        let io = |action: String| {
+            let vm = spec.name.clone();
+            move |source| VmmError::Io { vm, action, source }
+        };
+        // The CID is ours, so a directory with this name is a dead VM's.
+        let run_dir = self.config.run_root.join(format!("{}.{}", spec.name, lease.cid()));
+        let vsock_uds = run_dir.join("vsock.sock");
+        if vsock_uds.as_os_str().len() > MAX_UDS_PATH {
+            return Err(VmmError::InvalidSpec(format!(
+                "run directory {} is too long for Unix sockets: keep run_root under {} bytes",
+                run_dir.display(),
+                MAX_UDS_PATH - 30
+            )));
+        }
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).map_err(io(format!("create {}", run_dir.display())))?;
+        if let Some(parent) = spec.console_log.parent() {
+            std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        }
+        let console_from = console::offset(&spec.console_log);
+
+        let mut pending = Pending {
+            run_dir: run_dir.clone(),
+            processes: Vec::new(),
+        };
+        let readiness = Readiness::listen(&ready_socket(&vsock_uds))
+            .map_err(io("listen for the guest's readiness".into()))?;
+        let started = Instant::now();
+        let launched = self
+            .backend
+            .launch(LaunchRequest {
+                spec: &spec,
+                cid: lease.cid(),
+                accel,
+                paths: LaunchPaths {
+                    run_dir: run_dir.clone(),
+                    vsock_uds: vsock_uds.clone(),
+                    console_log: spec.console_log.clone(),
+                },
+            })
+            .await?;
+        let vmm = Watched::new("vmm", launched.vmm);
+        let helpers: Vec<Watched> = launched
+            .helpers
+            .into_iter()
+            .map(|(name, child)| Watched::new(name, child))
+            .collect();
+        pending.processes.push(vmm.pid());
+        pending.processes.extend(helpers.iter().map(Watched::pid));
+
+        let failure_context = |status: Option<ExitStatus>| {
+            let mut text = console::tail(&spec.console_log, console_from, CONSOLE_TAIL_LINES);
+            if let Some(log) = &launched.vmm_log {
+                let vmm_said = console::tail(log, 0, 5);
+                if !vmm_said.is_empty() {
+                    text.push_str(&format!("\n(VMM output: {vmm_said})"));
+                }
+            }
+            (status.map(|s| describe(&s)).unwrap_or_default(), text)
+        };
+
+        let mut state = readiness.subscribe();
+        let mut exit = vmm.exit_watch();
+        let outcome = tokio::time::timeout(spec.ready_timeout, async {
+            tokio::select! {
+                ready = state.wait_for(|s| matches!(s, GuestState::Ready { .. })) => ready.is_ok(),
+                _ = exit.wait_for(Option::is_some) => false,
+            }
+        })
+        .await;
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => {
+                let status = vmm.wait_for(Duration::from_secs(1)).await;
+                let (status, console) = failure_context(status);
+                pending.kill(&vmm, &helpers).await;
+                return Err(VmmError::DiedDuringBoot {
+                    vm: spec.name.clone(),
+                    status,
+                    console,
+                });
+            }
+            Err(_) => {
+                pending.kill(&vmm, &helpers).await;
+                let (_, console) = failure_context(None);
+                return Err(VmmError::ReadyTimeout {
+                    vm: spec.name.clone(),
+                    timeout: spec.ready_timeout,
+                    console,
+                });
+            }
+        }
+        let ready_after = started.elapsed();
+        tracing::info!(cid = lease.cid(), ?accel, ready_ms = ready_after.as_millis() as u64, "VM ready");
+        pending.disarm();
+        Ok(Vm {
+            name: spec.name,
+            lease,
+            accel,
+            run_dir,
+            vsock_uds,
+            console_log: spec.console_log,
+            console_from,
+            vmm,
+            helpers,
+            readiness: Some(readiness),
+            ready_after,
+            config: self.config.clone(),
+            finished: false,
+        })
+    }
+}
+
+/// Hybrid vsock delivers guest connections to host port P on `<uds>_P`.
+fn ready_socket(vsock_uds: &Path) -> PathBuf {
+    let mut path = vsock_uds.as_os_str().to_owned();
+    path.push(format!("_{}", crate::READY_PORT));
+    PathBuf::from(path)
+}
+
+/// Cleans up a start that did not finish.
+struct Pending {
+    run_dir: PathBuf,
+    processes: Vec<Option<u32>>,
+}
+
+impl Pending {
+    async fn kill(&mut self, vmm: &Watched, helpers: &[Watched]) {
+        vmm.signal(Signal::SIGKILL);
+        vmm.wait_for(Duration::from_secs(10)).await;
+        for helper in helpers {
+            helper.terminate(Duration::from_secs(2)).await;
+        }
+        self.processes.clear();
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+
+    fn disarm(&mut self) {
+        self.processes.clear();
+        self.run_dir = PathBuf::new();
+    }
+}
+
+impl Drop for Pending {
+    /// The start future was dropped midway (cancelled): leave nothing.
+    fn drop(&mut self) {
+        for pid in self.processes.drain(..).flatten() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if !self.run_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.run_dir);
+        }
+    }
+}
+
+/// How a VM was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMethod {
+    /// It had already exited by itself.
+    AlreadyExited,
+    /// The guest powered off when asked through its control channel.
+    Graceful,
+    /// The VMM ended on SIGTERM.
+    Terminated,
+    /// The VMM needed SIGKILL.
+    Killed,
+}
+
+#[derive(Debug, Clone)]
+pub struct StopReport {
+    pub method: StopMethod,
+    /// Why the graceful step was skipped or failed, if it was.
+    pub graceful_error: Option<String>,
+    pub vmm_exit: String,
+    pub took: Duration,
+}
+
+/// A running VM. Dropping it without [`Vm::stop`] kills it at once.
+pub struct Vm {
+    name: String,
+    lease: CidLease,
+    accel: Resolved,
+    run_dir: PathBuf,
+    vsock_uds: PathBuf,
+    console_log: PathBuf,
+    console_from: u64,
+    vmm: Watched,
+    helpers: Vec<Watched>,
+    readiness: Option<Readiness>,
+    ready_after: Duration,
+    config: VmmConfig,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.name)
+            .field("cid", &self.lease.cid())
+            .field("run_dir", &self.run_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn cid(&self) -> u32 {
+        self.lease.cid()
+    }
+
+    pub fn accel(&self) -> Resolved {
+        self.accel
+    }
+
+    /// The hybrid-vsock socket (Firecracker's `uds_path`).
+    pub fn vsock_uds(&self) -> &Path {
+        &self.vsock_uds
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    pub fn console_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    /// Time from launching the VMM to the guest's readiness signal.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// Process ids of the VMM and its helpers, for checks and adoption.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.vmm)
+            .chain(&self.helpers)
+            .filter_map(Watched::pid)
+            .collect()
+    }
+
+    pub fn guest_state(&self) -> GuestState {
+        self.readiness
+            .as_ref()
+            .map_or(GuestState::Gone, Readiness::state)
+    }
+
+    /// Why the VMM exited, if it has.
+    pub fn exit_status(&self) -> Option<String> {
+        self.vmm.exit_status().map(|s| describe(&s))
+    }
+
+    /// Resolves when the VMM exits, with how it exited.
+    pub async fn exited(&self) -> String {
+        let mut exit = self.vmm.exit_watch();
+        let _ = exit.wait_for(Option::is_some).await;
+        let status = *exit.borrow();
+        status.map(|s| describe(&s)).unwrap_or_default()
+    }
+
+    /// The last lines this boot wrote to the console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        console::tail(&self.console_log, self.console_from, lines)
+    }
+
+    /// Opens a connection to guest vsock `port`. Refused unless the guest has
+    /// signalled readiness: an early connection can break a VM's vsock.
+    pub async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+        if let Some(status) = self.exit_status() {
+            return Err(VmmError::NotReady {
+                vm: self.name.clone(),
+                why: format!("the VM has exited ({status})"),
+            });
+        }
+        match self.guest_state() {
+            GuestState::Ready { .. } => {}
+            GuestState::Booting => {
+                return Err(VmmError::NotReady {
+                    vm: self.name.clone(),
+                    why: "the guest has not signalled readiness yet".into(),
+                });
+            }
+            GuestState::Gone => {
+                return Err(VmmError::NotReady {
+                    vm: self.name.clone(),
+                    why: "guest-mcp closed its readiness connection (restarting, or the guest is shutting down)".into(),
+                });
+            }
+        }
+        vsock::connect(&self.vsock_uds, port, self.config.connect_timeout)
+            .await
+            .map_err(|source| VmmError::Vsock {
+                vm: self.name.clone(),
+                port,
+                source,
+            })
+    }
+
+    /// Stops the VM: power-off through the guest's control channel, then
+    /// SIGTERM, then SIGKILL. Afterwards no process, socket or run-time file
+    /// of the VM is left (the console log is kept).
+    #[tracing::instrument(skip_all, fields(vm = %self.name))]
+    pub async fn stop(mut self) -> StopReport {
+        let started = Instant::now();
+        let mut graceful_error = None;
+        let method = if self.vmm.exit_status().is_some() {
+            StopMethod::AlreadyExited
+        } else {
+            let asked = match self.guest_state() {
+                GuestState::Ready { .. } => {
+                    control::request_poweroff(&self.vsock_uds, self.config.connect_timeout).await
+                }
+                other => Err(format!("guest not ready ({other:?})")),
+            };
+            match asked {
+                Ok(()) if self.vmm.wait_for(self.config.graceful_timeout).await.is_some() => {
+                    StopMethod::Graceful
+                }
+                Ok(()) => {
+                    graceful_error = Some(format!(
+                        "the guest accepted but did not power off within {:?}",
+                        self.config.graceful_timeout
+                    ));
+                    self.escalate().await
+                }
+                Err(e) => {
+                    graceful_error = Some(e);
+                    self.escalate().await
+                }
+            }
+        };
+        if let Some(why) = &graceful_error {
+            tracing::warn!(why, "graceful stop failed; used signals");
+        }
+        let vmm_exit = self.exit_status().unwrap_or_default();
+        self.cleanup().await;
+        StopReport {
+            method,
+            graceful_error,
+            vmm_exit,
+            took: started.elapsed(),
+        }
+    }
+
+    /// Kills the VM at once, without asking the guest.
+    pub async fn kill(mut self) {
+        self.vmm.signal(Signal::SIGKILL);
+        self.vmm.wait_for(Duration::from_secs(10)).await;
+        self.cleanup().await;
+    }
+
+    async fn escalate(&self) -> StopMethod {
+        if self.vmm.terminate(self.config.term_timeout).await {
+            StopMethod::Killed
+        } else {
+            StopMethod::Terminated
+        }
+    }
+
+    async fn cleanup(&mut self) {
+        for helper in &self.helpers {
+            helper.terminate(Duration::from_secs(2)).await;
+        }
+        self.readiness = None;
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        self.finished = true;
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // No runtime to wait on here: kill everything and remove the files.
+        self.vmm.signal(Signal::SIGKILL);
+        for helper in &self.helpers {
+            helper.signal(Signal::SIGKILL);
+        }
+        self.readiness = None;
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
