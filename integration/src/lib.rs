@@ -1,1 +1,246 @@
-//! placeholder
+//! The harness shared by Nexus's end-to-end tests and benchmarks.
+//!
+//! One [`Harness`] owns a temporary directory and a [`Vmm`] whose run
+//! directories live in it. It boots VMs of the one shared default image
+//! (built once by scripts/build-image.sh, or here if missing), each with a
+//! private copy of the root filesystem and a fresh workspace drive, as
+//! nexusd will do with btrfs clones.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nexus_rootfs::{BuildOptions, Manifest};
+use nexus_vmm::qemu::QemuBackend;
+use nexus_vmm::{Drive, Vm, VmSpec, Vmm, VmmConfig};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::{RoleClient, ServiceExt};
+
+/// The workspace root, from this crate's location.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// `$NEXUS_IMAGE_DIR`, else `target/images/default` in the workspace.
+pub fn default_image_dir() -> PathBuf {
+    std::env::var_os("NEXUS_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/images/default"))
+}
+
+/// Loads the default image, building it first if it is missing.
+pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
+    let dir = default_image_dir();
+    if Manifest::load(&dir).is_err() {
+        eprintln!("default image missing at {}; building it", dir.display());
+        nexus_rootfs::build(&BuildOptions {
+            out: dir.clone(),
+            name: "default".into(),
+            kernel: None,
+            modules: None,
+            acpi: false,
+            guest_mcp: None,
+            cache_dir: nexus_rootfs::default_cache_dir(),
+            rootfs_mib: 128,
+        })?;
+    }
+    let manifest = Manifest::load(&dir)?;
+    manifest.verify(&dir, false)?;
+    Ok((dir, manifest))
+}
+
+/// Boots VMs for one test, and removes everything of theirs at the end.
+pub struct Harness {
+    pub image_dir: PathBuf,
+    pub manifest: Manifest,
+    pub vmm: Vmm,
+    /// Drives and console logs of this harness's VMs.
+    pub dir: tempfile::TempDir,
+}
+
+/// The CID lock directory every process on the host shares.
+pub const CID_DIR: &str = "/run/nexus/cid";
+
+impl Harness {
+    pub fn new() -> anyhow::Result<Self> {
+        let (image_dir, manifest) = ensure_default_image()?;
+        Self::with_image(image_dir, manifest)
+    }
+
+    pub fn with_image(image_dir: PathBuf, manifest: Manifest) -> anyhow::Result<Self> {
+        // Short paths: Unix socket paths must fit in 108 bytes.
+        let dir = tempfile::Builder::new().prefix("nx").tempdir_in("/tmp")?;
+        let backend = QemuBackend::locate(None, None)?;
+        let vmm = Vmm::new(
+            Arc::new(backend),
+            VmmConfig {
+                run_root: dir.path().join("run"),
+                cid_dir: CID_DIR.into(),
+                ..VmmConfig::default()
+            },
+        );
+        Ok(Self {
+            image_dir,
+            manifest,
+            vmm,
+            dir,
+        })
+    }
+
+    /// A spec for VM `name` of the image: a private root drive (a reflink
+    /// or sparse copy of the image's) and a fresh 1 GiB ext4 workspace.
+    pub fn spec(&self, name: &str) -> anyhow::Result<VmSpec> {
+        let vm_dir = self.dir.path().join("vms").join(name);
+        std::fs::create_dir_all(&vm_dir)?;
+        let root = vm_dir.join("root.ext4");
+        let status = Command::new("cp")
+            .args(["--reflink=auto", "--sparse=always"])
+            .arg(self.image_dir.join("rootfs.ext4"))
+            .arg(&root)
+            .status()?;
+        if !status.success() {
+            bail!("copying the root filesystem failed");
+        }
+        let workspace = vm_dir.join("workspace.ext4");
+        make_workspace(&workspace, 1024)?;
+        let mut spec = VmSpec::new(name, self.manifest.boot_kernel(&self.image_dir));
+        spec.initrd = self.manifest.initrd(&self.image_dir);
+        spec.cmdline = self.manifest.boot.cmdline.clone();
+        spec.acpi = self.manifest.boot.acpi;
+        spec.drives = vec![
+            Drive {
+                path: root,
+                read_only: false,
+            },
+            Drive {
+                path: workspace,
+                read_only: false,
+            },
+        ];
+        spec.memory_mib = 256;
+        spec.console_log = vm_dir.join("console.log");
+        spec.ready_timeout = Duration::from_secs(90);
+        Ok(spec)
+    }
+
+    pub async fn boot(&self, name: &str) -> anyhow::Result<Vm> {
+        let spec = self.spec(name)?;
+        self.vmm
+            .start(spec)
+            .await
+            .with_context(|| format!("booting {name}"))
+    }
+}
+
+/// A sparse ext4 file of `mib` MiB, made without mounting anything.
+pub fn make_workspace(path: &Path, mib: u64) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path)?;
+    file.set_len(mib << 20)?;
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "workspace", "-E", "root_owner=0:0"])
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        bail!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// An MCP client session with the VM's guest-mcp (port 1024).
+pub async fn guest_client(vm: &Vm) -> anyhow::Result<RunningService<RoleClient, ()>> {
+    let stream = vm.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
+    Ok(().serve(stream).await?)
+}
+
+/// Calls `exec` with a shell command and returns its structured result.
+pub async fn exec(
+    client: &RunningService<RoleClient, ()>,
+    command: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let mut args = serde_json::Map::new();
+    args.insert("command".into(), command.into());
+    let result = client
+        .call_tool(CallToolRequestParams::new("exec").with_arguments(args))
+        .await?;
+    if result.is_error == Some(true) {
+        bail!("exec failed: {:?}", result.content);
+    }
+    result
+        .structured_content
+        .context("exec returned no structured content")
+}
+
+/// Whether a process is alive (a zombie counts as dead).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Processes whose command line mentions `needle` (a VM's run directory).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .filter(|pid| process_alive(*pid))
+        .collect()
+}
+
+/// Keeps every core busy until dropped: the load CI runs under.
+pub struct CpuHog {
+    children: Vec<std::process::Child>,
+}
+
+impl CpuHog {
+    pub fn start() -> anyhow::Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let children = (0..cores)
+            .map(|_| {
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { children })
+    }
+}
+
+impl Drop for CpuHog {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Median of a set of durations, in milliseconds.
+pub fn median_ms(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let mid = samples.len() / 2;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    if samples.len() % 2 == 1 {
+        ms(samples[mid])
+    } else {
+        (ms(samples[mid - 1]) + ms(samples[mid])) / 2.0
+    }
+}

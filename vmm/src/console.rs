@@ -24,6 +24,16 @@ pub fn tail(path: &Path, from: u64, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The first line of this boot's output that says why the kernel died
+/// (a panic's stack dump pushes it out of the last lines).
+pub fn panic_line(path: &Path, from: u64) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(from as usize..)?);
+    text.lines()
+        .find(|l| l.contains("Kernel panic"))
+        .map(|l| l.trim().to_owned())
+}
+
 /// The current length of a log, where the next boot's output will start.
 pub fn offset(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
@@ -40,11 +50,13 @@ mod tests {
         std::fs::write(&log, "old boot\n").unwrap();
         let from = offset(&log);
         let body: String = (1..=30).map(|i| format!("line {i}\n")).collect();
-        std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         std::fs::write(&log, format!("old boot\n{body}")).unwrap();
         let tail20 = tail(&log, from, 20);
         assert!(tail20.starts_with("line 11\n") && tail20.ends_with("line 30"), "{tail20}");
         assert_eq!(tail(&log, from, 100).lines().count(), 30);
         assert_eq!(tail(&dir.path().join("none"), 0, 20), "");
+        assert_eq!(panic_line(&log, from), None);
+        std::fs::write(&log, "old Kernel panic\n[ 0.5] Kernel panic - not syncing: x\ntrace\n").unwrap();
+        assert_eq!(panic_line(&log, 17).as_deref(), Some("[ 0.5] Kernel panic - not syncing: x"));
     }
 }

@@ -29,11 +29,14 @@ pub enum VmmError {
         source: std::io::Error,
     },
     #[error(
-        "VM {vm} exited during boot ({status}); last console lines:\n{console}"
+        "VM {vm} exited during boot ({status}){}; last console lines:\n{console}",
+        panic.as_ref().map(|p| format!(", {p}")).unwrap_or_default()
     )]
     DiedDuringBoot {
         vm: String,
         status: String,
+        /// The kernel's panic line, when it panicked.
+        panic: Option<String>,
         console: String,
     },
     #[error(

@@ -156,6 +156,7 @@ impl Vmm {
                 return Err(VmmError::DiedDuringBoot {
                     vm: spec.name.clone(),
                     status,
+                    panic: console::panic_line(&spec.console_log, console_from),
                     console,
                 });
             }
