@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the default guest image: Nexus's microVM kernel, a
+# busybox root filesystem with a static guest-mcp, and the manifest.
+# Usage: scripts/build-image.sh [OUT_DIR]   (default: target/images/default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+out="${1:-${NEXUS_IMAGE_DIR:-target/images/default}}"
+printf '==> building the guest image in %s (the first time compiles a kernel: ~5 min on 2 cores)\n' "$out" >&2
+cargo run --release --locked -q -p nexus-rootfs -- build --out "$out"
