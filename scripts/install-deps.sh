@@ -8,11 +8,12 @@ die() { printf 'install-deps: %s\n' "$*" >&2; exit 1; }
 
 VHOST_VSOCK_VERSION=0.3.0
 PACKAGES=(
-    qemu-system-x86 qemu-utils   # the QEMU microvm backend
+    qemu-system-x86              # the QEMU microvm backend
     btrfs-progs e2fsprogs        # the storage pool and ext4 drives
     busybox-static cpio xz-utils gzip binutils  # guest images
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev  # the guest kernel
     python3 python3-venv         # tests with the Python MCP client
+    kmod                         # depmod, for supplied modular kernels
     pkg-config ca-certificates
 )
 

@@ -75,7 +75,8 @@ impl ControlTools {
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for ControlTools {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("guest-mcp-control", env!("CARGO_PKG_VERSION")))
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
+            Implementation::new("guest-mcp-control", env!("CARGO_PKG_VERSION")),
+        )
     }
 }

@@ -114,7 +114,9 @@ pub struct ExecResult {
 /// Why a command could not be run. Each message names the argument at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("give exactly one of `command` (a shell command line) or `argv` (a program and its arguments)")]
+    #[error(
+        "give exactly one of `command` (a shell command line) or `argv` (a program and its arguments)"
+    )]
     NeitherOrBoth,
     #[error("`argv` is empty: its first element must be the program to run")]
     EmptyArgv,
@@ -405,7 +407,10 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let expected = format!("{}\nhello\nfrom stdin", dir.path().canonicalize().unwrap().display());
+        let expected = format!(
+            "{}\nhello\nfrom stdin",
+            dir.path().canonicalize().unwrap().display()
+        );
         assert_eq!(r.stdout, expected);
     }
 
@@ -433,7 +438,10 @@ mod tests {
     async fn timeout_kills_the_whole_process_group() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
-        let mut req = sh(&format!("sleep 300 & echo $! > {}; wait", pidfile.display()));
+        let mut req = sh(&format!(
+            "sleep 300 & echo $! > {}; wait",
+            pidfile.display()
+        ));
         req.timeout_s = Some(1);
         let r = run_ok(req).await;
         assert!(r.timed_out);
@@ -443,7 +451,10 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert!(!process_alive(pid), "background sleep {pid} survived the timeout");
+        assert!(
+            !process_alive(pid),
+            "background sleep {pid} survived the timeout"
+        );
     }
 
     #[tokio::test]
@@ -459,7 +470,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         let cancel = CancellationToken::new();
-        let req = sh(&format!("sleep 300 & echo $! > {}; wait", pidfile.display()));
+        let req = sh(&format!(
+            "sleep 300 & echo $! > {}; wait",
+            pidfile.display()
+        ));
         let task = tokio::spawn({
             let cancel = cancel.clone();
             async move { run(req, &ExecLimits::default(), cancel).await }
@@ -474,7 +488,10 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert!(!process_alive(pid), "background sleep {pid} survived cancellation");
+        assert!(
+            !process_alive(pid),
+            "background sleep {pid} survived cancellation"
+        );
     }
 
     #[tokio::test]
@@ -539,7 +556,10 @@ mod tests {
                 .await
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains(expected), "{err:?} does not contain {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{err:?} does not contain {expected:?}"
+            );
         }
     }
 

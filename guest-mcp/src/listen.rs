@@ -134,7 +134,10 @@ mod tests {
 
     #[test]
     fn parses_listen_addresses() {
-        assert_eq!("vsock:1024".parse::<ListenAddr>().unwrap(), ListenAddr::Vsock(1024));
+        assert_eq!(
+            "vsock:1024".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(1024)
+        );
         assert_eq!(
             "unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(),
             ListenAddr::Unix("/tmp/x.sock".into())

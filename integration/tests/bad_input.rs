@@ -1,6 +1,8 @@
 //! Bad input to the VM layer: each gets a clear error that says what to do,
 //! and leaves nothing behind (no process, run directory or CID lease).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Duration;
 
 use nexus_integration::{CID_DIR, Harness, processes_mentioning};
@@ -24,8 +26,14 @@ fn a_missing_image_names_the_path_and_the_build_command() {
     let err = Manifest::load(std::path::Path::new("/nonexistent/images/default"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("/nonexistent/images/default/manifest.json"), "{err}");
-    assert!(err.contains("nexus-rootfs -- build --out /nonexistent/images/default"), "{err}");
+    assert!(
+        err.contains("/nonexistent/images/default/manifest.json"),
+        "{err}"
+    );
+    assert!(
+        err.contains("nexus-rootfs -- build --out /nonexistent/images/default"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -36,7 +44,10 @@ async fn a_missing_kernel_names_the_path_and_the_build_command() {
     let err = harness.vmm.start(spec).await.unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, VmmError::MissingFile { .. }), "{msg}");
-    assert!(msg.contains("kernel /nonexistent/vmlinux does not exist"), "{msg}");
+    assert!(
+        msg.contains("kernel /nonexistent/vmlinux does not exist"),
+        "{msg}"
+    );
     assert!(msg.contains("nexus-rootfs -- build"), "{msg}");
     assert_nothing_left(&harness);
 }
@@ -60,7 +71,10 @@ async fn a_cid_in_use_is_refused_before_anything_starts() {
     let mut spec = harness.spec("dupcid").unwrap();
     spec.cid = Some(held.cid());
     let err = harness.vmm.start(spec).await.unwrap_err();
-    assert!(matches!(err, VmmError::CidInUse(c) if c == held.cid()), "{err}");
+    assert!(
+        matches!(err, VmmError::CidInUse(c) if c == held.cid()),
+        "{err}"
+    );
     assert!(err.to_string().contains("already in use"), "{err}");
     assert_nothing_left(&harness);
 }
@@ -78,10 +92,16 @@ async fn a_guest_that_dies_during_boot_reports_its_last_console_lines() {
     };
     assert!(msg.contains("VM dies exited during boot"), "{msg}");
     let panic = panic.as_deref().unwrap_or_default();
-    assert!(panic.contains("Kernel panic - not syncing: Attempted to kill init"), "{msg}");
+    assert!(
+        panic.contains("Kernel panic - not syncing: Attempted to kill init"),
+        "{msg}"
+    );
     assert!(msg.contains(panic), "the message names the panic: {msg}");
     assert!(!console.is_empty(), "{msg}");
-    assert!(console.lines().count() <= 21, "at most 20 console lines: {console}");
+    assert!(
+        console.lines().count() <= 21,
+        "at most 20 console lines: {console}"
+    );
     assert_nothing_left(&harness);
 }
 
@@ -110,6 +130,9 @@ async fn invalid_names_and_sizes_are_refused() {
     let mut spec = harness.spec("ok2").unwrap();
     spec.vcpus = 99;
     let err = harness.vmm.start(spec).await.unwrap_err().to_string();
-    assert!(err.contains("vcpus must be between 1 and 32, got 99"), "{err}");
+    assert!(
+        err.contains("vcpus must be between 1 and 32, got 99"),
+        "{err}"
+    );
     assert_nothing_left(&harness);
 }

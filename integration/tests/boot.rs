@@ -2,6 +2,8 @@
 //! backend, guest-mcp answers `exec` over vsock, and stopping the VM leaves
 //! nothing behind.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use nexus_integration::{Harness, exec, guest_client, process_alive, processes_mentioning};
 use nexus_vmm::vm::StopMethod;
 
@@ -21,7 +23,10 @@ async fn default_image_boots_and_exec_reports_the_manifest_kernel() {
     let ws = exec(&client, "echo hi > /workspace/f && cat /workspace/f && pwd")
         .await
         .unwrap();
-    assert_eq!(ws["stdout"], "hi\n/workspace\n", "the workspace drive is mounted and is the cwd");
+    assert_eq!(
+        ws["stdout"], "hi\n/workspace\n",
+        "the workspace drive is mounted and is the cwd"
+    );
     client.cancel().await.unwrap();
 
     let pids = vm.pids();
@@ -32,7 +37,10 @@ async fn default_image_boots_and_exec_reports_the_manifest_kernel() {
     let report = vm.stop().await;
     eprintln!("ready after {ready_after:?}; {report:?}");
     let console = std::fs::read_to_string(console).unwrap();
-    assert!(console.contains("Linux version"), "the console was captured");
+    assert!(
+        console.contains("Linux version"),
+        "the console was captured"
+    );
     assert_eq!(report.method, StopMethod::Graceful, "{report:?}");
     for pid in pids {
         assert!(!process_alive(pid), "process {pid} outlived the VM");

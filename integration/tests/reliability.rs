@@ -3,6 +3,8 @@
 //! TSC calibration used to hang TCG boots), and require every one of them
 //! to reach guest-mcp and answer `exec`.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Instant;
 
 use nexus_integration::{CpuHog, Harness, exec, guest_client, processes_mentioning};
@@ -24,11 +26,16 @@ async fn ten_boots_under_full_cpu_load_all_answer_exec() {
             let _slot = limiter.acquire().await.unwrap();
             let name = format!("rel-{i}");
             let started = Instant::now();
-            let vm = harness.boot(&name).await.map_err(|e| format!("{name}: {e:#}"))?;
+            let vm = harness
+                .boot(&name)
+                .await
+                .map_err(|e| format!("{name}: {e:#}"))?;
             let ready = started.elapsed();
             let outcome = async {
                 let client = guest_client(&vm).await.map_err(|e| e.to_string())?;
-                let answer = exec(&client, &format!("echo boot {i}")).await.map_err(|e| e.to_string())?;
+                let answer = exec(&client, &format!("echo boot {i}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let _ = client.cancel().await;
                 if answer["stdout"] != format!("boot {i}\n") {
                     return Err(format!("unexpected answer {answer}"));
@@ -55,5 +62,9 @@ async fn ten_boots_under_full_cpu_load_all_answer_exec() {
     }
     drop(hog);
     eprintln!("ready times under load: {readies:?}");
-    assert!(failures.is_empty(), "{} of {BOOTS} boots failed: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {BOOTS} boots failed: {failures:#?}",
+        failures.len()
+    );
 }

@@ -31,7 +31,9 @@ impl NexusTools {
         }
     }
 
-    #[tool(description = "List the guest images VMs can be spawned from: name, kernel version, guest-mcp version, build time and size.")]
+    #[tool(
+        description = "List the guest images VMs can be spawned from: name, kernel version, guest-mcp version, build time and size."
+    )]
     async fn list_images(&self) -> Json<ImageList> {
         let dir = self.images_dir.clone();
         let images = tokio::task::spawn_blocking(move || images::list(&dir))

@@ -1,5 +1,7 @@
 //! nexusd over stdio, driven by rmcp's client as an agent harness would.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::TokioChildProcess;

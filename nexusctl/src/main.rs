@@ -12,7 +12,12 @@ use clap::{Parser, Subcommand};
 #[command(version, about = "Admin CLI for the Nexus daemon")]
 struct Cli {
     /// nexusd's HTTP address.
-    #[arg(long, global = true, env = "NEXUS_URL", default_value = "http://127.0.0.1:7777")]
+    #[arg(
+        long,
+        global = true,
+        env = "NEXUS_URL",
+        default_value = "http://127.0.0.1:7777"
+    )]
     url: String,
     #[command(subcommand)]
     command: Cmd,
@@ -28,7 +33,9 @@ fn health(url: &str) -> anyhow::Result<String> {
     let endpoint = format!("{}/healthz", url.trim_end_matches('/'));
     let body = ureq::get(&endpoint)
         .call()
-        .map_err(|e| anyhow::anyhow!("nexusd did not answer at {endpoint}: {e} (is `nexusd serve` running?)"))?
+        .map_err(|e| {
+            anyhow::anyhow!("nexusd did not answer at {endpoint}: {e} (is `nexusd serve` running?)")
+        })?
         .body_mut()
         .read_to_string()?;
     Ok(body.trim().to_owned())
@@ -64,8 +71,10 @@ mod tests {
             let mut buf = [0u8; 1024];
             let n = conn.read(&mut buf).unwrap();
             assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /healthz "));
-            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
-                .unwrap();
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+            )
+            .unwrap();
         });
         assert_eq!(health(&url).unwrap(), "ok");
         server.join().unwrap();

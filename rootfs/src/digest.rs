@@ -17,7 +17,9 @@ pub fn file_sha256(path: &Path) -> Result<String, BuildError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| BuildError::io("read", path, e))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| BuildError::io("read", path, e))?;
         if n == 0 {
             break;
         }

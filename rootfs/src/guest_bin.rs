@@ -12,7 +12,9 @@ const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// The workspace this builder was compiled from, if it is still there.
 fn workspace_root() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
     root.join("Cargo.toml").is_file().then_some(root)
 }
 
@@ -43,11 +45,22 @@ fn build_from_workspace() -> Result<PathBuf, BuildError> {
         why: "this nexus-rootfs was not run from its source tree: pass --guest-mcp PATH".into(),
     })?;
     let target_dir = root.join("target/guest");
-    progress!("guest-mcp: building a static binary (cargo, target dir {})", target_dir.display());
+    progress!(
+        "guest-mcp: building a static binary (cargo, target dir {})",
+        target_dir.display()
+    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "--release", "--locked", "-p", "nexus-guest", "--bin", "guest-mcp"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "nexus-guest",
+            "--bin",
+            "guest-mcp",
+        ])
         .args(["--target", GUEST_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
@@ -121,7 +134,12 @@ mod tests {
         let sh = std::fs::read("/bin/sh").unwrap();
         let sh_real = std::fs::canonicalize("/bin/sh").unwrap();
         let dash_static = is_static_elf(&sh);
-        assert_eq!(dash_static, Some(false), "{} should be dynamic", sh_real.display());
+        assert_eq!(
+            dash_static,
+            Some(false),
+            "{} should be dynamic",
+            sh_real.display()
+        );
         if let Ok(busybox) = std::fs::read("/bin/busybox") {
             assert_eq!(is_static_elf(&busybox), Some(true));
         }

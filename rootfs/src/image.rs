@@ -17,7 +17,11 @@ const GUEST_FILES: &[(&str, &str, u32)] = &[
     ("etc/inittab", include_str!("../guest/inittab"), 0o644),
     ("etc/nexus/rcS", include_str!("../guest/rcS"), 0o755),
     ("etc/nexus/rcK", include_str!("../guest/rcK"), 0o755),
-    ("etc/nexus/guest-mcp.sh", include_str!("../guest/guest-mcp.sh"), 0o755),
+    (
+        "etc/nexus/guest-mcp.sh",
+        include_str!("../guest/guest-mcp.sh"),
+        0o755,
+    ),
     ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
     ("etc/group", "root:x:0:\ntty:x:5:\n", 0o644),
     ("etc/hostname", "nexus\n", 0o644),
@@ -55,7 +59,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let started = Instant::now();
     if opts.modules.is_some() && opts.kernel.is_none() {
         return Err(BuildError::Kernel {
-            why: "--modules only makes sense with --kernel (the default kernel has no modules)".into(),
+            why: "--modules only makes sense with --kernel (the default kernel has no modules)"
+                .into(),
         });
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| BuildError::io("create", &opts.out, e))?;
@@ -68,7 +73,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let busybox_bytes = std::fs::read(busybox).map_err(|_| BuildError::Missing {
         what: "static busybox",
         path: busybox.into(),
-        hint: "install it with `apt-get install busybox-static` (scripts/install-deps.sh does)".into(),
+        hint: "install it with `apt-get install busybox-static` (scripts/install-deps.sh does)"
+            .into(),
     })?;
     if guest_bin::is_static_elf(&busybox_bytes) != Some(true) {
         return Err(BuildError::Missing {
@@ -78,10 +84,11 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         });
     }
 
-    let kernel_files: Vec<(&str, &PathBuf)> = [("kernel", &kernel.bzimage), ("vmlinux", &kernel.vmlinux)]
-        .into_iter()
-        .filter_map(|(name, path)| path.as_ref().map(|p| (name, p)))
-        .collect();
+    let kernel_files: Vec<(&str, &PathBuf)> =
+        [("kernel", &kernel.bzimage), ("vmlinux", &kernel.vmlinux)]
+            .into_iter()
+            .filter_map(|(name, path)| path.as_ref().map(|p| (name, p)))
+            .collect();
     let mut inputs = format!(
         "{RECIPE_VERSION}\nname {}\nkernel {} {}\nbusybox {}\nguest {}\nrootfs_mib {}\nacpi {}\n",
         opts.name,
@@ -96,10 +103,17 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         inputs.push_str(&format!("{name} {}\n", digest::file_sha256(path)?));
     }
     for (path, content, mode) in GUEST_FILES {
-        inputs.push_str(&format!("{path} {mode:o} {}\n", digest::sha256_hex(content.as_bytes())));
+        inputs.push_str(&format!(
+            "{path} {mode:o} {}\n",
+            digest::sha256_hex(content.as_bytes())
+        ));
     }
     if let Some(modules) = &opts.modules {
-        inputs.push_str(&format!("modules {} {}\n", modules.display(), digest::sha256_hex(INITRD_INIT.as_bytes())));
+        inputs.push_str(&format!(
+            "modules {} {}\n",
+            modules.display(),
+            digest::sha256_hex(INITRD_INIT.as_bytes())
+        ));
     }
     let inputs_digest = digest::sha256_hex(inputs.as_bytes());
 
@@ -119,13 +133,19 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     for (name, path) in &kernel_files {
         copy_atomic(path, &opts.out.join(name))?;
     }
+    // A file the new image does not have must not linger from an old one.
+    let keeps = |name: &str| {
+        kernel_files.iter().any(|(n, _)| *n == name) || (name == "initrd" && opts.modules.is_some())
+    };
     for stale in ["kernel", "vmlinux", "initrd"] {
-        if !kernel_files.iter().any(|(n, _)| *n == stale) && !(stale == "initrd" && opts.modules.is_some()) {
+        if !keeps(stale) {
             let _ = std::fs::remove_file(opts.out.join(stale));
         }
     }
 
-    let work = opts.cache_dir.join(format!("image-work-{}", std::process::id()));
+    let work = opts
+        .cache_dir
+        .join(format!("image-work-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let result = (|| {
         progress!("rootfs: staging busybox, guest-mcp and init");
@@ -203,8 +223,20 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
 /// Lays out the root filesystem's tree in `stage`.
 fn stage_root(stage: &Path, guest: &Path) -> Result<(), BuildError> {
     for dir in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc/nexus", "proc", "sys", "dev", "tmp", "run",
-        "root", "var/log", "workspace", "lib/modules",
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/nexus",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "var/log",
+        "workspace",
+        "lib/modules",
     ] {
         let path = stage.join(dir);
         std::fs::create_dir_all(&path).map_err(|e| BuildError::io("create", &path, e))?;
@@ -257,7 +289,8 @@ fn build_initrd(modules: &Path, stage: &Path, out: &Path) -> Result<(), BuildErr
             ),
         });
     }
-    let deps = std::fs::read_to_string(&dep_file).map_err(|e| BuildError::io("read", &dep_file, e))?;
+    let deps =
+        std::fs::read_to_string(&dep_file).map_err(|e| BuildError::io("read", &dep_file, e))?;
     let order = load_order(&deps, INITRD_MODULES).map_err(|why| BuildError::Kernel { why })?;
     for dir in ["bin", "sbin", "proc", "sys", "dev", "newroot", "modules"] {
         let path = stage.join(dir);
@@ -267,14 +300,26 @@ fn build_initrd(modules: &Path, stage: &Path, out: &Path) -> Result<(), BuildErr
     let mut list = String::new();
     for (i, rel) in order.iter().enumerate() {
         let src = modules.join(rel);
-        let name = format!("{i:02}-{}", Path::new(rel).file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()));
-        let name = name.trim_end_matches(".xz").trim_end_matches(".zst").to_owned();
+        let name = format!(
+            "{i:02}-{}",
+            Path::new(rel)
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        );
+        let name = name
+            .trim_end_matches(".xz")
+            .trim_end_matches(".zst")
+            .to_owned();
         let dest = stage.join("modules").join(&name);
         if rel.ends_with(".xz") {
-            let raw = Command::new("xz").arg("-dc").arg(&src).output().map_err(|source| BuildError::Spawn {
-                program: "xz".into(),
-                source,
-            })?;
+            let raw = Command::new("xz")
+                .arg("-dc")
+                .arg(&src)
+                .output()
+                .map_err(|source| BuildError::Spawn {
+                    program: "xz".into(),
+                    source,
+                })?;
             std::fs::write(&dest, raw.stdout).map_err(|e| BuildError::io("write", &dest, e))?;
         } else {
             std::fs::copy(&src, &dest).map_err(|e| BuildError::io("copy", &src, e))?;
@@ -299,8 +344,16 @@ fn build_initrd(modules: &Path, stage: &Path, out: &Path) -> Result<(), BuildErr
 pub fn load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, String> {
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for line in modules_dep.lines() {
-        let Some((module, rest)) = line.split_once(':') else { continue };
-        deps.insert(module_name(module), (module.to_owned(), rest.split_whitespace().map(str::to_owned).collect()));
+        let Some((module, rest)) = line.split_once(':') else {
+            continue;
+        };
+        deps.insert(
+            module_name(module),
+            (
+                module.to_owned(),
+                rest.split_whitespace().map(str::to_owned).collect(),
+            ),
+        );
     }
     let mut order: Vec<String> = Vec::new();
     fn visit(
@@ -325,10 +378,9 @@ pub fn load_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>, Str
         Ok(())
     }
     for name in wanted {
-        match deps.get(*name) {
-            Some((path, _)) => visit(&path.clone(), &deps, &mut order, 0)?,
-            // Built into the kernel: nothing to load.
-            None => {}
+        // A module missing from modules.dep is built in: nothing to load.
+        if let Some((path, _)) = deps.get(*name) {
+            visit(&path.clone(), &deps, &mut order, 0)?;
         }
     }
     Ok(order)

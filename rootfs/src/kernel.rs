@@ -67,12 +67,17 @@ pub fn build_default(cache: &Path) -> Result<Kernel, BuildError> {
     progress!("kernel: compiling with {jobs} jobs (about 5 minutes on 2 cores from clean)");
     let started = Instant::now();
     make_with_progress(&src, &build, jobs)?;
-    progress!("kernel: compiled in {:.0} s", started.elapsed().as_secs_f64());
+    progress!(
+        "kernel: compiled in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
 
-    let release = capture(Command::new("make")
-        .current_dir(&src)
-        .arg(format!("O={}", build.display()))
-        .args(["ARCH=x86_64", "-s", "kernelrelease"]))?;
+    let release = capture(
+        Command::new("make")
+            .current_dir(&src)
+            .arg(format!("O={}", build.display()))
+            .args(["ARCH=x86_64", "-s", "kernelrelease"]),
+    )?;
 
     let staging = root.join(format!("out-{}.tmp", &key[..16]));
     let _ = std::fs::remove_dir_all(&staging);
@@ -86,8 +91,11 @@ pub fn build_default(cache: &Path) -> Result<Kernel, BuildError> {
     }
     std::fs::write(staging.join("release"), format!("{release}\n"))
         .map_err(|e| BuildError::io("write", &staging, e))?;
-    std::fs::write(staging.join("source"), format!("{SOURCE_PACKAGE} {version}\n"))
-        .map_err(|e| BuildError::io("write", &staging, e))?;
+    std::fs::write(
+        staging.join("source"),
+        format!("{SOURCE_PACKAGE} {version}\n"),
+    )
+    .map_err(|e| BuildError::io("write", &staging, e))?;
     let _ = std::fs::remove_dir_all(&out);
     std::fs::rename(&staging, &out).map_err(|e| BuildError::io("rename", &staging, e))?;
     read_cached(&out, &version)?.ok_or_else(|| BuildError::Kernel {
@@ -118,7 +126,10 @@ pub fn from_path(path: &Path) -> Result<Kernel, BuildError> {
 fn read_cached(out: &Path, version: &str) -> Result<Option<Kernel>, BuildError> {
     let (bzimage, vmlinux) = (out.join("bzImage"), out.join("vmlinux"));
     let (config, release) = (out.join("config"), out.join("release"));
-    if ![&bzimage, &vmlinux, &config, &release].iter().all(|p| p.is_file()) {
+    if ![&bzimage, &vmlinux, &config, &release]
+        .iter()
+        .all(|p| p.is_file())
+    {
         return Ok(None);
     }
     let config_bytes = std::fs::read(&config).map_err(|e| BuildError::io("read", &config, e))?;
@@ -177,7 +188,10 @@ fn extract_source(tarball: &Path, src: &Path) -> Result<(), BuildError> {
     if marker.is_file() {
         return Ok(());
     }
-    progress!("kernel: extracting {} (once per source version)", tarball.display());
+    progress!(
+        "kernel: extracting {} (once per source version)",
+        tarball.display()
+    );
     let tmp = src.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| BuildError::io("create", &tmp, e))?;
@@ -293,13 +307,20 @@ pub fn release_of(bytes: &[u8]) -> Option<String> {
     if bytes.get(0x202..0x206) == Some(b"HdrS") {
         let ptr = u16::from_le_bytes([*bytes.get(0x20e)?, *bytes.get(0x20f)?]) as usize;
         let start = ptr + 0x200;
-        let end = bytes.get(start..)?.iter().position(|b| *b == b' ' || *b == 0)?;
-        return std::str::from_utf8(&bytes[start..start + end]).ok().map(str::to_owned);
+        let end = bytes
+            .get(start..)?
+            .iter()
+            .position(|b| *b == b' ' || *b == 0)?;
+        return std::str::from_utf8(&bytes[start..start + end])
+            .ok()
+            .map(str::to_owned);
     }
     let banner = b"Linux version ";
     let at = bytes.windows(banner.len()).position(|w| w == banner)? + banner.len();
     let end = bytes.get(at..)?.iter().position(|b| *b == b' ')?;
-    std::str::from_utf8(&bytes[at..at + end]).ok().map(str::to_owned)
+    std::str::from_utf8(&bytes[at..at + end])
+        .ok()
+        .map(str::to_owned)
 }
 
 #[cfg(test)]

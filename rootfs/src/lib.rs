@@ -26,7 +26,6 @@ macro_rules! progress {
     };
 }
 
-
 pub mod digest;
 pub mod guest_bin;
 pub mod image;
@@ -38,7 +37,6 @@ pub use manifest::Manifest;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

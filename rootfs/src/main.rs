@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 use nexus_rootfs::{BuildOptions, build, default_cache_dir};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Builds Nexus guest images (kernel, root filesystem, manifest)")]
+#[command(
+    version,
+    about = "Builds Nexus guest images (kernel, root filesystem, manifest)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -87,7 +87,9 @@ impl Manifest {
     }
 
     pub fn initrd(&self, dir: &Path) -> Option<PathBuf> {
-        self.files.contains_key("initrd").then(|| dir.join("initrd"))
+        self.files
+            .contains_key("initrd")
+            .then(|| dir.join("initrd"))
     }
 
     /// Checks that each file is there with the recorded size (cheap); with

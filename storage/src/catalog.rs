@@ -27,7 +27,9 @@ pub enum CatalogError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("catalog schema version {found} is newer than this nexusd knows ({known}): upgrade nexusd")]
+    #[error(
+        "catalog schema version {found} is newer than this nexusd knows ({known}): upgrade nexusd"
+    )]
     TooNew { found: i64, known: i64 },
     #[error("catalog migration to version {version} failed")]
     Migrate {
@@ -62,7 +64,9 @@ impl Catalog {
     }
 
     pub fn schema_version(&self) -> Result<i64, CatalogError> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     pub fn connection(&self) -> &Connection {
@@ -77,7 +81,10 @@ fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<(), CatalogErro
     let known = migrations.len() as i64;
     let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if current > known {
-        return Err(CatalogError::TooNew { found: current, known });
+        return Err(CatalogError::TooNew {
+            found: current,
+            known,
+        });
     }
     for (index, sql) in migrations.iter().enumerate().skip(current as usize) {
         let version = index + 1;
@@ -127,7 +134,9 @@ mod tests {
         let next = [MIGRATIONS[0], "ALTER TABLE images ADD COLUMN note TEXT;"];
         migrate(&mut conn, &next).unwrap();
         let note: Option<String> = conn
-            .query_row("SELECT note FROM images WHERE name = 'default'", [], |r| r.get(0))
+            .query_row("SELECT note FROM images WHERE name = 'default'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(note, None, "data survives a migration");
     }
@@ -137,11 +146,20 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         let broken = [MIGRATIONS[0], "CREATE TABLE t (x); NOT SQL;"];
         let err = migrate(&mut conn, &broken).unwrap_err();
-        assert!(err.to_string().contains("migration to version 2 failed"), "{err}");
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert!(
+            err.to_string().contains("migration to version 2 failed"),
+            "{err}"
+        );
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(version, 1);
         let t_exists: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_master WHERE name = 't'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 't'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(t_exists, 0, "the failed migration was rolled back whole");
     }
@@ -151,6 +169,9 @@ mod tests {
         let mut conn = Connection::open_in_memory().unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         let err = migrate(&mut conn, MIGRATIONS).unwrap_err();
-        assert!(err.to_string().contains("newer than this nexusd knows"), "{err}");
+        assert!(
+            err.to_string().contains("newer than this nexusd knows"),
+            "{err}"
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! `..`, separators and NUL.
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} name {name:?} is invalid: use 1 to 63 of a-z, 0-9 and '-', starting with a letter or digit")]
+#[error(
+    "{kind} name {name:?} is invalid: use 1 to 63 of a-z, 0-9 and '-', starting with a letter or digit"
+)]
 pub struct NameError {
     pub kind: &'static str,
     pub name: String,
@@ -37,7 +39,17 @@ mod tests {
         for good in ["a", "vm-1", "9", &"z".repeat(63)] {
             validate_name("VM", good).unwrap();
         }
-        for bad in ["", "-a", "a_b", "A", "..", "a/b", "a\0", "é", &"z".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a_b",
+            "A",
+            "..",
+            "a/b",
+            "a\0",
+            "é",
+            &"z".repeat(64),
+        ] {
             let err = validate_name("snapshot", bad).unwrap_err();
             assert!(err.to_string().starts_with("snapshot name"), "{err}");
         }

@@ -126,7 +126,10 @@ mod tests {
         assert!(matches!(&kvm, KvmSupport::Unusable(why) if why.contains("PVM")));
         assert_eq!(Accel::Auto.resolve_with(&kvm).unwrap(), Resolved::Tcg);
         let err = Accel::Kvm.resolve_with(&kvm).unwrap_err().to_string();
-        assert!(err.contains("PVM") && err.contains("use auto or tcg"), "{err}");
+        assert!(
+            err.contains("PVM") && err.contains("use auto or tcg"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -160,6 +163,12 @@ mod tests {
         let info = "processor\t: 0\ncpu MHz\t\t: 2596.096\n";
         assert_eq!(tsc_khz_from_cpuinfo(info), Some(2_596_096));
         assert_eq!(tsc_khz_from_cpuinfo("processor: 0\n"), None);
-        assert!("fast".parse::<Accel>().unwrap_err().to_string().contains("auto, kvm or tcg"));
+        assert!(
+            "fast"
+                .parse::<Accel>()
+                .unwrap_err()
+                .to_string()
+                .contains("auto, kvm or tcg")
+        );
     }
 }

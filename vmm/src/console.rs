@@ -52,11 +52,21 @@ mod tests {
         let body: String = (1..=30).map(|i| format!("line {i}\n")).collect();
         std::fs::write(&log, format!("old boot\n{body}")).unwrap();
         let tail20 = tail(&log, from, 20);
-        assert!(tail20.starts_with("line 11\n") && tail20.ends_with("line 30"), "{tail20}");
+        assert!(
+            tail20.starts_with("line 11\n") && tail20.ends_with("line 30"),
+            "{tail20}"
+        );
         assert_eq!(tail(&log, from, 100).lines().count(), 30);
         assert_eq!(tail(&dir.path().join("none"), 0, 20), "");
         assert_eq!(panic_line(&log, from), None);
-        std::fs::write(&log, "old Kernel panic\n[ 0.5] Kernel panic - not syncing: x\ntrace\n").unwrap();
-        assert_eq!(panic_line(&log, 17).as_deref(), Some("[ 0.5] Kernel panic - not syncing: x"));
+        std::fs::write(
+            &log,
+            "old Kernel panic\n[ 0.5] Kernel panic - not syncing: x\ntrace\n",
+        )
+        .unwrap();
+        assert_eq!(
+            panic_line(&log, 17).as_deref(),
+            Some("[ 0.5] Kernel panic - not syncing: x")
+        );
     }
 }

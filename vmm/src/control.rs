@@ -13,10 +13,7 @@ pub async fn request_poweroff(uds: &Path, timeout: Duration) -> Result<(), Strin
     let stream = vsock::connect(uds, crate::GUEST_CONTROL_PORT, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let client = ()
-        .serve(stream)
-        .await
-        .map_err(|e| format!("MCP initialization failed: {e}"))?;
+    let client = ().serve(stream).await.map_err(|e| format!("MCP initialization failed: {e}"))?;
     let result = client
         .call_tool(CallToolRequestParams::new("shutdown"))
         .await

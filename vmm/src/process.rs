@@ -29,7 +29,11 @@ impl Watched {
                 tx.send_replace(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
             }
         });
-        Self { name, pid, exit: rx }
+        Self {
+            name,
+            pid,
+            exit: rx,
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -68,7 +72,11 @@ impl Watched {
         if self.wait_for(grace).await.is_some() {
             return false;
         }
-        tracing::warn!(process = self.name, ?grace, "did not end on SIGTERM; sending SIGKILL");
+        tracing::warn!(
+            process = self.name,
+            ?grace,
+            "did not end on SIGTERM; sending SIGKILL"
+        );
         self.signal(Signal::SIGKILL);
         self.wait_for(Duration::from_secs(10)).await;
         true

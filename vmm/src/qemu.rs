@@ -53,7 +53,9 @@ impl QemuBackend {
         let acpi = if spec.acpi { "on" } else { "off" };
         let mut args: Vec<String> = vec![
             "-M".into(),
-            format!("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi={acpi},memory-backend=mem"),
+            format!(
+                "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi={acpi},memory-backend=mem"
+            ),
             // vhost-user devices need guest memory the helper can map.
             "-object".into(),
             format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
@@ -63,8 +65,12 @@ impl QemuBackend {
             spec.vcpus.to_string(),
         ];
         match req.accel {
-            Resolved::Kvm => args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()]),
-            Resolved::Tcg => args.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()]),
+            Resolved::Kvm => {
+                args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
+            }
+            Resolved::Tcg => {
+                args.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()])
+            }
         }
         args.extend([
             "-nodefaults".into(),
@@ -73,7 +79,10 @@ impl QemuBackend {
             // The guest powers off by resetting; make a reset end QEMU.
             "-no-reboot".into(),
             "-chardev".into(),
-            format!("file,id=console,path={},append=on", req.paths.console_log.display()),
+            format!(
+                "file,id=console,path={},append=on",
+                req.paths.console_log.display()
+            ),
             "-serial".into(),
             "chardev:console".into(),
             "-kernel".into(),
@@ -143,12 +152,16 @@ impl Backend for QemuBackend {
             let run_dir = req.paths.run_dir.clone();
             let vhost_socket = run_dir.join("vhost.sock");
             let vhost_log = run_dir.join("vhost-device-vsock.log");
-            let mut vhost = spawn_logged(&self.vhost_vsock, &Self::vhost_args(&req, &vhost_socket), &vhost_log)
-                .map_err(|source| VmmError::Io {
-                    vm: vm.clone(),
-                    action: format!("start {}", self.vhost_vsock.display()),
-                    source,
-                })?;
+            let mut vhost = spawn_logged(
+                &self.vhost_vsock,
+                &Self::vhost_args(&req, &vhost_socket),
+                &vhost_log,
+            )
+            .map_err(|source| VmmError::Io {
+                vm: vm.clone(),
+                action: format!("start {}", self.vhost_vsock.display()),
+                source,
+            })?;
             if let Err(e) = wait_for_socket(&mut vhost, &vhost_socket, &vhost_log, &vm).await {
                 kill_now(&mut vhost).await;
                 return Err(e);
@@ -189,7 +202,12 @@ fn spawn_logged(program: &Path, args: &[String], log: &Path) -> std::io::Result<
         .spawn()
 }
 
-async fn wait_for_socket(helper: &mut Child, socket: &Path, log: &Path, vm: &str) -> Result<(), VmmError> {
+async fn wait_for_socket(
+    helper: &mut Child,
+    socket: &Path,
+    log: &Path,
+    vm: &str,
+) -> Result<(), VmmError> {
     let started = Instant::now();
     while !socket.exists() {
         if let Ok(Some(status)) = helper.try_wait() {
@@ -253,8 +271,14 @@ mod tests {
         let mut spec = VmSpec::new("vm1", "/img/vmlinux");
         spec.cmdline = "root=/dev/vda rw".into();
         spec.drives = vec![
-            Drive { path: "/vms/vm1/root.ext4".into(), read_only: false },
-            Drive { path: "/vms/vm1/workspace.ext4".into(), read_only: true },
+            Drive {
+                path: "/vms/vm1/root.ext4".into(),
+                read_only: false,
+            },
+            Drive {
+                path: "/vms/vm1/workspace.ext4".into(),
+                read_only: true,
+            },
         ];
         spec.memory_mib = 512;
         spec.vcpus = 2;
@@ -276,7 +300,9 @@ mod tests {
         let root = args.find("file=/vms/vm1/root.ext4").unwrap();
         let ws = args.find("file=/vms/vm1/workspace.ext4").unwrap();
         assert!(root < ws, "root must be vda");
-        assert!(args.contains("workspace.ext4,format=raw,if=none,cache=none,aio=threads,readonly=on"));
+        assert!(
+            args.contains("workspace.ext4,format=raw,if=none,cache=none,aio=threads,readonly=on")
+        );
         assert!(args.contains("path=/run/vm1/vhost.sock"));
         let cmdline = kernel_cmdline(&spec, Resolved::Tcg);
         assert!(cmdline.starts_with("console=ttyS0 panic=-1 reboot=t root=/dev/vda rw"));
@@ -285,7 +311,10 @@ mod tests {
         }
         assert!(!kernel_cmdline(&spec, Resolved::Kvm).contains("tsc_early_khz"));
         let vhost = QemuBackend::vhost_args(&req, Path::new("/run/vm1/vhost.sock")).join(" ");
-        assert_eq!(vhost, "--guest-cid 9 --socket /run/vm1/vhost.sock --uds-path /run/vm1/vsock.sock");
+        assert_eq!(
+            vhost,
+            "--guest-cid 9 --socket /run/vm1/vhost.sock --uds-path /run/vm1/vsock.sock"
+        );
     }
 
     #[test]
@@ -293,6 +322,9 @@ mod tests {
         let err = QemuBackend::locate(None, Some("/nonexistent/vhost-device-vsock".into()))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("cargo install --locked vhost-device-vsock --version 0.3.0"), "{err}");
+        assert!(
+            err.contains("cargo install --locked vhost-device-vsock --version 0.3.0"),
+            "{err}"
+        );
     }
 }

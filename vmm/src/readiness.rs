@@ -78,7 +78,10 @@ async fn accept_loop(listener: UnixListener, state: watch::Sender<GuestState>) {
             .then(|| line.trim().strip_prefix("READY ").map(str::to_owned))
             .flatten()
         else {
-            tracing::warn!(line = line.trim(), "ignoring a readiness connection without a READY line");
+            tracing::warn!(
+                line = line.trim(),
+                "ignoring a readiness connection without a READY line"
+            );
             continue;
         };
         tracing::debug!(version, "guest ready");

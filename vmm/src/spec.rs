@@ -43,8 +43,7 @@ pub const MAX_VCPUS: u32 = 32;
 pub const MIN_MEMORY_MIB: u32 = 64;
 
 /// What a missing kernel or drive should make the reader do.
-const IMAGE_HINT: &str =
-    "; build the default image with `cargo run --release -p nexus-rootfs -- build --out DIR` (scripts/build-image.sh does)";
+const IMAGE_HINT: &str = "; build the default image with `cargo run --release -p nexus-rootfs -- build --out DIR` (scripts/build-image.sh does)";
 
 impl VmSpec {
     /// A spec with the defaults of a small VM; callers set the paths.
@@ -107,7 +106,9 @@ impl VmSpec {
             return Err(VmmError::InvalidSpec("console_log path is empty".into()));
         }
         if self.ready_timeout.is_zero() {
-            return Err(VmmError::InvalidSpec("ready_timeout must be positive".into()));
+            return Err(VmmError::InvalidSpec(
+                "ready_timeout must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -160,7 +161,10 @@ mod tests {
         let (_dir, mut spec) = spec_with_kernel();
         spec.kernel = "/nonexistent/kernel".into();
         let err = spec.validate().unwrap_err().to_string();
-        assert!(err.contains("kernel /nonexistent/kernel does not exist"), "{err}");
+        assert!(
+            err.contains("kernel /nonexistent/kernel does not exist"),
+            "{err}"
+        );
         assert!(err.contains("nexus-rootfs -- build"), "{err}");
     }
 
@@ -168,9 +172,22 @@ mod tests {
     fn sizes_and_drives_are_checked() {
         let (_dir, spec) = spec_with_kernel();
         spec.validate().unwrap();
-        let err = VmSpec { vcpus: 0, ..spec.clone() }.validate().unwrap_err();
-        assert!(err.to_string().contains("vcpus must be between 1 and 32, got 0"));
-        let err = VmSpec { memory_mib: 1, ..spec.clone() }.validate().unwrap_err();
+        let err = VmSpec {
+            vcpus: 0,
+            ..spec.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("vcpus must be between 1 and 32, got 0")
+        );
+        let err = VmSpec {
+            memory_mib: 1,
+            ..spec.clone()
+        }
+        .validate()
+        .unwrap_err();
         assert!(err.to_string().contains("memory_mib must be at least 64"));
         let mut with_drive = spec.clone();
         with_drive.drives.push(Drive {
@@ -178,6 +195,9 @@ mod tests {
             read_only: false,
         });
         let err = with_drive.validate().unwrap_err().to_string();
-        assert!(err.contains("drive /nonexistent/root.ext4 does not exist"), "{err}");
+        assert!(
+            err.contains("drive /nonexistent/root.ext4 does not exist"),
+            "{err}"
+        );
     }
 }

@@ -82,7 +82,10 @@ impl Vmm {
             move |source| VmmError::Io { vm, action, source }
         };
         // The CID is ours, so a directory with this name is a dead VM's.
-        let run_dir = self.config.run_root.join(format!("{}.{}", spec.name, lease.cid()));
+        let run_dir = self
+            .config
+            .run_root
+            .join(format!("{}.{}", spec.name, lease.cid()));
         let vsock_uds = run_dir.join("vsock.sock");
         if vsock_uds.as_os_str().len() > MAX_UDS_PATH {
             return Err(VmmError::InvalidSpec(format!(
@@ -171,7 +174,12 @@ impl Vmm {
             }
         }
         let ready_after = started.elapsed();
-        tracing::info!(cid = lease.cid(), ?accel, ready_ms = ready_after.as_millis() as u64, "VM ready");
+        tracing::info!(
+            cid = lease.cid(),
+            ?accel,
+            ready_ms = ready_after.as_millis() as u64,
+            "VM ready"
+        );
         pending.disarm();
         Ok(Vm {
             name: spec.name,
@@ -395,7 +403,13 @@ impl Vm {
                 other => Err(format!("guest not ready ({other:?})")),
             };
             match asked {
-                Ok(()) if self.vmm.wait_for(self.config.graceful_timeout).await.is_some() => {
+                Ok(())
+                    if self
+                        .vmm
+                        .wait_for(self.config.graceful_timeout)
+                        .await
+                        .is_some() =>
+                {
                     StopMethod::Graceful
                 }
                 Ok(()) => {

@@ -20,7 +20,9 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
-    #[error("nothing in the guest is listening on this port (the connection was closed during the handshake)")]
+    #[error(
+        "nothing in the guest is listening on this port (the connection was closed during the handshake)"
+    )]
     NoGuestListener,
     #[error("unexpected handshake reply {0:?} (expected \"OK <port>\")")]
     BadReply(String),
@@ -92,7 +94,10 @@ mod tests {
     async fn handshake_leaves_the_guests_first_bytes_in_the_stream() {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vm.vsock");
-        let server = tokio::spawn(fake_vmm(UnixListener::bind(&uds).unwrap(), b"OK 1073741824\nhello"));
+        let server = tokio::spawn(fake_vmm(
+            UnixListener::bind(&uds).unwrap(),
+            b"OK 1073741824\nhello",
+        ));
         let mut stream = connect(&uds, 1024, Duration::from_secs(5)).await.unwrap();
         assert_eq!(server.await.unwrap(), "CONNECT 1024\n");
         let mut rest = [0u8; 5];
@@ -105,16 +110,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vm.vsock");
         let server = tokio::spawn(fake_vmm(UnixListener::bind(&uds).unwrap(), b""));
-        let err = connect(&uds, 1024, Duration::from_secs(5)).await.unwrap_err();
+        let err = connect(&uds, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         server.await.unwrap();
         assert!(matches!(err, VsockError::NoGuestListener), "{err}");
     }
 
     #[tokio::test]
     async fn a_missing_socket_says_the_vm_may_not_run() {
-        let err = connect(Path::new("/nonexistent/vm.vsock"), 1024, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = connect(
+            Path::new("/nonexistent/vm.vsock"),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("is the VM running?"), "{err}");
     }
 
@@ -123,8 +134,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let uds = dir.path().join("vm.vsock");
         let server = tokio::spawn(fake_vmm(UnixListener::bind(&uds).unwrap(), b"NO\n"));
-        let err = connect(&uds, 1024, Duration::from_secs(5)).await.unwrap_err();
+        let err = connect(&uds, 1024, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         server.await.unwrap();
-        assert!(matches!(err, VsockError::BadReply(ref r) if r == "NO"), "{err}");
+        assert!(
+            matches!(err, VsockError::BadReply(ref r) if r == "NO"),
+            "{err}"
+        );
     }
 }
