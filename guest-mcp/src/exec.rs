@@ -21,29 +21,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::limits::Limits;
+
 /// How long output is still drained after the command's group was killed.
 /// Only a process that left the group (setsid) can hold a pipe past this.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
-
-/// Limits that bound every `exec`, set by guest-mcp's configuration.
-#[derive(Debug, Clone)]
-pub struct ExecLimits {
-    pub default_timeout_s: u64,
-    pub max_timeout_s: u64,
-    pub default_max_output_bytes: usize,
-    pub max_output_bytes: usize,
-}
-
-impl Default for ExecLimits {
-    fn default() -> Self {
-        Self {
-            default_timeout_s: 60,
-            max_timeout_s: 3600,
-            default_max_output_bytes: 1 << 20,
-            max_output_bytes: 16 << 20,
-        }
-    }
-}
 
 /// The arguments of the `exec` tool.
 #[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
@@ -142,18 +124,32 @@ pub enum ExecError {
     Cancelled,
 }
 
-/// Runs `req` under `limits`; `cancel` kills it early.
+/// Which stream a chunk of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives output as it is produced (for progress notifications).
+pub type OutputObserver = tokio::sync::mpsc::UnboundedSender<(Stream, Vec<u8>)>;
+
+/// Runs `req` under `limits`; `cancel` kills it early; `observer`, when
+/// given, sees every chunk of output as it arrives.
 pub async fn run(
     req: ExecRequest,
-    limits: &ExecLimits,
+    limits: &Limits,
+    default_cwd: Option<&Path>,
     cancel: CancellationToken,
+    observer: Option<OutputObserver>,
 ) -> Result<ExecResult, ExecError> {
-    let plan = Plan::validate(req, limits)?;
+    let plan = Plan::validate(req, limits, default_cwd)?;
     let started = Instant::now();
 
-    let mut cmd = Command::new(&plan.argv[0]);
-    cmd.args(&plan.argv[1..])
-        .envs(&plan.env)
+    let program = &plan.program;
+    let mut cmd = Command::new(&program.argv[0]);
+    cmd.args(&program.argv[1..])
+        .envs(&program.env)
         .stdin(if plan.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -163,11 +159,11 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(cwd) = &plan.cwd {
+    if let Some(cwd) = &program.cwd {
         cmd.current_dir(cwd);
     }
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
-        program: plan.argv[0].clone(),
+        program: program.argv[0].clone(),
         source,
     })?;
     // A group id is the leader's pid; the guard kills the group however this
@@ -180,8 +176,16 @@ pub async fn run(
             let _ = pipe.write_all(input.as_bytes()).await;
         });
     }
-    let stdout = tokio::spawn(read_capped(child.stdout.take(), plan.max_output));
-    let stderr = tokio::spawn(read_capped(child.stderr.take(), plan.max_output));
+    let stdout = tokio::spawn(read_capped(
+        child.stdout.take(),
+        plan.max_output,
+        observer.clone().map(|o| (o, Stream::Stdout)),
+    ));
+    let stderr = tokio::spawn(read_capped(
+        child.stderr.take(),
+        plan.max_output,
+        observer.map(|o| (o, Stream::Stderr)),
+    ));
 
     let deadline = tokio::time::sleep(Duration::from_secs(plan.timeout_s));
     let (status, timed_out) = tokio::select! {
@@ -218,19 +222,25 @@ pub async fn run(
     })
 }
 
-/// A request checked against the limits, ready to spawn.
-struct Plan {
-    argv: Vec<String>,
-    cwd: Option<String>,
-    env: BTreeMap<String, String>,
-    stdin: Option<String>,
-    timeout_s: u64,
-    max_output: usize,
+/// A validated program: what `exec` and `process_start` both run.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub argv: Vec<String>,
+    pub cwd: Option<String>,
+    pub env: BTreeMap<String, String>,
 }
 
-impl Plan {
-    fn validate(req: ExecRequest, limits: &ExecLimits) -> Result<Self, ExecError> {
-        let argv = match (req.command, req.argv) {
+impl Program {
+    /// Checks `command` xor `argv`, `cwd` and `env`; `default_cwd` applies
+    /// when no `cwd` is given and it exists.
+    pub fn new(
+        command: Option<String>,
+        argv: Option<Vec<String>>,
+        cwd: Option<String>,
+        env: Option<BTreeMap<String, String>>,
+        default_cwd: Option<&Path>,
+    ) -> Result<Self, ExecError> {
+        let argv = match (command, argv) {
             (Some(command), None) => {
                 no_nul("command", &command)?;
                 vec!["/bin/sh".to_owned(), "-c".to_owned(), command]
@@ -246,7 +256,7 @@ impl Plan {
             }
             _ => return Err(ExecError::NeitherOrBoth),
         };
-        let env = req.env.unwrap_or_default();
+        let env = env.unwrap_or_default();
         for (key, value) in &env {
             if key.is_empty() || key.contains('=') {
                 return Err(ExecError::BadEnvKey(key.clone()));
@@ -254,22 +264,45 @@ impl Plan {
             no_nul("env", key)?;
             no_nul("env", value)?;
         }
-        if let Some(cwd) = &req.cwd {
-            no_nul("cwd", cwd)?;
-            if !Path::new(cwd).is_dir() {
-                return Err(ExecError::BadCwd { path: cwd.clone() });
+        let cwd = match cwd {
+            Some(cwd) => {
+                no_nul("cwd", &cwd)?;
+                if !Path::new(&cwd).is_dir() {
+                    return Err(ExecError::BadCwd { path: cwd });
+                }
+                Some(cwd)
             }
-        }
-        let timeout_s = req.timeout_s.unwrap_or(limits.default_timeout_s);
-        if timeout_s == 0 || timeout_s > limits.max_timeout_s {
+            None => default_cwd
+                .filter(|d| d.is_dir())
+                .map(|d| d.to_string_lossy().into_owned()),
+        };
+        Ok(Self { argv, cwd, env })
+    }
+}
+
+/// A request checked against the limits, ready to spawn.
+struct Plan {
+    program: Program,
+    stdin: Option<String>,
+    timeout_s: u64,
+    max_output: usize,
+}
+
+impl Plan {
+    fn validate(
+        req: ExecRequest,
+        limits: &Limits,
+        default_cwd: Option<&Path>,
+    ) -> Result<Self, ExecError> {
+        let program = Program::new(req.command, req.argv, req.cwd, req.env, default_cwd)?;
+        let timeout_s = req.timeout_s.unwrap_or(limits.default_exec_timeout_s);
+        if timeout_s == 0 || timeout_s > limits.max_exec_timeout_s {
             return Err(ExecError::BadTimeout {
                 got: timeout_s,
-                max: limits.max_timeout_s,
+                max: limits.max_exec_timeout_s,
             });
         }
-        let max_output = req
-            .max_output_bytes
-            .unwrap_or(limits.default_max_output_bytes);
+        let max_output = req.max_output_bytes.unwrap_or(limits.default_output_bytes);
         if max_output > limits.max_output_bytes {
             return Err(ExecError::BadOutputCap {
                 got: max_output,
@@ -277,9 +310,7 @@ impl Plan {
             });
         }
         Ok(Self {
-            argv,
-            cwd: req.cwd,
-            env,
+            program,
             stdin: req.stdin,
             timeout_s,
             max_output,
@@ -315,7 +346,11 @@ impl Drop for GroupGuard {
 
 /// Reads a pipe to its end, keeping at most `cap` bytes; the rest is read
 /// and dropped so the writer never blocks on a full pipe.
-async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>, cap: usize) -> (Vec<u8>, bool) {
+async fn read_capped<R: AsyncRead + Unpin>(
+    pipe: Option<R>,
+    cap: usize,
+    observer: Option<(OutputObserver, Stream)>,
+) -> (Vec<u8>, bool) {
     let Some(mut pipe) = pipe else {
         return (Vec::new(), false);
     };
@@ -326,6 +361,9 @@ async fn read_capped<R: AsyncRead + Unpin>(pipe: Option<R>, cap: usize) -> (Vec<
         match pipe.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                if let Some((observer, stream)) = &observer {
+                    let _ = observer.send((*stream, buf[..n].to_vec()));
+                }
                 let room = cap.saturating_sub(kept.len());
                 if n > room {
                     truncated = true;
@@ -349,18 +387,29 @@ async fn drain(reader: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bo
 /// UTF-8 text is returned as it is; anything else as base64, so no byte is
 /// lost. A cut at the cap may split a character: that partial character is
 /// dropped rather than forcing the whole stream into base64.
-fn encode(mut bytes: Vec<u8>, truncated: bool) -> (String, OutputEncoding) {
-    if truncated
+fn encode(bytes: Vec<u8>, truncated: bool) -> (String, OutputEncoding) {
+    let (text, encoding, _) = encode_chunk(bytes, truncated);
+    (text, encoding)
+}
+
+/// Encodes a chunk of a longer byte stream. When `cut` (more bytes follow),
+/// a character split at the end is left for the next chunk. Returns the
+/// text, its encoding and how many bytes it holds.
+pub fn encode_chunk(mut bytes: Vec<u8>, cut: bool) -> (String, OutputEncoding, usize) {
+    if cut
         && let Err(e) = std::str::from_utf8(&bytes)
         && e.error_len().is_none()
+        && e.valid_up_to() > 0
     {
         bytes.truncate(e.valid_up_to());
     }
+    let used = bytes.len();
     match String::from_utf8(bytes) {
-        Ok(text) => (text, OutputEncoding::Utf8),
+        Ok(text) => (text, OutputEncoding::Utf8, used),
         Err(e) => (
             base64::engine::general_purpose::STANDARD.encode(e.into_bytes()),
             OutputEncoding::Base64,
+            used,
         ),
     }
 }
@@ -377,9 +426,15 @@ mod tests {
     }
 
     async fn run_ok(req: ExecRequest) -> ExecResult {
-        run(req, &ExecLimits::default(), CancellationToken::new())
-            .await
-            .unwrap()
+        run(
+            req,
+            &Limits::default(),
+            None,
+            CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap()
     }
 
     #[tokio::test]
@@ -452,7 +507,7 @@ mod tests {
             .parse()
             .unwrap();
         assert!(
-            !process_alive(pid),
+            dies_soon(pid),
             "background sleep {pid} survived the timeout"
         );
     }
@@ -476,7 +531,7 @@ mod tests {
         ));
         let task = tokio::spawn({
             let cancel = cancel.clone();
-            async move { run(req, &ExecLimits::default(), cancel).await }
+            async move { run(req, &Limits::default(), None, cancel, None).await }
         });
         while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -489,14 +544,14 @@ mod tests {
             .parse()
             .unwrap();
         assert!(
-            !process_alive(pid),
+            dies_soon(pid),
             "background sleep {pid} survived cancellation"
         );
     }
 
     #[tokio::test]
     async fn bad_requests_name_the_argument_at_fault() {
-        let limits = ExecLimits::default();
+        let limits = Limits::default();
         let cases: Vec<(ExecRequest, &str)> = vec![
             (ExecRequest::default(), "exactly one of `command`"),
             (
@@ -552,7 +607,7 @@ mod tests {
             ),
         ];
         for (req, expected) in cases {
-            let err = run(req, &limits, CancellationToken::new())
+            let err = run(req, &limits, None, CancellationToken::new(), None)
                 .await
                 .unwrap_err()
                 .to_string();
@@ -561,6 +616,17 @@ mod tests {
                 "{err:?} does not contain {expected:?}"
             );
         }
+    }
+
+    /// A killed process takes a moment to finish dying and be reaped.
+    fn dies_soon(pid: i32) -> bool {
+        for _ in 0..250 {
+            if !process_alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     fn process_alive(pid: i32) -> bool {

@@ -1,7 +1,8 @@
 //! guest-mcp: the MCP server inside every Nexus VM.
 //!
 //! An agent works with its computer through the tools served here on vsock
-//! port 1024 (`exec`, with files and processes to come). A second server on
+//! port 1024: `exec`, background processes, files, glob/grep and
+//! `system_info`. A second server on
 //! port 1023 is the host's control channel (`shutdown`, `sync`); nexusd
 //! never proxies it to agents. Once the tool server listens, guest-mcp tells
 //! the host it is ready by connecting to the host on port 1027 and keeping
@@ -12,18 +13,31 @@
 //!
 //! # Layout
 //!
+//! - `tools`: the agent-facing rmcp server (port 1024), one module per
+//!   tool group; handlers only translate to the modules below.
 //! - `exec`: runs one command in its own process group, with limits.
-//! - `tools`: the agent-facing rmcp server (port 1024).
-//! - `control`: the host-only rmcp server (port 1023).
+//! - `procs`: background processes and their output ring buffers.
+//! - `files`, `search`, `sysinfo`: files, glob/grep, the machine.
+//! - `control`: the host-only rmcp server (port 1023), with `freeze`
+//!   (FIFREEZE with a thaw deadline) and `mounts` (unmount/mount for
+//!   in-place rollback).
+//! - `limits`: the configurable bounds.
 //! - `listen`: listen addresses (`vsock:PORT`, `unix:PATH`) and accept loops.
 //! - `ready`: the readiness and liveness connection to the host.
 //! - `power`: stopping every process and powering the VM off.
 
 pub mod control;
 pub mod exec;
+pub mod files;
+pub mod freeze;
+pub mod limits;
 pub mod listen;
+pub mod mounts;
 pub mod power;
+pub mod procs;
 pub mod ready;
+pub mod search;
+pub mod sysinfo;
 pub mod tools;
 
 /// vsock port of the agent-facing tool server.

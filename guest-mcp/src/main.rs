@@ -1,17 +1,19 @@
 //! guest-mcp: serves the agent's tools and the host's control channel.
 
+use std::path::PathBuf;
+
 use anyhow::Context as _;
 use clap::Parser;
 use nexus_guest::control::{ControlTools, PowerAction};
-use nexus_guest::exec::ExecLimits;
+use nexus_guest::limits::Limits;
 use nexus_guest::listen::{ListenAddr, Listener};
-use nexus_guest::tools::GuestTools;
+use nexus_guest::tools::{GuestTools, Shared};
 use nexus_guest::{HOST_CID, ready};
 use rmcp::ServiceExt;
 use tokio_util::sync::CancellationToken;
 
 /// The MCP server inside a Nexus VM. In a VM, init starts it with
-/// `--listen vsock:1024 --control vsock:1023 --ready-port 1027 --vm`; on a
+/// `--vm --listen vsock:1024 --control vsock:1023 --ready-port 1027`; on a
 /// host, `--listen unix:PATH` or `--stdio` serve the same tools for tests.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -31,12 +33,32 @@ struct Args {
     /// Running as a VM's guest: `shutdown` powers the machine off.
     #[arg(long)]
     vm: bool,
+    /// Default working directory of commands and base of relative paths
+    /// [default: /workspace when it exists].
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Where background processes are recorded, so that a restarted
+    /// guest-mcp kills and reports those it lost.
+    #[arg(long, value_name = "FILE")]
+    process_state: Option<PathBuf>,
+    /// `exec` calls running at once.
+    #[arg(long, default_value_t = Limits::default().max_concurrent_execs)]
+    max_concurrent_execs: usize,
     /// Longest `timeout_s` an exec may ask for, in seconds.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, default_value_t = Limits::default().max_exec_timeout_s)]
     max_exec_timeout_s: u64,
     /// Most output bytes an exec may keep per stream.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, default_value_t = Limits::default().max_output_bytes)]
     max_output_bytes: usize,
+    /// Background processes kept at once.
+    #[arg(long, default_value_t = Limits::default().max_processes)]
+    max_processes: usize,
+    /// Output kept per background process and stream, in bytes.
+    #[arg(long, default_value_t = Limits::default().process_buffer_bytes)]
+    process_buffer_bytes: usize,
+    /// Largest chunk one read_file returns or one write_file accepts.
+    #[arg(long, default_value_t = Limits::default().max_io_bytes)]
+    max_io_bytes: usize,
 }
 
 #[tokio::main]
@@ -53,12 +75,22 @@ async fn main() -> anyhow::Result<()> {
     if args.listen.is_none() && !args.stdio {
         anyhow::bail!("nothing to serve: give --listen ADDR or --stdio");
     }
-    let limits = ExecLimits {
-        max_timeout_s: args.max_exec_timeout_s,
+    let limits = Limits {
+        max_concurrent_execs: args.max_concurrent_execs,
+        max_exec_timeout_s: args.max_exec_timeout_s,
         max_output_bytes: args.max_output_bytes,
-        ..ExecLimits::default()
+        default_output_bytes: Limits::default()
+            .default_output_bytes
+            .min(args.max_output_bytes),
+        max_processes: args.max_processes,
+        process_buffer_bytes: args.process_buffer_bytes,
+        max_io_bytes: args.max_io_bytes,
+        ..Limits::default()
     };
-    let tools = GuestTools::new(limits);
+    let workdir = args
+        .workdir
+        .or_else(|| Some(PathBuf::from("/workspace")).filter(|w| w.is_dir()));
+    let shared = Shared::new(limits, workdir, args.process_state);
     let power = if args.vm {
         PowerAction::Poweroff
     } else {
@@ -80,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.stdio {
-        let running = tools
+        let running = GuestTools::new(shared)
             .serve(rmcp::transport::stdio())
             .await
             .context("starting the MCP session on stdio")?;
@@ -95,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             stop.cancel();
         });
-        listener.serve(tools, shutdown).await;
+        listener.serve(GuestTools::new(shared), shutdown).await;
     }
     Ok(())
 }

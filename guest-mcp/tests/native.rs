@@ -150,7 +150,7 @@ async fn the_control_channel_refuses_to_power_off_a_host() {
     assert!(is_error);
     assert!(text.contains("will not power its host off"), "{text}");
     let (is_error, out, _) = call(&client, "sync", json!({})).await;
-    assert!(!is_error && out["synced"] == true);
+    assert!(!is_error && out["ok"] == true);
     client.cancel().await.unwrap();
     drop(server);
 }
