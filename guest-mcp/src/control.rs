@@ -289,6 +289,14 @@ impl ControlTools {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for ControlTools {
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        crate::tools::route(&self.tool_router, self, request, context).await
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
             Implementation::new("guest-mcp-control", env!("CARGO_PKG_VERSION")),

@@ -122,6 +122,16 @@ pub fn read(
     limit: Option<u64>,
     max_bytes: usize,
 ) -> Result<ReadResult> {
+    if encoding == ReadEncoding::Base64
+        && let Some(limit) = limit
+        && limit > max_bytes as u64
+    {
+        return Err(FileError::TooLarge {
+            arg: "limit",
+            got: limit,
+            max: max_bytes as u64,
+        });
+    }
     let meta = std::fs::metadata(path).map_err(io("reading", path))?;
     if meta.is_dir() {
         return Err(FileError::IsDir(path.display().to_string(), "use list_dir"));
@@ -131,13 +141,6 @@ pub fn read(
     match encoding {
         ReadEncoding::Base64 => {
             let limit = limit.unwrap_or(max_bytes as u64);
-            if limit > max_bytes as u64 {
-                return Err(FileError::TooLarge {
-                    arg: "limit",
-                    got: limit,
-                    max: max_bytes as u64,
-                });
-            }
             file.seek(SeekFrom::Start(offset))
                 .map_err(io("seeking", path))?;
             let mut bytes =

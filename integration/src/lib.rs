@@ -158,6 +158,29 @@ pub async fn guest_client(vm: &Vm) -> anyhow::Result<RunningService<RoleClient, 
     Ok(().serve(stream).await?)
 }
 
+/// An MCP client session with the VM's control channel (port 1023).
+pub async fn control_client(vm: &Vm) -> anyhow::Result<RunningService<RoleClient, ()>> {
+    let stream = vm.connect(nexus_vmm::GUEST_CONTROL_PORT).await?;
+    Ok(().serve(stream).await?)
+}
+
+/// Calls a tool and returns its structured result, failing on a tool error.
+pub async fn call(
+    client: &RunningService<RoleClient, ()>,
+    tool: &str,
+    args: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    if let serde_json::Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = client.call_tool(params).await?;
+    if result.is_error == Some(true) {
+        bail!("{tool} failed: {:?}", result.content);
+    }
+    Ok(result.structured_content.unwrap_or_default())
+}
+
 /// Calls `exec` with a shell command and returns its structured result.
 pub async fn exec(
     client: &RunningService<RoleClient, ()>,

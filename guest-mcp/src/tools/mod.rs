@@ -15,8 +15,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
-use rmcp::{ServerHandler, tool_handler};
+use rmcp::handler::server::tool::ToolCallContext;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -72,6 +77,14 @@ impl GuestTools {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for GuestTools {
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        route(&self.tool_router, self, request, context).await
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("guest-mcp", env!("CARGO_PKG_VERSION")))
@@ -83,16 +96,46 @@ impl ServerHandler for GuestTools {
     }
 }
 
+/// Dispatches a call, answering an unknown tool name with the names that
+/// exist (a protocol error, as MCP specifies for unknown tools).
+pub(crate) async fn route<S: Send + Sync + 'static>(
+    router: &ToolRouter<S>,
+    service: &S,
+    request: CallToolRequestParams,
+    context: RequestContext<RoleServer>,
+) -> Result<CallToolResponse, ErrorData> {
+    if !router.has_route(&request.name) {
+        let mut names: Vec<String> = router
+            .list_all()
+            .into_iter()
+            .map(|t| t.name.into_owned())
+            .collect();
+        names.sort();
+        return Err(ErrorData::invalid_params(
+            format!(
+                "unknown tool {:?}: this server has {}",
+                request.name,
+                names.join(", ")
+            ),
+            None,
+        ));
+    }
+    router
+        .call(ToolCallContext::new(service, request, context))
+        .await
+}
+
 /// A successful tool result: `value` as structured content, `text` for
-/// people and models that read text.
+/// people and models that read text. (Built by hand: the stock helper also
+/// renders the whole JSON as text, a second copy of every large result.)
 pub(crate) fn done<T: Serialize>(
     value: &T,
     text: impl Into<String>,
 ) -> Result<CallToolResult, String> {
     let json = serde_json::to_value(value)
         .map_err(|e| format!("internal error rendering the result: {e}"))?;
-    let mut result = CallToolResult::structured(json);
-    result.content = vec![ContentBlock::text(text.into())];
+    let mut result = CallToolResult::success(vec![ContentBlock::text(text.into())]);
+    result.structured_content = Some(json);
     Ok(result)
 }
 

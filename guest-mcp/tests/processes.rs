@@ -1,0 +1,305 @@
+//! Background processes: start, list, status, output by offset, stdin,
+//! signals, limits, and what happens to them when guest-mcp restarts.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, call, dies, read_pid};
+use serde_json::json;
+
+#[tokio::test]
+async fn a_process_fed_through_stdin_answers_and_exits() {
+    let server = Server::start(&[]).await;
+    let client = server.client().await;
+    let started = call(
+        &client,
+        "process_start",
+        json!({"argv": ["cat"], "stdin": true}),
+    )
+    .await
+    .ok();
+    let id = started["id"].as_str().unwrap().to_owned();
+    assert_eq!(started["state"], "running");
+    assert!(started["pid"].as_u64().unwrap() > 0);
+
+    let w = call(
+        &client,
+        "process_write_stdin",
+        json!({"id": id, "data": "hello\n"}),
+    )
+    .await
+    .ok();
+    assert_eq!(w["bytes_written"], 6);
+    let out = call(
+        &client,
+        "process_output",
+        json!({"id": id, "wait_ms": 5000}),
+    )
+    .await
+    .ok();
+    assert_eq!(out["stdout"]["data"], "hello\n");
+    assert_eq!(out["stdout"]["next_offset"], 6);
+
+    call(
+        &client,
+        "process_write_stdin",
+        json!({"id": id, "data": "bye\n", "close": true}),
+    )
+    .await
+    .ok();
+    let mut status = json!(null);
+    for _ in 0..100 {
+        status = call(&client, "process_status", json!({"id": id}))
+            .await
+            .ok();
+        if status["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status["state"], "exited");
+    assert_eq!(status["exit_code"], 0);
+    assert_eq!(status["stdout_bytes"], 10);
+    // Reading on from the previous offset returns only what is new.
+    let out = call(
+        &client,
+        "process_output",
+        json!({"id": id, "stdout_offset": 6}),
+    )
+    .await
+    .ok();
+    assert_eq!(out["stdout"]["data"], "bye\n");
+    assert_eq!(out["stdout"]["at_end"], true);
+    let err = call(
+        &client,
+        "process_write_stdin",
+        json!({"id": id, "data": "x"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("has no open stdin"), "{err}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn processes_outlive_the_connection_that_started_them() {
+    let server = Server::start(&[]).await;
+    let first = server.client().await;
+    let id = call(
+        &first,
+        "process_start",
+        json!({"command": "for i in 1 2 3; do echo line $i; sleep 0.2; done"}),
+    )
+    .await
+    .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    first.cancel().await.unwrap();
+
+    let second = server.client().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let list = call(&second, "process_list", json!({})).await.ok();
+    let entry = &list["processes"].as_array().unwrap()[0];
+    assert_eq!(entry["id"], id.as_str());
+    assert_eq!(entry["state"], "exited");
+    let out = call(&second, "process_output", json!({"id": id}))
+        .await
+        .ok();
+    assert_eq!(out["stdout"]["data"], "line 1\nline 2\nline 3\n");
+    assert_eq!(out["process"]["exit_code"], 0);
+    second.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_ring_buffer_says_how_much_it_dropped() {
+    let server = Server::start(&["--process-buffer-bytes", "1000"]).await;
+    let client = server.client().await;
+    let id = call(
+        &client,
+        "process_start",
+        json!({"command": "head -c 5000 /dev/zero | tr '\\0' x"}),
+    )
+    .await
+    .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut out = json!(null);
+    for _ in 0..100 {
+        out = call(&client, "process_output", json!({"id": id}))
+            .await
+            .ok();
+        if out["process"]["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(out["stdout"]["dropped_bytes"], 4000);
+    assert_eq!(out["stdout"]["offset"], 4000);
+    assert_eq!(out["stdout"]["data"].as_str().unwrap().len(), 1000);
+    assert!(out.to_string().contains("\"at_end\":true"));
+    let text = call(&client, "process_output", json!({"id": id}))
+        .await
+        .text;
+    assert!(text.contains("4000 earlier bytes were dropped"), "{text}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn signals_reach_the_whole_group() {
+    let server = Server::start(&[]).await;
+    let client = server.client().await;
+    let pidfile = server.dir.path().join("child");
+    let id = call(
+        &client,
+        "process_start",
+        json!({"command": format!("sleep 300 & echo $! > {}; wait", pidfile.display())}),
+    )
+    .await
+    .ok()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let child = read_pid(&pidfile).await;
+    let sent = call(
+        &client,
+        "process_signal",
+        json!({"id": id, "signal": "KILL"}),
+    )
+    .await
+    .ok();
+    assert_eq!(sent["signal"], "KILL");
+    assert!(dies(child).await, "the group's other member survived");
+    let mut status = json!(null);
+    for _ in 0..100 {
+        status = call(&client, "process_status", json!({"id": id}))
+            .await
+            .ok();
+        if status["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status["signal"], 9);
+    let err = call(&client, "process_signal", json!({"id": id}))
+        .await
+        .err();
+    assert!(err.contains("is not running"), "{err}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_process_requests_are_clear_tool_errors() {
+    let server = Server::start(&["--max-processes", "2"]).await;
+    let client = server.client().await;
+    let err = call(&client, "process_status", json!({"id": "p99"}))
+        .await
+        .err();
+    assert!(err.contains("no background process \"p99\""), "{err}");
+    let err = call(&client, "process_output", json!({"id": "nonsense"}))
+        .await
+        .err();
+    assert!(err.contains("process_list shows the ids"), "{err}");
+    let err = call(&client, "process_start", json!({})).await.err();
+    assert!(err.contains("exactly one of `command`"), "{err}");
+    let err = call(
+        &client,
+        "process_start",
+        json!({"argv": ["/no/such/program"]}),
+    )
+    .await
+    .err();
+    assert!(
+        err.contains("could not start \"/no/such/program\""),
+        "{err}"
+    );
+
+    let a = call(&client, "process_start", json!({"argv": ["sleep", "300"]}))
+        .await
+        .ok();
+    call(&client, "process_start", json!({"argv": ["sleep", "300"]}))
+        .await
+        .ok();
+    let err = call(&client, "process_start", json!({"argv": ["true"]}))
+        .await
+        .err();
+    assert!(
+        err.contains("2 background processes are kept already"),
+        "{err}"
+    );
+    let err = call(
+        &client,
+        "process_signal",
+        json!({"id": a["id"], "signal": "BOOM"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("`signal` \"BOOM\" is unknown"), "{err}");
+    let err = call(
+        &client,
+        "process_output",
+        json!({"id": a["id"], "wait_ms": 999999}),
+    )
+    .await
+    .err();
+    assert!(err.contains("`wait_ms` must be at most 30000"), "{err}");
+    // A finished process makes room for a new one.
+    call(
+        &client,
+        "process_signal",
+        json!({"id": a["id"], "signal": "KILL"}),
+    )
+    .await
+    .ok();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    call(&client, "process_start", json!({"argv": ["true"]}))
+        .await
+        .ok();
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restarted_guest_mcp_kills_and_reports_the_processes_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("processes.json");
+    let pidfile = dir.path().join("sleep.pid");
+    let state_arg = state.display().to_string();
+    let mut server = Server::start_in(dir, &["--process-state", &state_arg]).await;
+    let client = server.client().await;
+    call(
+        &client,
+        "process_start",
+        json!({"command": format!("echo $$ > {}; exec sleep 300", pidfile.display())}),
+    )
+    .await
+    .ok();
+    let sleeper = read_pid(&pidfile).await;
+    drop(client);
+    // guest-mcp crashes; the sleep is orphaned with its pipes gone.
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    assert!(common::alive(sleeper));
+
+    let server = Server::start_in(server.dir, &["--process-state", &state_arg]).await;
+    assert!(
+        dies(sleeper).await,
+        "the lost process {sleeper} was left running"
+    );
+    let client = server.client().await;
+    let list = call(&client, "process_list", json!({})).await.ok();
+    let lost = &list["processes"].as_array().unwrap()[0];
+    assert_eq!(lost["state"], "lost");
+    assert_eq!(lost["pid"], sleeper);
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains("guest-mcp restarted while it ran"),
+        "{lost}"
+    );
+    client.cancel().await.unwrap();
+}

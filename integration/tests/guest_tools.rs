@@ -1,0 +1,163 @@
+//! guest-mcp's tools inside a real VM (QEMU backend): exec, files in the
+//! workspace drive, and the control channel's freeze/thaw and the guest
+//! half of an in-place rollback.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::process::Command;
+use std::time::Duration;
+
+use nexus_integration::{Harness, call, control_client, exec, guest_client, make_workspace};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_in_the_workspace_read_back_and_land_on_the_drive() {
+    let harness = Harness::new().unwrap();
+    let vm = harness.boot("files").await.unwrap();
+    let guest = guest_client(&vm).await.unwrap();
+
+    let info = call(&guest, "system_info", json!({})).await.unwrap();
+    assert_eq!(info["kernel"], harness.manifest.kernel_version.as_str());
+    assert_eq!(info["disks"][1]["mount"], "/workspace");
+
+    call(&guest, "write_file", json!({"path": "src/hello.txt", "content": "hello from the host\n", "create_parents": true}))
+        .await
+        .unwrap();
+    let read = call(
+        &guest,
+        "read_file",
+        json!({"path": "/workspace/src/hello.txt"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read["content"], "hello from the host\n");
+    let cat = exec(&guest, "cat src/hello.txt && ls -la /workspace/src")
+        .await
+        .unwrap();
+    assert!(
+        cat["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("hello from the host\n")
+    );
+    let found = call(&guest, "grep", json!({"pattern": "host"}))
+        .await
+        .unwrap();
+    assert_eq!(found["lines"][0]["path"], "src/hello.txt");
+
+    let ws_drive = vm_drive(&harness, "files");
+    guest.cancel().await.unwrap();
+    vm.stop().await;
+    // After a clean stop the file is on the drive: read it without a VM.
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /src/hello.txt"])
+        .arg(&ws_drive)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the host\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freeze_holds_writers_in_the_guest_until_thaw() {
+    let harness = Harness::new().unwrap();
+    let vm = harness.boot("freeze").await.unwrap();
+    let guest = guest_client(&vm).await.unwrap();
+    let control = control_client(&vm).await.unwrap();
+
+    call(&control, "freeze", json!({"timeout_s": 60}))
+        .await
+        .unwrap();
+    let writer = call(
+        &guest,
+        "process_start",
+        json!({"command": "echo frozen-write > /workspace/during && echo done"}),
+    )
+    .await
+    .unwrap();
+    let id = writer["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = call(&guest, "process_status", json!({"id": id}))
+        .await
+        .unwrap();
+    assert_eq!(
+        status["state"], "running",
+        "the write must wait while frozen: {status}"
+    );
+
+    call(&control, "thaw", json!({})).await.unwrap();
+    let out = call(
+        &guest,
+        "process_output",
+        json!({"id": id, "wait_ms": 10000}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out["stdout"]["data"], "done\n");
+    let read = call(&guest, "read_file", json!({"path": "during"}))
+        .await
+        .unwrap();
+    assert_eq!(read["content"], "frozen-write\n");
+    guest.cancel().await.unwrap();
+    control.cancel().await.unwrap();
+    vm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_sees_workspace_content_the_host_replaced_while_unmounted() {
+    let harness = Harness::new().unwrap();
+    let vm = harness.boot("rollback").await.unwrap();
+    let guest = guest_client(&vm).await.unwrap();
+    let control = control_client(&vm).await.unwrap();
+    call(
+        &guest,
+        "write_file",
+        json!({"path": "state.txt", "content": "current\n"}),
+    )
+    .await
+    .unwrap();
+
+    call(&control, "unmount", json!({})).await.unwrap();
+    // The host puts other content on the drive (a snapshot, in nexusd),
+    // in place: QEMU keeps its open file.
+    let snapshot = harness.dir.path().join("snapshot.ext4");
+    make_workspace(&snapshot, 1024).unwrap();
+    let payload = harness.dir.path().join("payload");
+    std::fs::write(&payload, "from the snapshot\n").unwrap();
+    let out = Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg(format!("write {} state.txt", payload.display()))
+        .arg(&snapshot)
+        .output();
+    assert!(out.unwrap().status.success());
+    let status = Command::new("dd")
+        .arg(format!("if={}", snapshot.display()))
+        .arg(format!("of={}", vm_drive(&harness, "rollback").display()))
+        .args(["bs=4M", "conv=notrunc,sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    call(&control, "mount", json!({})).await.unwrap();
+    let read = call(&guest, "read_file", json!({"path": "state.txt"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        read["content"], "from the snapshot\n",
+        "the guest reads the drive, not its old cache"
+    );
+    guest.cancel().await.unwrap();
+    control.cancel().await.unwrap();
+    vm.stop().await;
+}
+
+fn vm_drive(harness: &Harness, name: &str) -> std::path::PathBuf {
+    harness
+        .dir
+        .path()
+        .join("vms")
+        .join(name)
+        .join("workspace.ext4")
+}
