@@ -161,3 +161,62 @@ fn vm_drive(harness: &Harness, name: &str) -> std::path::PathBuf {
         .join(name)
         .join("workspace.ext4")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_guest_mcp_is_restarted_and_reports_what_it_lost() {
+    let harness = Harness::new().unwrap();
+    let vm = harness.boot("crash").await.unwrap();
+    let guest = guest_client(&vm).await.unwrap();
+    let sleeper = call(&guest, "process_start", json!({"argv": ["sleep", "300"]}))
+        .await
+        .unwrap();
+    let sleeper_pid = sleeper["pid"].as_u64().unwrap();
+    call(
+        &guest,
+        "process_start",
+        json!({"command": "sleep 0.3; kill -9 $(pidof guest-mcp)"}),
+    )
+    .await
+    .unwrap();
+
+    // The readiness connection drops with guest-mcp and comes back with
+    // the copy init starts.
+    let mut state = vm.guest_state();
+    for _ in 0..500 {
+        state = vm.guest_state();
+        if state == nexus_vmm::GuestState::Gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..1000 {
+        state = vm.guest_state();
+        if matches!(state, nexus_vmm::GuestState::Ready { .. }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        matches!(state, nexus_vmm::GuestState::Ready { .. }),
+        "{state:?}"
+    );
+
+    let guest = guest_client(&vm).await.unwrap();
+    let list = call(&guest, "process_list", json!({})).await.unwrap();
+    let lost: Vec<_> = list["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["state"] == "lost")
+        .collect();
+    assert!(lost.iter().any(|p| p["pid"] == sleeper_pid), "{list}");
+    let ps = exec(
+        &guest,
+        &format!("kill -0 {sleeper_pid} 2>/dev/null && echo alive || echo gone"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(ps["stdout"], "gone\n", "the lost process was killed");
+    guest.cancel().await.unwrap();
+    vm.stop().await;
+}
