@@ -17,6 +17,35 @@ const MIGRATIONS: &[&str] = &[
         manifest    TEXT NOT NULL,
         imported_at TEXT NOT NULL
     ) STRICT;",
+    // 2: VMs' drives and their snapshots. `op` names a multi-step operation
+    // under way; a row with one after a crash is finished or undone by the
+    // reconciliation at open.
+    "ALTER TABLE images ADD COLUMN op TEXT;
+     CREATE TABLE vms (
+        name          TEXT PRIMARY KEY,
+        image         TEXT NOT NULL REFERENCES images(name),
+        created_at    TEXT NOT NULL,
+        base_snapshot TEXT,
+        op            TEXT
+     ) STRICT;
+     CREATE TABLE drives (
+        vm         TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        PRIMARY KEY (vm, name)
+     ) STRICT;
+     CREATE TABLE snapshots (
+        vm         TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        drive      TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        parent     TEXT,
+        op         TEXT,
+        PRIMARY KEY (vm, name)
+     ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +101,10 @@ impl Catalog {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+
+    pub fn connection_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
 }
 
 /// Applies the migrations past the catalog's version, each in its own
@@ -119,7 +152,10 @@ mod tests {
             .unwrap();
         assert_eq!(fk, 1);
         drop(catalog);
-        assert_eq!(Catalog::open(&path).unwrap().schema_version().unwrap(), 1);
+        assert_eq!(
+            Catalog::open(&path).unwrap().schema_version().unwrap(),
+            MIGRATIONS.len() as i64
+        );
     }
 
     #[test]
@@ -139,6 +175,37 @@ mod tests {
             })
             .unwrap();
         assert_eq!(note, None, "data survives a migration");
+    }
+
+    #[test]
+    fn migration_2_applies_to_a_version_1_catalog_with_images() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        migrate(&mut conn, &MIGRATIONS[..1]).unwrap();
+        conn.execute(
+            "INSERT INTO images VALUES ('default', '/p', '{}', 'then')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, MIGRATIONS).unwrap();
+        let op: Option<String> = conn
+            .query_row("SELECT op FROM images WHERE name = 'default'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(op, None);
+        conn.execute(
+            "INSERT INTO vms (name, image, created_at) VALUES ('vm1', 'default', 'now')",
+            [],
+        )
+        .unwrap();
+        let err = conn
+            .execute(
+                "INSERT INTO vms (name, image, created_at) VALUES ('vm2', 'nope', 'now')",
+                [],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! Recovery: finishing or undoing operations a crash interrupted, and
+//! removing what no catalog row knows of. Runs at every open.
+//!
+//! The rule per operation: an interrupted creation (import, create, fork,
+//! snapshot) is undone; an interrupted deletion (destroy, snapshot or image
+//! delete) is finished; an interrupted rollback is finished (redoing the
+//! clone is idempotent, and the caller had already asked for it).
+
+use std::path::PathBuf;
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use crate::pool::{delete_subvolume, is_subvolume};
+use crate::vms::drive_file;
+use crate::{ROOT_DRIVE, Result, Storage, WORKSPACE_DRIVE};
+
+/// What the reconciliation at open did and found.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ReconcileReport {
+    /// Interrupted operations, finished or undone (`"vm1: create undone"`).
+    pub recovered: Vec<String>,
+    /// Files and directories no catalog row knew of, removed.
+    pub removed: Vec<PathBuf>,
+    /// Catalog rows whose files are gone (kept, for an admin to decide).
+    pub missing: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn is_clean(&self) -> bool {
+        self.recovered.is_empty() && self.removed.is_empty() && self.missing.is_empty()
+    }
+}
+
+impl Storage {
+    pub(crate) fn reconcile(&self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        for (name, op) in self.pending("SELECT name, op FROM images WHERE op IS NOT NULL")? {
+            self.finish_image_op(&name)?;
+            report
+                .recovered
+                .push(format!("image {name}: {op} {}", verb(&op)));
+        }
+        for (name, op) in self.pending("SELECT name, op FROM vms WHERE op IS NOT NULL")? {
+            self.finish_vm_op(&name)?;
+            report
+                .recovered
+                .push(format!("VM {name}: {op} {}", verb(&op)));
+        }
+        for (key, op) in
+            self.pending("SELECT vm || '/' || name, op FROM snapshots WHERE op IS NOT NULL")?
+        {
+            if let Some((vm, name)) = key.split_once('/') {
+                self.finish_snapshot_op(vm, name)?;
+                report
+                    .recovered
+                    .push(format!("snapshot {key}: {op} {}", verb(&op)));
+            }
+        }
+        report.removed = self.remove_orphans()?;
+        report.missing = self.problems()?;
+        for line in &report.recovered {
+            tracing::warn!(what = %line, "recovered an interrupted storage operation");
+        }
+        for path in &report.removed {
+            tracing::warn!(path = %path.display(), "removed a leftover no catalog row knew of");
+        }
+        for line in &report.missing {
+            tracing::error!(what = %line, "catalog entry whose files are missing");
+        }
+        Ok(report)
+    }
+
+    fn pending(&self, sql: &str) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut stmt = db.connection().prepare(sql)?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    pub(crate) fn finish_image_op(&self, name: &str) -> Result<()> {
+        let op: Option<Option<String>> = self
+            .db()
+            .connection()
+            .query_row(
+                "SELECT op FROM images WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let dir = self.pool().image_dir(name);
+        match op.flatten().as_deref() {
+            Some("import") | Some("delete") => {
+                let _ = std::fs::remove_dir_all(dir.with_extension("importing"));
+                let _ = std::fs::remove_dir_all(&dir);
+                self.db()
+                    .connection()
+                    .execute("DELETE FROM images WHERE name = ?1", params![name])?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish_vm_op(&self, vm: &str) -> Result<()> {
+        let op: Option<Option<String>> = self
+            .db()
+            .connection()
+            .query_row("SELECT op FROM vms WHERE name = ?1", params![vm], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match op.flatten().as_deref() {
+            Some("create") => {
+                delete_subvolume(&self.pool().vm_dir(vm))?;
+                self.db()
+                    .connection()
+                    .execute("DELETE FROM vms WHERE name = ?1", params![vm])?;
+            }
+            Some("destroy") => {
+                self.destroy_files(vm)?;
+                self.db()
+                    .connection()
+                    .execute("DELETE FROM vms WHERE name = ?1", params![vm])?;
+            }
+            Some(op) if op.starts_with("rollback:") => {
+                let snapshot = &op["rollback:".len()..];
+                match self.snapshot(vm, snapshot) {
+                    Ok(snap) => {
+                        self.clone_back(vm, &snap)?;
+                        self.db().connection().execute(
+                            "UPDATE vms SET op = NULL, base_snapshot = ?2 WHERE name = ?1",
+                            params![vm, format!("{vm}/{snapshot}")],
+                        )?;
+                    }
+                    Err(_) => {
+                        self.db()
+                            .connection()
+                            .execute("UPDATE vms SET op = NULL WHERE name = ?1", params![vm])?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish_snapshot_op(&self, vm: &str, name: &str) -> Result<()> {
+        let op = self.snapshot_row(vm, name)?.and_then(|(_, op)| op);
+        if matches!(op.as_deref(), Some("create") | Some("delete")) {
+            self.delete_snapshot_files(vm, name)?;
+            self.db().connection().execute(
+                "DELETE FROM snapshots WHERE vm = ?1 AND name = ?2",
+                params![vm, name],
+            )?;
+            let _ = std::fs::remove_dir(self.pool().root().join("snapshots").join(vm));
+        }
+        Ok(())
+    }
+
+    fn names(&self, sql: &str) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut stmt = db.connection().prepare(sql)?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    fn remove_orphans(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        let images = self.names("SELECT name FROM images")?;
+        let vms = self.names("SELECT name FROM vms")?;
+        let snapshots = self.names("SELECT vm || '/' || name FROM snapshots")?;
+        let root = self.pool().root();
+        for entry in read_dir(&root.join("images")) {
+            let name = entry
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if !images.contains(&name) {
+                let _ = std::fs::remove_dir_all(&entry);
+                let _ = std::fs::remove_file(&entry);
+                removed.push(entry);
+            }
+        }
+        for entry in read_dir(&root.join("vms")) {
+            let name = entry
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if !vms.contains(&name) {
+                remove_any(&entry)?;
+                removed.push(entry);
+            }
+        }
+        for vm_dir in read_dir(&root.join("snapshots")) {
+            let vm = vm_dir
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            for entry in read_dir(&vm_dir) {
+                let name = entry
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                if !snapshots.contains(&format!("{vm}/{name}")) {
+                    remove_any(&entry)?;
+                    removed.push(entry);
+                }
+            }
+            if read_dir(&vm_dir).is_empty() {
+                let _ = std::fs::remove_dir(&vm_dir);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every inconsistency between the catalog and the pool; empty when
+    /// they agree. Reconciliation reports these as `missing`; tests use it
+    /// to check that no crash leaves a trace.
+    #[doc(hidden)]
+    pub fn problems(&self) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        for (what, op) in self.pending(
+            "SELECT 'image ' || name, op FROM images WHERE op IS NOT NULL
+             UNION ALL SELECT 'VM ' || name, op FROM vms WHERE op IS NOT NULL
+             UNION ALL SELECT 'snapshot ' || vm || '/' || name, op FROM snapshots WHERE op IS NOT NULL",
+        )? {
+            problems.push(format!("{what} is still marked {op}"));
+        }
+        for image in self.names("SELECT name FROM images")? {
+            if !self.pool().image_dir(&image).join("rootfs.ext4").is_file() {
+                problems.push(format!("image {image}: files missing"));
+            }
+        }
+        for vm in self.names("SELECT name FROM vms")? {
+            let dir = self.pool().vm_dir(&vm);
+            if !is_subvolume(&dir) {
+                problems.push(format!("VM {vm}: subvolume {} missing", dir.display()));
+            }
+            for drive in [ROOT_DRIVE, WORKSPACE_DRIVE] {
+                if !dir.join(drive_file(drive)).is_file() {
+                    problems.push(format!("VM {vm}: drive {drive} missing"));
+                }
+            }
+        }
+        for key in self.names("SELECT vm || '/' || name FROM snapshots")? {
+            if let Some((vm, name)) = key.split_once('/')
+                && !is_subvolume(&self.pool().snapshot_dir(vm, name))
+            {
+                problems.push(format!("snapshot {key}: subvolume missing"));
+            }
+        }
+        Ok(problems)
+    }
+}
+
+fn verb(op: &str) -> &'static str {
+    match op {
+        "import" | "create" => "undone",
+        _ => "finished",
+    }
+}
+
+fn read_dir(path: &std::path::Path) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    entries.sort();
+    entries
+}
+
+fn remove_any(path: &std::path::Path) -> Result<()> {
+    if is_subvolume(path) {
+        delete_subvolume(path)
+    } else {
+        let _ = std::fs::remove_dir_all(path);
+        let _ = std::fs::remove_file(path);
+        Ok(())
+    }
+}

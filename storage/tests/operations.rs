@@ -1,0 +1,524 @@
+//! Storage operations on a real loop-mounted btrfs pool: the whole life of
+//! a workspace, bad input, and a crash between every pair of steps.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+
+use common::{Fixture, byte_at, can_run, scribble};
+use nexus_storage::{
+    NoQuiesce, NoReattach, PoolKind, Quiesce, Reattach, Storage, StorageError, WORKSPACE_DRIVE,
+    WorkspaceSource, pool::is_btrfs, steps,
+};
+
+const WS: WorkspaceSource = WorkspaceSource::New { bytes: 64 << 20 };
+/// Beyond the ext4 metadata at the start of the workspace drive.
+const DATA_AT: u64 = 32 << 20;
+
+/// Records the hook calls a storage operation makes.
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<Vec<&'static str>>>, Option<&'static str>);
+
+impl Calls {
+    fn failing_at(step: &'static str) -> Self {
+        Self(Arc::default(), Some(step))
+    }
+    fn note(&mut self, call: &'static str) -> Result<(), String> {
+        self.0.lock().unwrap().push(call);
+        if self.1 == Some(call) {
+            Err(format!("{call} failed (test)"))
+        } else {
+            Ok(())
+        }
+    }
+    fn list(&self) -> Vec<&'static str> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl Quiesce for Calls {
+    fn freeze(&mut self) -> Result<(), String> {
+        self.note("freeze")
+    }
+    fn thaw(&mut self) -> Result<(), String> {
+        self.note("thaw")
+    }
+}
+
+impl Reattach for Calls {
+    fn release(&mut self) -> Result<(), String> {
+        self.note("release")
+    }
+    fn reattach(&mut self) -> Result<(), String> {
+        self.note("reattach")
+    }
+}
+
+#[test]
+fn the_pool_is_a_loop_mounted_btrfs_image_reused_after_a_restart() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    assert_eq!(storage.pool().kind(), PoolKind::LoopImage);
+    assert!(is_btrfs(storage.pool().root()));
+    let image = fx.config.state_dir.join("pool.img");
+    let inode = std::fs::metadata(&image).unwrap().ino();
+    storage.import_image("default", &fx.image_src).unwrap();
+    storage.create_vm_drives("vm1", "default", WS).unwrap();
+    storage.pool().unmount().unwrap();
+    drop(storage);
+
+    // A restart mounts the same image again and finds everything.
+    let (storage, report) = Storage::open(&fx.config).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(
+        std::fs::metadata(&image).unwrap().ino(),
+        inode,
+        "the image was not re-created"
+    );
+    assert_eq!(storage.list_vms().unwrap()[0].vm, "vm1");
+    assert!(storage.vm_drives("vm1").unwrap().root.is_file());
+    // Opening twice while mounted is fine too.
+    let (again, _) = Storage::open(&fx.config).unwrap();
+    assert_eq!(again.list_images().unwrap().len(), 1);
+}
+
+#[test]
+fn a_pool_that_cannot_be_made_names_both_ways_out() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("not-a-dir");
+    std::fs::write(&blocker, "").unwrap();
+    let mut config = nexus_storage::StorageConfig::new(dir.path().join("state"));
+    // The pool directory cannot even be created under a file.
+    config.pool_dir = Some(blocker.join("pool"));
+    let err = Storage::open(&config).err().unwrap().to_string();
+    assert!(err.contains("could not create"), "{err}");
+    let mut config = nexus_storage::StorageConfig::new(dir.path().join("state2"));
+    config.pool_image_bytes = 1 << 20; // too small for mkfs.btrfs
+    let err = Storage::open(&config).err().unwrap().to_string();
+    assert!(err.contains("no storage pool"), "{err}");
+    assert!(
+        err.contains("point the pool at a directory on a btrfs filesystem"),
+        "{err}"
+    );
+    assert!(err.contains("run as root with loop devices"), "{err}");
+    assert!(
+        !dir.path().join("state2/pool.img").exists(),
+        "no half-made image is left"
+    );
+}
+
+#[test]
+fn snapshot_rollback_in_place_fork_and_destroy() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    storage.import_image("default", &fx.image_src).unwrap();
+    let vm = storage.create_vm_drives("vm1", "default", WS).unwrap();
+    assert_eq!(std::fs::metadata(&vm.workspace).unwrap().len(), 64 << 20);
+    scribble(&vm.workspace, DATA_AT, 1 << 20, b'A');
+
+    let mut quiesce = Calls::default();
+    let snap = storage
+        .snapshot_drive("vm1", WORKSPACE_DRIVE, Some("before"), &mut quiesce)
+        .unwrap();
+    assert_eq!(quiesce.list(), ["freeze", "thaw"]);
+    assert_eq!(snap.size_bytes, 64 << 20);
+    assert_eq!(snap.parent, None);
+    // The snapshot is read-only.
+    let write = std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap.path.join("workspace.ext4"));
+    assert!(write.is_err(), "a snapshot must not be writable");
+
+    scribble(&vm.workspace, DATA_AT, 1 << 20, b'B');
+    let inode = std::fs::metadata(&vm.workspace).unwrap().ino();
+    let held_open = std::fs::File::open(&vm.workspace).unwrap();
+    let mut hooks = Calls::default();
+    storage.rollback_drive("vm1", "before", &mut hooks).unwrap();
+    assert_eq!(hooks.list(), ["release", "reattach"]);
+    assert_eq!(byte_at(&vm.workspace, DATA_AT), b'A', "rolled back");
+    assert_eq!(
+        std::fs::metadata(&vm.workspace).unwrap().ino(),
+        inode,
+        "in place: same inode"
+    );
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = &held_open;
+        f.seek(SeekFrom::Start(DATA_AT)).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact(&mut b).unwrap();
+        assert_eq!(
+            b[0], b'A',
+            "a file held open (the VMM's) sees the snapshot's content"
+        );
+    }
+    assert_eq!(
+        storage.vm_drives("vm1").unwrap().base_snapshot.as_deref(),
+        Some("vm1/before")
+    );
+
+    let fork = storage.fork("vm1", "before", "vm2").unwrap();
+    assert_eq!(byte_at(&fork.workspace, DATA_AT), b'A');
+    scribble(&fork.workspace, DATA_AT, 1, b'C');
+    assert_eq!(
+        byte_at(&vm.workspace, DATA_AT),
+        b'A',
+        "a fork diverges without touching its source"
+    );
+    let second = storage
+        .snapshot_drive("vm2", WORKSPACE_DRIVE, None, &mut NoQuiesce)
+        .unwrap();
+    assert!(second.name.starts_with("snap-"), "{}", second.name);
+    assert_eq!(second.parent.as_deref(), Some("vm1/before"));
+    let usage = storage.usage("vm2").unwrap();
+    assert!(
+        usage.shared_bytes > 0,
+        "the fork shares extents with its source: {usage:?}"
+    );
+
+    let workspace_from_snapshot = storage
+        .create_vm_drives(
+            "vm3",
+            "default",
+            WorkspaceSource::Snapshot {
+                vm: "vm1".into(),
+                snapshot: "before".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(byte_at(&workspace_from_snapshot.workspace, DATA_AT), b'A');
+
+    let listed: Vec<String> = storage
+        .list_snapshots(None)
+        .unwrap()
+        .into_iter()
+        .map(|s| format!("{}/{}", s.vm, s.name))
+        .collect();
+    assert_eq!(listed.len(), 2);
+    storage.delete_snapshot("vm2", &second.name).unwrap();
+    assert!(!second.path.exists());
+    for vm in ["vm1", "vm2", "vm3"] {
+        storage.destroy_vm_drives(vm).unwrap();
+    }
+    assert!(storage.list_vms().unwrap().is_empty());
+    assert!(storage.list_snapshots(None).unwrap().is_empty());
+    let root = storage.pool().root();
+    assert_eq!(std::fs::read_dir(root.join("vms")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(root.join("snapshots")).unwrap().count(),
+        0
+    );
+    assert!(storage.problems().unwrap().is_empty());
+    storage.delete_image("default").unwrap();
+    assert!(storage.list_images().unwrap().is_empty());
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    storage.import_image("default", &fx.image_src).unwrap();
+    storage.create_vm_drives("vm1", "default", WS).unwrap();
+    storage
+        .snapshot_drive("vm1", WORKSPACE_DRIVE, Some("s1"), &mut NoQuiesce)
+        .unwrap();
+    let before = state(&storage);
+
+    let err = |r: Result<_, StorageError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    for bad in ["../etc", "A", "a/b", "", "-x", "a.b"] {
+        let e = err(storage.create_vm_drives(bad, "default", WS).map(|_| ()));
+        assert!(e.contains("is invalid"), "{bad:?}: {e}");
+        let e = err(storage
+            .snapshot_drive("vm1", WORKSPACE_DRIVE, Some(bad), &mut NoQuiesce)
+            .map(|_| ()));
+        assert!(
+            e.contains("snapshot name") && e.contains("is invalid"),
+            "{bad:?}: {e}"
+        );
+    }
+    let cases: Vec<(String, &str)> = vec![
+        (
+            err(storage.create_vm_drives("vm2", "nope", WS).map(|_| ())),
+            "image \"nope\" does not exist",
+        ),
+        (
+            err(storage.create_vm_drives("vm1", "default", WS).map(|_| ())),
+            "VM \"vm1\" has drives already",
+        ),
+        (
+            err(storage
+                .create_vm_drives("vm2", "default", WorkspaceSource::New { bytes: 1 })
+                .map(|_| ())),
+            "workspace size must be between 1 MiB",
+        ),
+        (
+            err(storage
+                .snapshot_drive("vm1", WORKSPACE_DRIVE, Some("s1"), &mut NoQuiesce)
+                .map(|_| ())),
+            "has a snapshot named \"s1\" already",
+        ),
+        (
+            err(storage
+                .snapshot_drive("vm1", "swap", None, &mut NoQuiesce)
+                .map(|_| ())),
+            "has no drive \"swap\"",
+        ),
+        (
+            err(storage
+                .snapshot_drive("ghost", WORKSPACE_DRIVE, None, &mut NoQuiesce)
+                .map(|_| ())),
+            "VM \"ghost\" has no drives",
+        ),
+        (
+            err(storage
+                .rollback_drive("vm1", "nope", &mut NoReattach)
+                .map(|_| ())),
+            "has no snapshot \"nope\"",
+        ),
+        (
+            err(storage.fork("vm1", "s1", "vm1").map(|_| ())),
+            "VM \"vm1\" has drives already",
+        ),
+        (
+            err(storage.fork("vm1", "nope", "vm9").map(|_| ())),
+            "has no snapshot \"nope\"",
+        ),
+        (
+            err(storage.delete_image("default")),
+            "is used by VMs [\"vm1\"]",
+        ),
+        (
+            err(storage.import_image("default", &fx.image_src).map(|_| ())),
+            "image \"default\" exists already",
+        ),
+        (
+            err(storage.import_image("other", fx.dir.path()).map(|_| ())),
+            "has no manifest.json",
+        ),
+        (
+            err(storage
+                .snapshot_drive(
+                    "vm1",
+                    WORKSPACE_DRIVE,
+                    Some("s2"),
+                    &mut Calls::failing_at("freeze"),
+                )
+                .map(|_| ())),
+            "could not be quiesced",
+        ),
+        (
+            err(storage
+                .rollback_drive("vm1", "s1", &mut Calls::failing_at("release"))
+                .map(|_| ())),
+            "could not let go of drive \"workspace\"",
+        ),
+    ];
+    for (got, expected) in cases {
+        assert!(got.contains(expected), "{got:?} lacks {expected:?}");
+    }
+    assert_eq!(state(&storage), before, "nothing changed");
+    assert!(storage.problems().unwrap().is_empty());
+}
+
+/// What the catalog and pool hold, for before/after comparisons.
+fn state(storage: &Storage) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let vms = storage
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.vm)
+        .collect();
+    let snaps = storage
+        .list_snapshots(None)
+        .unwrap()
+        .into_iter()
+        .map(|s| format!("{}/{}", s.vm, s.name))
+        .collect();
+    let mut files: Vec<String> = walk(storage.pool().root());
+    files.sort();
+    (vms, snaps, files)
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        out.push(entry.path().display().to_string());
+        if entry.file_type().unwrap().is_dir() {
+            out.extend(walk(&entry.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_crash_between_any_two_steps_leaves_catalog_and_pool_consistent() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let setup = fx.open();
+    setup.import_image("default", &fx.image_src).unwrap();
+    let base = setup.create_vm_drives("base", "default", WS).unwrap();
+    scribble(&base.workspace, DATA_AT, 4096, b'S');
+    setup
+        .snapshot_drive("base", WORKSPACE_DRIVE, Some("snap"), &mut NoQuiesce)
+        .unwrap();
+    drop(setup);
+
+    type Op = fn(&Storage, usize) -> Result<(), StorageError>;
+    type Check = fn(&Storage, usize);
+    let ops: Vec<(&str, &[&str], Op, Check)> = vec![
+        (
+            "import",
+            steps::IMPORT_STEPS,
+            |s, i| s.import_image(&format!("img{i}"), &s_image()).map(|_| ()),
+            |s, i| {
+                assert!(
+                    s.image(&format!("img{i}")).unwrap().is_none(),
+                    "an interrupted import is undone"
+                );
+            },
+        ),
+        (
+            "create",
+            steps::CREATE_STEPS,
+            |s, i| {
+                s.create_vm_drives(&format!("c{i}"), "default", WS)
+                    .map(|_| ())
+            },
+            |s, i| {
+                assert!(
+                    s.vm_drives(&format!("c{i}")).is_err(),
+                    "an interrupted create is undone"
+                );
+            },
+        ),
+        (
+            "fork",
+            steps::FORK_STEPS,
+            |s, i| s.fork("base", "snap", &format!("f{i}")).map(|_| ()),
+            |s, i| {
+                assert!(
+                    s.vm_drives(&format!("f{i}")).is_err(),
+                    "an interrupted fork is undone"
+                );
+            },
+        ),
+        (
+            "snapshot",
+            steps::SNAPSHOT_STEPS,
+            |s, i| {
+                s.snapshot_drive(
+                    "base",
+                    WORKSPACE_DRIVE,
+                    Some(&format!("n{i}")),
+                    &mut NoQuiesce,
+                )
+                .map(|_| ())
+            },
+            |s, i| {
+                assert!(
+                    s.snapshot("base", &format!("n{i}")).is_err(),
+                    "an interrupted snapshot is undone"
+                )
+            },
+        ),
+        (
+            "rollback",
+            steps::ROLLBACK_STEPS,
+            |s, _| {
+                scribble(&s.vm_drives("base").unwrap().workspace, DATA_AT, 4096, b'X');
+                s.rollback_drive("base", "snap", &mut NoReattach)
+                    .map(|_| ())
+            },
+            |s, _| {
+                let ws = s.vm_drives("base").unwrap().workspace;
+                assert_eq!(
+                    byte_at(&ws, DATA_AT),
+                    b'S',
+                    "an interrupted rollback is finished"
+                );
+            },
+        ),
+        (
+            "delete snapshot",
+            steps::DELETE_STEPS,
+            |s, i| {
+                let name = format!("d{i}");
+                s.snapshot_drive("base", WORKSPACE_DRIVE, Some(&name), &mut NoQuiesce)?;
+                s.delete_snapshot("base", &name)
+            },
+            |s, i| {
+                assert!(
+                    s.snapshot("base", &format!("d{i}")).is_err(),
+                    "an interrupted delete is finished"
+                )
+            },
+        ),
+        (
+            "destroy",
+            steps::DESTROY_STEPS,
+            |s, i| {
+                let vm = format!("x{i}");
+                s.create_vm_drives(&vm, "default", WS)?;
+                s.snapshot_drive(&vm, WORKSPACE_DRIVE, Some("s"), &mut NoQuiesce)?;
+                s.destroy_vm_drives(&vm)
+            },
+            |s, i| {
+                assert!(
+                    s.vm_drives(&format!("x{i}")).is_err(),
+                    "an interrupted destroy is finished"
+                )
+            },
+        ),
+    ];
+    thread_local! { static IMAGE: std::cell::RefCell<std::path::PathBuf> = Default::default(); }
+    fn s_image() -> std::path::PathBuf {
+        IMAGE.with(|i| i.borrow().clone())
+    }
+    IMAGE.with(|i| *i.borrow_mut() = fx.image_src.clone());
+
+    let mut case = 0;
+    for (name, steps, op, check) in ops {
+        for step in steps {
+            case += 1;
+            let storage = fx.open();
+            storage.set_failpoint(Some(step));
+            match op(&storage, case) {
+                Err(StorageError::Injected(at)) => assert_eq!(at, *step),
+                other => panic!("{name} at {step}: expected the injected crash, got {other:?}"),
+            }
+            // The process "dies" here; the next open reconciles.
+            drop(storage);
+            let (storage, report) = Storage::open(&fx.config).unwrap();
+            assert!(
+                !report.recovered.is_empty()
+                    || step.ends_with(":recorded")
+                    || !report.removed.is_empty(),
+                "{name} at {step}: nothing was recovered: {report:?}"
+            );
+            let problems = storage.problems().unwrap();
+            assert!(problems.is_empty(), "{name} at {step}: {problems:?}");
+            check(&storage, case);
+            assert!(
+                storage.vm_drives("base").is_ok() && storage.snapshot("base", "snap").is_ok(),
+                "{name} at {step}: bystanders intact"
+            );
+        }
+    }
+}
