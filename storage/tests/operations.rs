@@ -522,3 +522,52 @@ fn a_crash_between_any_two_steps_leaves_catalog_and_pool_consistent() {
         }
     }
 }
+
+#[test]
+fn a_pool_directory_already_on_btrfs_is_used_as_it_is() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    // An admin's btrfs filesystem, mounted by them.
+    let fs_image = fx.dir.path().join("admin-btrfs.img");
+    std::fs::File::create(&fs_image)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let mkfs = std::process::Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg(&fs_image)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success());
+    let mount = fx.dir.path().join("admin-mount");
+    std::fs::create_dir_all(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .arg("-o")
+        .arg("loop")
+        .arg(&fs_image)
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+
+    let mut config = fx.config.clone();
+    config.pool_dir = Some(mount.join("nexus"));
+    let (storage, _) = Storage::open(&config).unwrap();
+    assert_eq!(storage.pool().kind(), PoolKind::Native);
+    assert!(
+        !config.state_dir.join("pool.img").exists(),
+        "no image is made for a btrfs directory"
+    );
+    storage.import_image("default", &fx.image_src).unwrap();
+    storage.create_vm_drives("vm1", "default", WS).unwrap();
+    storage
+        .snapshot_drive("vm1", WORKSPACE_DRIVE, Some("s"), &mut NoQuiesce)
+        .unwrap();
+    assert!(mount.join("nexus/snapshots/vm1/s/workspace.ext4").is_file());
+    storage.pool().unmount().unwrap(); // a no-op for a pool we did not mount
+    assert!(mount.join("nexus/vms/vm1").exists());
+    drop(storage);
+    let _ = std::process::Command::new("umount").arg(&mount).status();
+}
