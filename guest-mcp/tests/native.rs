@@ -3,76 +3,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::time::Duration;
+mod common;
 
-use rmcp::model::CallToolRequestParams;
-use rmcp::service::RunningService;
+use common::{Server, call};
+use rmcp::ServiceExt;
 use rmcp::transport::TokioChildProcess;
-use rmcp::{RoleClient, ServiceExt};
-use serde_json::{Value, json};
-use tokio::process::{Child, Command};
-
-struct Server {
-    // Held so the server lives as long as the test (kill_on_drop).
-    _child: Child,
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-}
-
-impl Server {
-    async fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("guest.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_guest-mcp"))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .args(extra)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        for _ in 0..500 {
-            if socket.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self {
-            _child: child,
-            _dir: dir,
-            socket,
-        }
-    }
-
-    async fn client(&self) -> RunningService<RoleClient, ()> {
-        let stream = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
-        ().serve(stream).await.unwrap()
-    }
-}
-
-async fn call(
-    client: &RunningService<RoleClient, ()>,
-    tool: &str,
-    args: Value,
-) -> (bool, Value, String) {
-    let result = client
-        .call_tool(
-            CallToolRequestParams::new(tool.to_owned())
-                .with_arguments(args.as_object().unwrap().clone()),
-        )
-        .await
-        .unwrap();
-    let text = result
-        .content
-        .iter()
-        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-        .collect::<Vec<_>>()
-        .join("\n");
-    (
-        result.is_error == Some(true),
-        result.structured_content.unwrap_or(Value::Null),
-        text,
-    )
-}
+use serde_json::json;
+use tokio::process::Command;
 
 #[tokio::test]
 async fn exec_over_a_unix_socket_with_schemas_and_structured_output() {
@@ -89,9 +26,26 @@ async fn exec_over_a_unix_socket_with_schemas_and_structured_output() {
         exec.output_schema.is_some(),
         "exec declares its output schema"
     );
+    for tool in &tools {
+        assert!(
+            tool.output_schema.is_some(),
+            "{} has no output schema",
+            tool.name
+        );
+        assert!(
+            tool.description.as_deref().is_some_and(|d| d.len() > 20),
+            "{} lacks a description",
+            tool.name
+        );
+    }
 
-    let (is_error, out, _) = call(&client, "exec", json!({"command": "echo hi; exit 4"})).await;
-    assert!(!is_error);
+    let out = call(&client, "exec", json!({"command": "echo hi; exit 4"})).await;
+    assert!(
+        out.text.starts_with("exit code 4"),
+        "readable text: {}",
+        out.text
+    );
+    let out = out.ok();
     assert_eq!(out["stdout"], "hi\n");
     assert_eq!(out["exit_code"], 4);
     client.cancel().await.unwrap();
@@ -101,58 +55,69 @@ async fn exec_over_a_unix_socket_with_schemas_and_structured_output() {
 async fn bad_arguments_are_tool_errors_naming_the_argument_and_the_server_keeps_serving() {
     let server = Server::start(&[]).await;
     let client = server.client().await;
-    let (is_error, _, text) = call(&client, "exec", json!({"cwd": "/"})).await;
-    assert!(is_error);
-    assert!(text.contains("exactly one of `command`"), "{text}");
-    let (is_error, _, text) = call(
+    let err = call(&client, "exec", json!({"cwd": "/"})).await.err();
+    assert!(err.contains("exactly one of `command`"), "{err}");
+    let err = call(
         &client,
         "exec",
         json!({"command": "true", "timeout_s": 999999}),
     )
-    .await;
-    assert!(is_error);
+    .await
+    .err();
     assert!(
-        text.contains("`timeout_s` must be between 1 and 3600"),
-        "{text}"
+        err.contains("`timeout_s` must be between 1 and 3600"),
+        "{err}"
     );
     // A wrongly typed argument is a tool error too, so the model can fix it.
-    let (is_error, _, text) = call(&client, "exec", json!({"command": 5})).await;
-    assert!(is_error);
-    assert!(text.contains("expected a string"), "{text}");
-    let (is_error, out, _) = call(&client, "exec", json!({"command": "echo still here"})).await;
-    assert!(!is_error);
+    let err = call(&client, "exec", json!({"command": 5})).await.err();
+    assert!(err.contains("expected a string"), "{err}");
+    let out = call(&client, "exec", json!({"command": "echo still here"}))
+        .await
+        .ok();
     assert_eq!(out["stdout"], "still here\n");
     client.cancel().await.unwrap();
 }
 
 #[tokio::test]
-async fn the_control_channel_refuses_to_power_off_a_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = dir.path().join("control.sock");
-    let server = Server::start(&["--control", &format!("unix:{}", control.display())]).await;
-    for _ in 0..500 {
-        if control.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let stream = tokio::net::UnixStream::connect(&control).await.unwrap();
-    let client = ().serve(stream).await.unwrap();
-    let names: Vec<String> = client
+async fn the_control_channel_has_its_own_tools_and_refuses_to_power_off_a_host() {
+    let server = Server::start(&[]).await;
+    let control = server.control_client().await;
+    let mut names: Vec<String> = control
         .list_all_tools()
         .await
         .unwrap()
         .into_iter()
         .map(|t| t.name.into_owned())
         .collect();
-    assert!(names.contains(&"shutdown".to_owned()) && names.contains(&"sync".to_owned()));
-    let (is_error, _, text) = call(&client, "shutdown", json!({})).await;
-    assert!(is_error);
-    assert!(text.contains("will not power its host off"), "{text}");
-    let (is_error, out, _) = call(&client, "sync", json!({})).await;
-    assert!(!is_error && out["ok"] == true);
-    client.cancel().await.unwrap();
-    drop(server);
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "drop_caches",
+            "freeze",
+            "mount",
+            "remount",
+            "shutdown",
+            "sync",
+            "thaw",
+            "unmount"
+        ]
+    );
+    let err = call(&control, "shutdown", json!({})).await.err();
+    assert!(err.contains("will not power its host off"), "{err}");
+    assert_eq!(call(&control, "sync", json!({})).await.ok()["ok"], true);
+    // Agent tools are not on the control channel, and vice versa.
+    let agent = server.client().await;
+    assert!(
+        !agent
+            .list_all_tools()
+            .await
+            .unwrap()
+            .iter()
+            .any(|t| t.name == "freeze")
+    );
+    control.cancel().await.unwrap();
+    agent.cancel().await.unwrap();
 }
 
 #[tokio::test]
@@ -160,9 +125,9 @@ async fn exec_over_stdio() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_guest-mcp"));
     cmd.arg("--stdio");
     let client = ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap();
-    let (is_error, out, _) =
-        call(&client, "exec", json!({"argv": ["printf", "%s", "stdio"]})).await;
-    assert!(!is_error);
+    let out = call(&client, "exec", json!({"argv": ["printf", "%s", "stdio"]}))
+        .await
+        .ok();
     assert_eq!(out["stdout"], "stdio");
     client.cancel().await.unwrap();
 }

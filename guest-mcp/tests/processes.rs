@@ -8,7 +8,21 @@ mod common;
 use std::time::Duration;
 
 use common::{Server, call, dies, read_pid};
-use serde_json::json;
+use rmcp::RoleClient;
+use rmcp::service::RunningService;
+use serde_json::{Value, json};
+
+/// Polls `process_status` until the process is no longer running.
+async fn wait_ended(client: &RunningService<RoleClient, ()>, id: &str) -> Value {
+    for _ in 0..250 {
+        let status = call(client, "process_status", json!({"id": id})).await.ok();
+        if status["state"] != "running" {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("process {id} never ended");
+}
 
 #[tokio::test]
 async fn a_process_fed_through_stdin_answers_and_exits() {
@@ -50,16 +64,7 @@ async fn a_process_fed_through_stdin_answers_and_exits() {
     )
     .await
     .ok();
-    let mut status = json!(null);
-    for _ in 0..100 {
-        status = call(&client, "process_status", json!({"id": id}))
-            .await
-            .ok();
-        if status["state"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = wait_ended(&client, &id).await;
     assert_eq!(status["state"], "exited");
     assert_eq!(status["exit_code"], 0);
     assert_eq!(status["stdout_bytes"], 10);
@@ -174,16 +179,7 @@ async fn signals_reach_the_whole_group() {
     .ok();
     assert_eq!(sent["signal"], "KILL");
     assert!(dies(child).await, "the group's other member survived");
-    let mut status = json!(null);
-    for _ in 0..100 {
-        status = call(&client, "process_status", json!({"id": id}))
-            .await
-            .ok();
-        if status["state"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = wait_ended(&client, &id).await;
     assert_eq!(status["signal"], 9);
     let err = call(&client, "process_signal", json!({"id": id}))
         .await
