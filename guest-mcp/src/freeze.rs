@@ -101,6 +101,14 @@ impl Freezer {
     }
 }
 
+/// Thaws `mount` if a previous guest-mcp left it frozen (its thaw deadline
+/// died with it). Not being frozen is the normal case, not an error.
+pub fn thaw_leftover(mount: &Path) {
+    if ioctl(mount, "thawing", Op::Thaw).is_ok() {
+        tracing::warn!(mount = %mount.display(), "thawed a filesystem a previous guest-mcp left frozen");
+    }
+}
+
 enum Op {
     Freeze,
     Thaw,

@@ -96,6 +96,9 @@ async fn main() -> anyhow::Result<()> {
     } else {
         PowerAction::Refuse
     };
+    if args.vm {
+        nexus_guest::freeze::thaw_leftover(std::path::Path::new("/workspace"));
+    }
     let shutdown = CancellationToken::new();
 
     // Bind everything before announcing readiness.

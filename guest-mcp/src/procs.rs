@@ -407,7 +407,7 @@ impl ProcessTable {
             let entry = entries
                 .get(&key)
                 .ok_or_else(|| ProcessError::NotFound(id.to_owned()))?;
-            if entry.info.state != ProcessState::Running {
+            if entry.info.state != ProcessState::Running || entry.info.pid <= 1 {
                 return Err(ProcessError::NotRunning(id.to_owned()));
             }
             Pid::from_raw(entry.info.pid as i32)
@@ -471,7 +471,8 @@ impl ProcessTable {
             return;
         };
         let records: Vec<Recorded> = serde_json::from_slice(&bytes).unwrap_or_default();
-        for record in records {
+        // Never signal pid 0 (our own group) or 1 (init), whatever the file says.
+        for record in records.into_iter().filter(|r| r.pid > 1) {
             let alive = start_ticks(record.pid) == Some(record.start_ticks);
             let reason = if alive {
                 let _ = killpg(Pid::from_raw(record.pid as i32), Signal::SIGKILL);

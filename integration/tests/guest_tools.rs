@@ -171,6 +171,12 @@ async fn a_crashed_guest_mcp_is_restarted_and_reports_what_it_lost() {
         .await
         .unwrap();
     let sleeper_pid = sleeper["pid"].as_u64().unwrap();
+    // It dies in the middle of a snapshot: /workspace is frozen, with a
+    // thaw deadline far away that dies with it.
+    let control = control_client(&vm).await.unwrap();
+    call(&control, "freeze", json!({"timeout_s": 600}))
+        .await
+        .unwrap();
     call(
         &guest,
         "process_start",
@@ -217,6 +223,17 @@ async fn a_crashed_guest_mcp_is_restarted_and_reports_what_it_lost() {
     .await
     .unwrap();
     assert_eq!(ps["stdout"], "gone\n", "the lost process was killed");
+    let write = tokio::time::timeout(
+        Duration::from_secs(20),
+        call(
+            &guest,
+            "write_file",
+            json!({"path": "after-crash", "content": "ok"}),
+        ),
+    )
+    .await
+    .expect("the restarted guest-mcp thawed the workspace its predecessor froze");
+    write.unwrap();
     guest.cancel().await.unwrap();
     vm.stop().await;
 }
