@@ -1,6 +1,7 @@
 //! The HTTP front door: streamable HTTP MCP at `/mcp`, and `/healthz`.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::get;
@@ -9,13 +10,12 @@ use rmcp::transport::streamable_http_server::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::Config;
+use crate::daemon::Daemon;
 use crate::tools::NexusTools;
 
-pub fn router(config: &Config, shutdown: CancellationToken) -> Router {
-    let images_dir = config.images_dir();
+pub fn router(daemon: Arc<Daemon>, shutdown: CancellationToken) -> Router {
     let mcp = StreamableHttpService::new(
-        move || Ok(NexusTools::new(images_dir.clone())),
+        move || Ok(NexusTools::new(daemon.clone())),
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default().with_cancellation_token(shutdown),
     );
@@ -24,16 +24,18 @@ pub fn router(config: &Config, shutdown: CancellationToken) -> Router {
         .nest_service("/mcp", mcp)
 }
 
-/// Serves HTTP until `shutdown` resolves. `on_listen` learns the bound address.
+/// Serves HTTP on `listen` until `shutdown` resolves. `on_listen` learns
+/// the bound address.
 pub async fn serve(
-    config: Config,
+    daemon: Arc<Daemon>,
+    listen: std::net::SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
     on_listen(listener.local_addr()?);
     let cancel = CancellationToken::new();
-    let app = router(&config, cancel.child_token());
+    let app = router(daemon, cancel.child_token());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

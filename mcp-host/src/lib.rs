@@ -1,20 +1,24 @@
 //! nexusd: the Nexus daemon.
 //!
 //! One rmcp server, [`tools::NexusTools`], is served over streamable HTTP at
-//! `/mcp` and over stdio. At this stage it serves the image catalog; VM
-//! management, proxied guest tools and durable state come with the daemon
-//! issue, on top of `nexus-vmm` and `nexus-storage`.
+//! `/mcp` and over stdio, on top of one [`daemon::Daemon`] per state
+//! directory (a lock keeps a second nexusd out). The daemon makes VMs of
+//! `nexus-storage` drives and `nexus-vmm` processes. Snapshot tools, the
+//! proxied guest tools and recovery of running VMs after a restart come
+//! next (see the nexusd issue).
 //!
 //! # Layout
 //!
 //! - `config`: the validated daemon configuration.
+//! - `daemon`: VM lifecycle on storage + vmm.
+//! - `state_lock`: one daemon per state directory.
 //! - `tools`: the MCP tools (handlers only translate).
-//! - `images`: reading image directories and their manifests.
 //! - `http`: the axum router (`/mcp`, `/healthz`) and the serve loop.
 
 pub mod config;
+pub mod daemon;
 pub mod http;
-pub mod images;
+pub mod state_lock;
 pub mod tools;
 
 pub use config::Config;

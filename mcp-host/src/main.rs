@@ -6,14 +6,19 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use nexus_host::config::{Config, DEFAULT_LISTEN, DEFAULT_STATE_DIR};
+use nexus_host::daemon::Daemon;
 use nexus_host::tools::NexusTools;
 use rmcp::ServiceExt;
 
 /// nexusd gives every AI agent its own microVM and is itself an MCP server.
+///
+/// State (the btrfs pool, the catalog, VM logs) lives in --state-dir; images
+/// built into <state-dir>/images/<name> are imported at start. One nexusd
+/// owns a state directory: a second one is refused.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// Where images, drives and the catalog live.
+    /// Where images, drives, snapshots and the catalog live.
     #[arg(long, global = true, env = "NEXUS_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     #[command(subcommand)]
@@ -46,26 +51,32 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { listen } => {
             let config = Config::new(cli.state_dir, listen)?;
-            let images = config.images_dir();
+            let daemon = Daemon::open(config).await?;
+            let state = daemon.storage().pool().root().display().to_string();
             nexus_host::http::serve(
-                config,
+                daemon.clone(),
+                listen,
                 async {
                     let _ = tokio::signal::ctrl_c().await;
                 },
                 |addr| {
-                    tracing::info!(images = %images.display(), "nexusd listening on http://{addr}/mcp (health: http://{addr}/healthz)");
+                    tracing::info!(pool = %state, "nexusd listening on http://{addr}/mcp (health: http://{addr}/healthz)");
                 },
             )
             .await
-            .context("serving HTTP")
+            .context("serving HTTP")?;
+            daemon.shutdown().await;
+            Ok(())
         }
         Cmd::Stdio => {
             let config = Config::new(cli.state_dir, DEFAULT_LISTEN.parse()?)?;
-            let running = NexusTools::new(config.images_dir())
+            let daemon = Daemon::open(config).await?;
+            let running = NexusTools::new(daemon.clone())
                 .serve(rmcp::transport::stdio())
                 .await
                 .context("starting MCP on stdio")?;
             running.waiting().await.context("serving MCP on stdio")?;
+            daemon.shutdown().await;
             Ok(())
         }
     }

@@ -2,16 +2,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use rmcp::ServiceExt;
-use rmcp::model::CallToolRequestParams;
-use rmcp::transport::TokioChildProcess;
-use tokio::process::Command;
+mod common;
 
-fn write_image(dir: &std::path::Path, name: &str, kernel: &str) {
-    let image = dir.join("images").join(name);
+use common::{State, call, can_run};
+use serde_json::json;
+
+fn write_image(dir: &std::path::Path, name: &str, kernel: &str) -> std::path::PathBuf {
+    let image = dir.join("built").join(name);
     std::fs::create_dir_all(&image).unwrap();
     std::fs::write(image.join("rootfs.ext4"), vec![0u8; 4096]).unwrap();
-    let manifest = serde_json::json!({
+    let manifest = json!({
         "name": name,
         "kernel_version": kernel,
         "kernel_config_digest": "0",
@@ -23,37 +23,47 @@ fn write_image(dir: &std::path::Path, name: &str, kernel: &str) {
         "files": { "rootfs.ext4": { "size": 4096, "sha256": "0" } }
     });
     std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
+    image
 }
 
 #[tokio::test]
-async fn list_images_over_stdio_shows_the_state_dirs_images() {
-    let state = tempfile::tempdir().unwrap();
-    write_image(state.path(), "default", "6.1.192-nexus");
-    write_image(state.path(), "other", "6.1.0-test");
+async fn list_images_over_stdio_shows_the_imported_images() {
+    if !can_run() {
+        return;
+    }
+    let state = State::new();
+    let built = tempfile::tempdir().unwrap();
+    state.with_image(
+        "default",
+        &write_image(built.path(), "default", "6.1.192-nexus"),
+    );
+    state.with_image("other", &write_image(built.path(), "other", "6.1.0-test"));
     // A directory without a manifest is not an image.
     std::fs::create_dir_all(state.path().join("images/broken")).unwrap();
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexusd"));
-    cmd.arg("--state-dir").arg(state.path()).arg("stdio");
-    let client = ().serve(TokioChildProcess::new(cmd).unwrap()).await.unwrap();
+    let client = state.client().await;
     let info = client.peer_info().unwrap();
     assert_eq!(info.server_info.as_ref().unwrap().name, "nexusd");
-
     let tools = client.list_all_tools().await.unwrap();
-    assert!(tools.iter().any(|t| t.name == "list_images"));
-    let result = client
-        .call_tool(CallToolRequestParams::new("list_images"))
-        .await
-        .unwrap();
-    let images = &result.structured_content.unwrap()["images"];
-    let names: Vec<&str> = images
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].as_str().unwrap())
-        .collect();
+    for name in [
+        "list_images",
+        "spawn_vm",
+        "list_vms",
+        "vm_info",
+        "start_vm",
+        "stop_vm",
+        "destroy_vm",
+        "vm_console",
+    ] {
+        assert!(tools.iter().any(|t| t.name == name), "{name} missing");
+    }
+    let result = call(&client, "list_images", json!({})).await.ok();
+    let images = result["images"].as_array().unwrap();
+    let names: Vec<&str> = images.iter().map(|i| i["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["default", "other"]);
     assert_eq!(images[0]["kernel_version"], "6.1.192-nexus");
     assert_eq!(images[0]["size_bytes"], 4096);
+    // Imported into the pool: the build directory can go.
+    assert!(state.pool().join("images/default/rootfs.ext4").is_file());
     client.cancel().await.unwrap();
 }

@@ -46,6 +46,9 @@ const MIGRATIONS: &[&str] = &[
         op         TEXT,
         PRIMARY KEY (vm, name)
      ) STRICT;",
+    // 3: what the caller wants kept with a VM (nexusd: vCPUs, memory),
+    // opaque to storage.
+    "ALTER TABLE vms ADD COLUMN config TEXT NOT NULL DEFAULT '{}';",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +209,26 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+    }
+
+    #[test]
+    fn migration_3_gives_existing_vms_an_empty_config() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, &MIGRATIONS[..2]).unwrap();
+        conn.execute("INSERT INTO images (name, path, manifest, imported_at) VALUES ('i', '/p', '{}', 'then')", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO vms (name, image, created_at) VALUES ('vm1', 'i', 'then')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn, MIGRATIONS).unwrap();
+        let config: String = conn
+            .query_row("SELECT config FROM vms WHERE name = 'vm1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(config, "{}");
     }
 
     #[test]

@@ -173,6 +173,26 @@ impl Storage {
         })
     }
 
+    /// Keeps `config` (opaque to storage) with a VM.
+    pub fn set_vm_config(&self, vm: &str, config: &str) -> Result<()> {
+        self.vm_drives(vm)?;
+        self.db().connection().execute(
+            "UPDATE vms SET config = ?2 WHERE name = ?1",
+            params![vm, config],
+        )?;
+        Ok(())
+    }
+
+    /// What `set_vm_config` kept (`{}` when nothing was).
+    pub fn vm_config(&self, vm: &str) -> Result<String> {
+        self.vm_drives(vm)?;
+        Ok(self.db().connection().query_row(
+            "SELECT config FROM vms WHERE name = ?1",
+            params![vm],
+            |r| r.get(0),
+        )?)
+    }
+
     fn vm_row_exists(&self, vm: &str) -> Result<bool> {
         Ok(self
             .db()

@@ -1,0 +1,405 @@
+//! The daemon's core: VMs made of storage (drives) and vmm (processes).
+//! MCP handlers call this and only translate.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nexus_rootfs::Manifest;
+use nexus_storage::{Storage, StorageConfig, StorageError, WorkspaceSource, validate_name};
+use nexus_vmm::qemu::QemuBackend;
+use nexus_vmm::{Drive, Vm, VmSpec, Vmm, VmmConfig, VmmError};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::Config;
+use crate::state_lock::StateLock;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("VM {0:?} does not exist: list_vms shows the VMs there are")]
+    NoVm(String),
+    #[error("VM {0:?} is not running: start it with start_vm")]
+    NotRunning(String),
+    #[error("VM {0:?} is running already")]
+    Running(String),
+    #[error("VMs cannot be started here: {0}")]
+    NoBackend(String),
+    #[error("image {image:?} is damaged: {why}")]
+    BadImage { image: String, why: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+type Result<T> = std::result::Result<T, DaemonError>;
+
+/// What nexusd keeps with a VM besides its drives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmConfig {
+    vcpus: u32,
+    memory_mib: u32,
+}
+
+/// A VM as the management tools show it.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct VmInfo {
+    pub name: String,
+    /// `running` or `stopped`.
+    pub state: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The snapshot its workspace came from (`vm/snapshot`), if any.
+    pub base_snapshot: Option<String>,
+    /// vsock CID while running.
+    pub cid: Option<u32>,
+    /// Milliseconds from start to guest readiness, while running.
+    pub ready_ms: Option<u64>,
+}
+
+/// What `spawn_vm` asks for; every field has a default.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnRequest {
+    pub name: Option<String>,
+    pub image: Option<String>,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub workspace_gib: Option<u64>,
+    /// `vm/snapshot` to clone the workspace from.
+    pub from_snapshot: Option<String>,
+}
+
+pub const DEFAULT_IMAGE: &str = "default";
+pub const MAX_WORKSPACE_GIB: u64 = 1024;
+
+pub struct Daemon {
+    config: Config,
+    storage: Arc<Storage>,
+    vmm: std::result::Result<Vmm, String>,
+    running: Mutex<HashMap<String, Vm>>,
+    _lock: StateLock,
+}
+
+impl Daemon {
+    /// Takes the state directory (refusing if another nexusd has it), opens
+    /// storage, and imports any image built into `<state>/images/`.
+    pub async fn open(config: Config) -> anyhow::Result<Arc<Self>> {
+        let lock = StateLock::acquire(&config.state_dir)?;
+        let storage_config = StorageConfig::new(&config.state_dir);
+        let (storage, report) =
+            tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
+        if !report.is_clean() {
+            tracing::warn!(?report, "storage recovered from an interrupted run");
+        }
+        let storage = Arc::new(storage);
+        import_built_images(&storage, &config.images_dir()).await?;
+        let vmm = QemuBackend::locate(None, None)
+            .map(|backend| {
+                Vmm::new(
+                    Arc::new(backend),
+                    VmmConfig {
+                        run_root: config.state_dir.join("run"),
+                        ..VmmConfig::default()
+                    },
+                )
+            })
+            .map_err(|e| e.to_string());
+        if let Err(why) = &vmm {
+            tracing::warn!(why, "VMs cannot be started until this is fixed");
+        }
+        Ok(Arc::new(Self {
+            config,
+            storage,
+            vmm,
+            running: Mutex::new(HashMap::new()),
+            _lock: lock,
+        }))
+    }
+
+    pub fn storage(&self) -> &Arc<Storage> {
+        &self.storage
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Storage) -> std::result::Result<T, StorageError> + Send + 'static,
+    ) -> Result<T> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || f(&storage))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))?
+            .map_err(DaemonError::from)
+    }
+
+    /// Creates a VM's drives and boots it; returns once its guest is ready.
+    /// On any failure nothing of the VM remains.
+    pub async fn spawn(&self, req: SpawnRequest) -> Result<VmInfo> {
+        let name = match req.name {
+            Some(name) => name,
+            None => self.free_name().await?,
+        };
+        validate_name("VM", &name).map_err(StorageError::from)?;
+        let image = req.image.unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+        let vcpus = req.vcpus.unwrap_or(1);
+        if vcpus == 0 || vcpus > nexus_vmm::spec::MAX_VCPUS {
+            return Err(DaemonError::Invalid(format!(
+                "`vcpus` must be between 1 and {}, got {vcpus}",
+                nexus_vmm::spec::MAX_VCPUS
+            )));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(256);
+        let host_mib = host_memory_mib();
+        if memory_mib < nexus_vmm::spec::MIN_MEMORY_MIB || memory_mib as u64 > host_mib {
+            return Err(DaemonError::Invalid(format!(
+                "`memory_mib` must be between {} and this host's {host_mib}, got {memory_mib}",
+                nexus_vmm::spec::MIN_MEMORY_MIB
+            )));
+        }
+        let gib = req.workspace_gib.unwrap_or(1);
+        if gib == 0 || gib > MAX_WORKSPACE_GIB {
+            return Err(DaemonError::Invalid(format!(
+                "`workspace_gib` must be between 1 and {MAX_WORKSPACE_GIB}, got {gib}"
+            )));
+        }
+        let workspace = match &req.from_snapshot {
+            None => WorkspaceSource::New { bytes: gib << 30 },
+            Some(from) => {
+                let (vm, snapshot) = from.split_once('/').ok_or_else(|| {
+                    DaemonError::Invalid(format!("`from_snapshot` {from:?} must be VM/SNAPSHOT"))
+                })?;
+                WorkspaceSource::Snapshot {
+                    vm: vm.to_owned(),
+                    snapshot: snapshot.to_owned(),
+                }
+            }
+        };
+        if let Err(why) = &self.vmm {
+            return Err(DaemonError::NoBackend(why.clone()));
+        }
+        let config = serde_json::to_string(&VmConfig { vcpus, memory_mib })
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        {
+            let (name, image) = (name.clone(), image.clone());
+            self.blocking(move |s| {
+                s.create_vm_drives(&name, &image, workspace)?;
+                s.set_vm_config(&name, &config)
+            })
+            .await?;
+        }
+        if let Err(e) = self.boot(&name).await {
+            let doomed = name.clone();
+            let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
+            let _ = std::fs::remove_file(self.console_log(&name));
+            return Err(e);
+        }
+        self.info(&name).await
+    }
+
+    pub async fn start(&self, name: &str) -> Result<VmInfo> {
+        self.known(name).await?;
+        if self.running.lock().await.contains_key(name) {
+            return Err(DaemonError::Running(name.to_owned()));
+        }
+        self.boot(name).await?;
+        self.info(name).await
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<VmInfo> {
+        self.known(name).await?;
+        let vm = self
+            .running
+            .lock()
+            .await
+            .remove(name)
+            .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+        let report = vm.stop().await;
+        tracing::info!(vm = name, ?report, "VM stopped");
+        self.info(name).await
+    }
+
+    /// Stops the VM if it runs, then removes its drives, snapshots and log.
+    pub async fn destroy(&self, name: &str) -> Result<()> {
+        self.known(name).await?;
+        if let Some(vm) = self.running.lock().await.remove(name) {
+            vm.stop().await;
+        }
+        let doomed = name.to_owned();
+        self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
+        let _ = std::fs::remove_file(self.console_log(name));
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Result<Vec<VmInfo>> {
+        let names: Vec<String> = self
+            .blocking(|s| s.list_vms())
+            .await?
+            .into_iter()
+            .map(|d| d.vm)
+            .collect();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            out.push(self.info(&name).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn info(&self, name: &str) -> Result<VmInfo> {
+        let owned = name.to_owned();
+        let (drives, config) = self
+            .blocking(move |s| Ok((s.vm_drives(&owned)?, s.vm_config(&owned)?)))
+            .await
+            .map_err(|e| match e {
+                DaemonError::Storage(StorageError::NoVm(vm)) => DaemonError::NoVm(vm),
+                other => other,
+            })?;
+        let config: VmConfig = serde_json::from_str(&config).unwrap_or(VmConfig {
+            vcpus: 1,
+            memory_mib: 256,
+        });
+        let running = self.running.lock().await;
+        let vm = running.get(name);
+        Ok(VmInfo {
+            name: name.to_owned(),
+            state: if vm.is_some() { "running" } else { "stopped" }.to_owned(),
+            image: drives.image,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            base_snapshot: drives.base_snapshot,
+            cid: vm.map(Vm::cid),
+            ready_ms: vm.map(|v| v.ready_after().as_millis() as u64),
+        })
+    }
+
+    /// The last `lines` lines of a VM's serial console.
+    pub async fn console(&self, name: &str, lines: usize) -> Result<String> {
+        self.known(name).await?;
+        Ok(nexus_vmm::console::tail(&self.console_log(name), 0, lines))
+    }
+
+    /// Stops every running VM (daemon shutdown).
+    pub async fn shutdown(&self) {
+        let vms: Vec<Vm> = self
+            .running
+            .lock()
+            .await
+            .drain()
+            .map(|(_, vm)| vm)
+            .collect();
+        for vm in vms {
+            vm.stop().await;
+        }
+    }
+
+    async fn known(&self, name: &str) -> Result<()> {
+        validate_name("VM", name).map_err(StorageError::from)?;
+        self.info(name).await.map(|_| ())
+    }
+
+    async fn free_name(&self) -> Result<String> {
+        let taken: Vec<String> = self.list().await?.into_iter().map(|v| v.name).collect();
+        Ok((1..)
+            .map(|i| format!("vm-{i}"))
+            .find(|n| !taken.contains(n))
+            .unwrap_or_else(|| "vm".into()))
+    }
+
+    fn console_log(&self, name: &str) -> PathBuf {
+        self.config
+            .state_dir
+            .join("logs")
+            .join(format!("{name}.console"))
+    }
+
+    async fn boot(&self, name: &str) -> Result<()> {
+        let vmm = self
+            .vmm
+            .as_ref()
+            .map_err(|why| DaemonError::NoBackend(why.clone()))?;
+        let owned = name.to_owned();
+        let (drives, config) = self
+            .blocking(move |s| Ok((s.vm_drives(&owned)?, s.vm_config(&owned)?)))
+            .await?;
+        let config: VmConfig = serde_json::from_str(&config)
+            .map_err(|e| DaemonError::Internal(format!("VM config: {e}")))?;
+        let image_name = drives.image.clone();
+        let image = self
+            .blocking(move |s| s.image(&image_name))
+            .await?
+            .ok_or_else(|| DaemonError::Storage(StorageError::NoImage(drives.image.clone())))?;
+        let manifest: Manifest =
+            serde_json::from_str(&image.manifest).map_err(|e| DaemonError::BadImage {
+                image: image.name.clone(),
+                why: e.to_string(),
+            })?;
+        let mut spec = VmSpec::new(name, manifest.boot_kernel(&image.path));
+        spec.initrd = manifest.initrd(&image.path);
+        spec.cmdline = manifest.boot.cmdline.clone();
+        spec.acpi = manifest.boot.acpi;
+        spec.vcpus = config.vcpus;
+        spec.memory_mib = config.memory_mib;
+        spec.drives = vec![
+            Drive {
+                path: drives.root,
+                read_only: false,
+            },
+            Drive {
+                path: drives.workspace,
+                read_only: false,
+            },
+        ];
+        spec.console_log = self.console_log(name);
+        spec.ready_timeout = Duration::from_secs(120);
+        let vm = vmm.start(spec).await?;
+        self.running.lock().await.insert(name.to_owned(), vm);
+        Ok(())
+    }
+}
+
+/// Images built into `<state>/images/<name>` (scripts/run-nexusd.sh does)
+/// are imported into the pool once.
+async fn import_built_images(storage: &Arc<Storage>, dir: &std::path::Path) -> anyhow::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !path.join("manifest.json").is_file() || validate_name("image", &name).is_err() {
+            continue;
+        }
+        let storage = storage.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            if storage.image(&name)?.is_none() {
+                tracing::info!(image = name, from = %path.display(), "importing image");
+                if let Err(e) = storage.import_image(&name, &path) {
+                    tracing::warn!(image = name, error = %e, "could not import image");
+                }
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    Ok(())
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb / 1024)
+}

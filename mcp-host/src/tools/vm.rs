@@ -1,0 +1,182 @@
+//! VM lifecycle: spawn_vm, list_vms, vm_info, start_vm, stop_vm,
+//! destroy_vm, vm_console.
+
+use rmcp::handler::server::common::schema_for_output;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::CallToolResult;
+use rmcp::{tool, tool_router};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{NexusTools, done};
+use crate::daemon::{SpawnRequest, VmInfo};
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnVmParams {
+    /// Name for the VM: 1-63 of a-z, 0-9 and '-' (default: vm-N).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Image to make it from (default: "default"; list_images shows them).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Virtual CPUs (default 1, at most 32).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB (default 256, at least 64).
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Size of the empty /workspace drive in GiB (default 1).
+    #[serde(default)]
+    pub workspace_gib: Option<u64>,
+    /// Start /workspace as a copy of this snapshot, "VM/SNAPSHOT".
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmParams {
+    /// The VM's name.
+    pub vm: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleParams {
+    /// The VM's name.
+    pub vm: String,
+    /// How many of the last console lines to return (default 50, at most 1000).
+    #[serde(default)]
+    pub lines: Option<usize>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct VmList {
+    pub vms: Vec<VmInfo>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Destroyed {
+    pub vm: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Console {
+    pub vm: String,
+    pub text: String,
+}
+
+fn line(v: &VmInfo) -> String {
+    let cid = v.cid.map(|c| format!(", cid {c}")).unwrap_or_default();
+    format!(
+        "{}: {} (image {}, {} vCPU, {} MiB{cid})",
+        v.name, v.state, v.image, v.vcpus, v.memory_mib
+    )
+}
+
+#[tool_router(router = vm_router, vis = "pub(super)")]
+impl NexusTools {
+    #[tool(
+        description = "Create a VM (its own kernel, root drive and empty /workspace, or one cloned from a snapshot) and boot it; returns once its guest tools answer.",
+        output_schema = schema_for_output::<VmInfo>()
+    )]
+    async fn spawn_vm(
+        &self,
+        Parameters(p): Parameters<SpawnVmParams>,
+    ) -> Result<CallToolResult, String> {
+        let info = self
+            .daemon
+            .spawn(SpawnRequest {
+                name: p.name,
+                image: p.image,
+                vcpus: p.vcpus,
+                memory_mib: p.memory_mib,
+                workspace_gib: p.workspace_gib,
+                from_snapshot: p.from_snapshot,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let ready = info
+            .ready_ms
+            .map(|ms| format!(", ready in {ms} ms"))
+            .unwrap_or_default();
+        done(&info, format!("spawned {}{ready}", line(&info)))
+    }
+
+    #[tool(description = "List every VM with its state and size.", output_schema = schema_for_output::<VmList>())]
+    async fn list_vms(&self) -> Result<CallToolResult, String> {
+        let vms = self.daemon.list().await.map_err(|e| e.to_string())?;
+        let text = if vms.is_empty() {
+            "no VMs: spawn_vm makes one".to_owned()
+        } else {
+            vms.iter().map(line).collect::<Vec<_>>().join("\n")
+        };
+        done(&VmList { vms }, text)
+    }
+
+    #[tool(description = "Show one VM.", output_schema = schema_for_output::<VmInfo>())]
+    async fn vm_info(&self, Parameters(p): Parameters<VmParams>) -> Result<CallToolResult, String> {
+        let info = self.daemon.info(&p.vm).await.map_err(|e| e.to_string())?;
+        done(&info, line(&info))
+    }
+
+    #[tool(description = "Boot a stopped VM again, with its drives as they are.", output_schema = schema_for_output::<VmInfo>())]
+    async fn start_vm(
+        &self,
+        Parameters(p): Parameters<VmParams>,
+    ) -> Result<CallToolResult, String> {
+        let info = self.daemon.start(&p.vm).await.map_err(|e| e.to_string())?;
+        done(&info, format!("started {}", line(&info)))
+    }
+
+    #[tool(
+        description = "Shut a running VM down cleanly (its drives are kept; start_vm boots it again).",
+        output_schema = schema_for_output::<VmInfo>()
+    )]
+    async fn stop_vm(&self, Parameters(p): Parameters<VmParams>) -> Result<CallToolResult, String> {
+        let info = self.daemon.stop(&p.vm).await.map_err(|e| e.to_string())?;
+        done(&info, format!("stopped {}", line(&info)))
+    }
+
+    #[tool(
+        description = "Stop a VM if it runs and delete it with its drives and snapshots. This cannot be undone.",
+        output_schema = schema_for_output::<Destroyed>()
+    )]
+    async fn destroy_vm(
+        &self,
+        Parameters(p): Parameters<VmParams>,
+    ) -> Result<CallToolResult, String> {
+        self.daemon
+            .destroy(&p.vm)
+            .await
+            .map_err(|e| e.to_string())?;
+        done(
+            &Destroyed { vm: p.vm.clone() },
+            format!("destroyed {}", p.vm),
+        )
+    }
+
+    #[tool(description = "The last lines of a VM's serial console (boot messages, kernel errors).", output_schema = schema_for_output::<Console>())]
+    async fn vm_console(
+        &self,
+        Parameters(p): Parameters<ConsoleParams>,
+    ) -> Result<CallToolResult, String> {
+        let lines = p.lines.unwrap_or(50);
+        if lines == 0 || lines > 1000 {
+            return Err(format!("`lines` must be between 1 and 1000, got {lines}"));
+        }
+        let text = self
+            .daemon
+            .console(&p.vm, lines)
+            .await
+            .map_err(|e| e.to_string())?;
+        done(
+            &Console {
+                vm: p.vm,
+                text: text.clone(),
+            },
+            text,
+        )
+    }
+}

@@ -1,0 +1,109 @@
+//! A nexusd process on a state directory of its own, driven over stdio by
+//! rmcp's client.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::Value;
+use tokio::process::Command;
+
+/// A state directory; on drop, the pool nexusd mounted there is unmounted.
+pub struct State {
+    pub dir: tempfile::TempDir,
+}
+
+impl State {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("nxd")
+                .tempdir_in("/tmp")
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Makes `image_dir` available as image `name` (imported at start).
+    pub fn with_image(&self, name: &str, image_dir: &Path) {
+        std::fs::create_dir_all(self.path().join("images")).unwrap();
+        std::os::unix::fs::symlink(image_dir, self.path().join("images").join(name)).unwrap();
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexusd"));
+        cmd.arg("--state-dir").arg(self.path()).arg("stdio");
+        cmd
+    }
+
+    pub async fn client(&self) -> RunningService<RoleClient, ()> {
+        ().serve(TokioChildProcess::new(self.command()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    pub fn pool(&self) -> PathBuf {
+        self.path().join("pool")
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let _ = StdCommand::new("umount").arg(self.pool()).status();
+    }
+}
+
+pub struct Outcome {
+    pub is_error: bool,
+    pub json: Value,
+    pub text: String,
+}
+
+impl Outcome {
+    pub fn ok(self) -> Value {
+        assert!(!self.is_error, "tool error: {}", self.text);
+        self.json
+    }
+
+    pub fn err(self) -> String {
+        assert!(self.is_error, "expected a tool error, got {}", self.json);
+        self.text
+    }
+}
+
+pub async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> Outcome {
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new(tool.to_owned())
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{tool} failed at the protocol level: {e}"));
+    let text = result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Outcome {
+        is_error: result.is_error == Some(true),
+        json: result.structured_content.unwrap_or(Value::Null),
+        text,
+    }
+}
+
+pub fn can_run() -> bool {
+    let ok = nix::unistd::Uid::effective().is_root() && Path::new("/dev/loop-control").exists();
+    if !ok {
+        eprintln!("skipping: nexusd's embedded pool needs root and loop devices");
+    }
+    ok
+}

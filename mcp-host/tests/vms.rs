@@ -1,0 +1,188 @@
+//! VM lifecycle through nexusd's MCP tools, with real VMs (QEMU backend)
+//! on nexusd's own loop-mounted btrfs pool.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use common::{State, call, can_run};
+use nexus_integration::{ensure_default_image, processes_mentioning};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, manifest) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let client = state.client().await;
+
+    let vm = call(
+        &client,
+        "spawn_vm",
+        json!({"name": "alpha", "memory_mib": 256}),
+    )
+    .await;
+    assert!(vm.text.starts_with("spawned alpha: running"), "{}", vm.text);
+    let vm = vm.ok();
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["image"], "default");
+    assert!(vm["cid"].as_u64().unwrap() >= 3);
+
+    let console = call(&client, "vm_console", json!({"vm": "alpha", "lines": 1000}))
+        .await
+        .ok();
+    assert!(
+        console["text"]
+            .as_str()
+            .unwrap()
+            .contains(&manifest.kernel_version),
+        "the console shows the boot"
+    );
+
+    let list = call(&client, "list_vms", json!({})).await.ok();
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1);
+
+    let stopped = call(&client, "stop_vm", json!({"vm": "alpha"})).await.ok();
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["cid"], serde_json::Value::Null);
+    let err = call(&client, "stop_vm", json!({"vm": "alpha"})).await.err();
+    assert!(err.contains("VM \"alpha\" is not running"), "{err}");
+    let started = call(&client, "start_vm", json!({"vm": "alpha"})).await.ok();
+    assert_eq!(started["state"], "running");
+    let err = call(&client, "start_vm", json!({"vm": "alpha"}))
+        .await
+        .err();
+    assert!(err.contains("is running already"), "{err}");
+
+    call(&client, "destroy_vm", json!({"vm": "alpha"}))
+        .await
+        .ok();
+    let list = call(&client, "list_vms", json!({})).await.ok();
+    assert!(list["vms"].as_array().unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(state.pool().join("vms")).unwrap().count(),
+        0
+    );
+    let run = state.path().join("run");
+    assert!(
+        processes_mentioning(run.to_str().unwrap()).is_empty(),
+        "no VM process is left"
+    );
+    assert_eq!(
+        std::fs::read_dir(&run).unwrap().count(),
+        0,
+        "no run directory is left"
+    );
+    assert!(!state.path().join("logs/alpha.console").exists());
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_clear_errors_and_change_nothing() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let client = state.client().await;
+
+    let cases = [
+        (
+            "spawn_vm",
+            json!({"name": "Bad_Name"}),
+            "VM name \"Bad_Name\" is invalid",
+        ),
+        ("spawn_vm", json!({"name": "../x"}), "is invalid"),
+        (
+            "spawn_vm",
+            json!({"image": "nope"}),
+            "image \"nope\" does not exist",
+        ),
+        (
+            "spawn_vm",
+            json!({"memory_mib": 100000000}),
+            "`memory_mib` must be between 64 and this host's",
+        ),
+        (
+            "spawn_vm",
+            json!({"vcpus": 0}),
+            "`vcpus` must be between 1 and 32",
+        ),
+        (
+            "spawn_vm",
+            json!({"workspace_gib": 0}),
+            "`workspace_gib` must be between 1",
+        ),
+        (
+            "spawn_vm",
+            json!({"from_snapshot": "nosep"}),
+            "must be VM/SNAPSHOT",
+        ),
+        (
+            "spawn_vm",
+            json!({"from_snapshot": "ghost/snap"}),
+            "VM \"ghost\" has no snapshot \"snap\"",
+        ),
+        ("spawn_vm", json!({"cpus": 2}), "unknown field `cpus`"),
+        (
+            "stop_vm",
+            json!({"vm": "ghost"}),
+            "VM \"ghost\" does not exist",
+        ),
+        (
+            "destroy_vm",
+            json!({"vm": "ghost"}),
+            "VM \"ghost\" does not exist",
+        ),
+        (
+            "vm_info",
+            json!({"vm": "ghost"}),
+            "does not exist: list_vms shows",
+        ),
+        (
+            "vm_console",
+            json!({"vm": "ghost", "lines": 0}),
+            "`lines` must be between 1 and 1000",
+        ),
+    ];
+    for (tool, args, expected) in cases {
+        let err = call(&client, tool, args.clone()).await.err();
+        assert!(
+            err.contains(expected),
+            "{tool} {args}: {err:?} lacks {expected:?}"
+        );
+    }
+    let list = call(&client, "list_vms", json!({})).await.ok();
+    assert!(
+        list["vms"].as_array().unwrap().is_empty(),
+        "nothing was created"
+    );
+    assert_eq!(
+        std::fs::read_dir(state.pool().join("vms")).unwrap().count(),
+        0
+    );
+
+    // A name that is taken stays taken, and its VM untouched.
+    call(&client, "spawn_vm", json!({"name": "one"})).await.ok();
+    let err = call(&client, "spawn_vm", json!({"name": "one"}))
+        .await
+        .err();
+    assert!(err.contains("VM \"one\" has drives already"), "{err}");
+    assert_eq!(
+        call(&client, "vm_info", json!({"vm": "one"})).await.ok()["state"],
+        "running"
+    );
+
+    // A second nexusd on the same state directory is refused.
+    let second = state.command().output().await.unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("already owns state directory"), "{stderr}");
+
+    call(&client, "destroy_vm", json!({"vm": "one"})).await.ok();
+    client.cancel().await.unwrap();
+}
