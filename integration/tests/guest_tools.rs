@@ -216,9 +216,12 @@ async fn a_crashed_guest_mcp_is_restarted_and_reports_what_it_lost() {
         .filter(|p| p["state"] == "lost")
         .collect();
     assert!(lost.iter().any(|p| p["pid"] == sleeper_pid), "{list}");
+    // Killed, then reaped by init a moment later (kill -0 succeeds on a zombie).
     let ps = exec(
         &guest,
-        &format!("kill -0 {sleeper_pid} 2>/dev/null && echo alive || echo gone"),
+        &format!(
+            "for i in $(seq 100); do kill -0 {sleeper_pid} 2>/dev/null || {{ echo gone; exit; }}; sleep 0.05; done; echo alive"
+        ),
     )
     .await
     .unwrap();

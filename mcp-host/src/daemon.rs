@@ -7,9 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nexus_rootfs::Manifest;
-use nexus_storage::{Storage, StorageConfig, StorageError, WorkspaceSource, validate_name};
+use nexus_storage::{
+    NoQuiesce, NoReattach, Quiesce, Reattach, SnapshotInfo, Storage, StorageConfig, StorageError,
+    WorkspaceSource, validate_name,
+};
 use nexus_vmm::qemu::QemuBackend;
 use nexus_vmm::{Drive, Vm, VmSpec, Vmm, VmmConfig, VmmError};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::{RoleClient, ServiceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -35,6 +41,10 @@ pub enum DaemonError {
     NoBackend(String),
     #[error("image {image:?} is damaged: {why}")]
     BadImage { image: String, why: String },
+    #[error("VM {0:?} is being destroyed")]
+    Destroying(String),
+    #[error("VM {vm:?}: guest control channel: {why}")]
+    Guest { vm: String, why: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -85,6 +95,10 @@ pub struct Daemon {
     storage: Arc<Storage>,
     vmm: std::result::Result<Vmm, String>,
     running: Mutex<HashMap<String, Vm>>,
+    /// VMs whose destruction is under way: nothing else may start on them.
+    destroying: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// One guest-mcp session per running VM, for proxied tools.
+    guests: Mutex<HashMap<String, Arc<RunningService<RoleClient, ()>>>>,
     _lock: StateLock,
 }
 
@@ -120,6 +134,8 @@ impl Daemon {
             storage,
             vmm,
             running: Mutex::new(HashMap::new()),
+            destroying: std::sync::Mutex::default(),
+            guests: Mutex::new(HashMap::new()),
             _lock: lock,
         }))
     }
@@ -214,6 +230,8 @@ impl Daemon {
 
     pub async fn stop(&self, name: &str) -> Result<VmInfo> {
         self.known(name).await?;
+        self.check_not_destroying(name)?;
+        self.guests.lock().await.remove(name);
         let vm = self
             .running
             .lock()
@@ -228,13 +246,174 @@ impl Daemon {
     /// Stops the VM if it runs, then removes its drives, snapshots and log.
     pub async fn destroy(&self, name: &str) -> Result<()> {
         self.known(name).await?;
-        if let Some(vm) = self.running.lock().await.remove(name) {
-            vm.stop().await;
+        if !self.lock_destroying().insert(name.to_owned()) {
+            return Err(DaemonError::Destroying(name.to_owned()));
         }
-        let doomed = name.to_owned();
-        self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
-        let _ = std::fs::remove_file(self.console_log(name));
-        Ok(())
+        let result = async {
+            self.guests.lock().await.remove(name);
+            if let Some(vm) = self.running.lock().await.remove(name) {
+                vm.stop().await;
+            }
+            let doomed = name.to_owned();
+            self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
+            let _ = std::fs::remove_file(self.console_log(name));
+            Ok(())
+        }
+        .await;
+        self.lock_destroying().remove(name);
+        result
+    }
+
+    fn lock_destroying(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.destroying.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_not_destroying(&self, name: &str) -> Result<()> {
+        if self.lock_destroying().contains(name) {
+            Err(DaemonError::Destroying(name.to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A consistent snapshot of a VM's drive; a running guest freezes
+    /// /workspace around it.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        drive: Option<String>,
+        snapshot: Option<String>,
+    ) -> Result<SnapshotInfo> {
+        self.known(name).await?;
+        self.check_not_destroying(name)?;
+        let drive = drive.unwrap_or_else(|| nexus_storage::WORKSPACE_DRIVE.to_owned());
+        let control = self.control(name).await?;
+        let vm = name.to_owned();
+        let handle = tokio::runtime::Handle::current();
+        self.blocking(move |s| match control {
+            Some(client) => {
+                let mut hook = GuestHooks {
+                    handle,
+                    client,
+                    vm: vm.clone(),
+                };
+                s.snapshot_drive(&vm, &drive, snapshot.as_deref(), &mut hook)
+            }
+            None => s.snapshot_drive(&vm, &drive, snapshot.as_deref(), &mut NoQuiesce),
+        })
+        .await
+    }
+
+    pub async fn list_snapshots(&self, vm: Option<String>) -> Result<Vec<SnapshotInfo>> {
+        if let Some(vm) = &vm {
+            self.known(vm).await?;
+        }
+        self.blocking(move |s| s.list_snapshots(vm.as_deref()))
+            .await
+    }
+
+    pub async fn delete_snapshot(&self, vm: &str, snapshot: &str) -> Result<()> {
+        let (vm, snapshot) = (vm.to_owned(), snapshot.to_owned());
+        self.blocking(move |s| s.delete_snapshot(&vm, &snapshot))
+            .await
+    }
+
+    /// Puts a snapshot's content back on its drive. A running VM keeps
+    /// running: the guest unmounts /workspace (killing what holds it),
+    /// the drive's content is replaced in place, the guest mounts it again.
+    pub async fn restore(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
+        self.known(name).await?;
+        self.check_not_destroying(name)?;
+        let control = self.control(name).await?;
+        let (vm, snap) = (name.to_owned(), snapshot.to_owned());
+        let handle = tokio::runtime::Handle::current();
+        self.blocking(move |s| match control {
+            Some(client) => {
+                let mut hook = GuestHooks {
+                    handle,
+                    client,
+                    vm: vm.clone(),
+                };
+                s.rollback_drive(&vm, &snap, &mut hook)
+            }
+            None => s.rollback_drive(&vm, &snap, &mut NoReattach),
+        })
+        .await
+    }
+
+    /// A new VM from a snapshot (its root and workspace as they were), booted.
+    pub async fn fork(
+        &self,
+        from_vm: &str,
+        snapshot: &str,
+        name: Option<String>,
+    ) -> Result<VmInfo> {
+        let name = match name {
+            Some(name) => name,
+            None => self.free_name().await?,
+        };
+        validate_name("VM", &name).map_err(StorageError::from)?;
+        if let Err(why) = &self.vmm {
+            return Err(DaemonError::NoBackend(why.clone()));
+        }
+        let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
+        self.blocking(move |s| {
+            let config = s.vm_config(&from)?;
+            s.fork(&from, &snap, &new)?;
+            s.set_vm_config(&new, &config)
+        })
+        .await?;
+        if let Err(e) = self.boot(&name).await {
+            let doomed = name.clone();
+            let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
+            return Err(e);
+        }
+        self.info(&name).await
+    }
+
+    /// A session with a running VM's control channel, or None if it is stopped.
+    async fn control(&self, name: &str) -> Result<Option<RunningService<RoleClient, ()>>> {
+        let running = self.running.lock().await;
+        let Some(vm) = running.get(name) else {
+            return Ok(None);
+        };
+        let stream = vm.connect(nexus_vmm::GUEST_CONTROL_PORT).await?;
+        drop(running);
+        let client = ().serve(stream).await.map_err(|e| DaemonError::Guest {
+            vm: name.to_owned(),
+            why: e.to_string(),
+        })?;
+        Ok(Some(client))
+    }
+
+    /// The guest-mcp session of a running VM, opened on first use and
+    /// opened again if it was closed (guest-mcp restarted).
+    pub async fn guest(&self, name: &str) -> Result<Arc<RunningService<RoleClient, ()>>> {
+        let mut guests = self.guests.lock().await;
+        if let Some(client) = guests.get(name)
+            && !client.is_closed()
+        {
+            return Ok(client.clone());
+        }
+        let running = self.running.lock().await;
+        let vm = running
+            .get(name)
+            .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+        let stream = vm.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
+        drop(running);
+        let client = Arc::new(().serve(stream).await.map_err(|e| DaemonError::Guest {
+            vm: name.to_owned(),
+            why: e.to_string(),
+        })?);
+        guests.insert(name.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Names of the running VMs.
+    pub async fn running_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.running.lock().await.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     pub async fn list(&self) -> Result<Vec<VmInfo>> {
@@ -402,4 +581,52 @@ fn host_memory_mib() -> u64 {
                 .ok()
         })
         .map_or(0, |kb| kb / 1024)
+}
+
+/// Storage's hooks, done by a running guest over its control channel.
+struct GuestHooks {
+    handle: tokio::runtime::Handle,
+    client: RunningService<RoleClient, ()>,
+    vm: String,
+}
+
+impl GuestHooks {
+    fn call(&self, tool: &'static str, args: serde_json::Value) -> std::result::Result<(), String> {
+        let mut params = CallToolRequestParams::new(tool);
+        if let serde_json::Value::Object(map) = args {
+            params = params.with_arguments(map);
+        }
+        let result = self
+            .handle
+            .block_on(self.client.call_tool(params))
+            .map_err(|e| format!("{tool} on VM {}: {e}", self.vm))?;
+        if result.is_error == Some(true) {
+            let text: Vec<String> = result
+                .content
+                .iter()
+                .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+                .collect();
+            return Err(format!("{tool} on VM {}: {}", self.vm, text.join(" ")));
+        }
+        Ok(())
+    }
+}
+
+impl Quiesce for GuestHooks {
+    fn freeze(&mut self) -> std::result::Result<(), String> {
+        // A thaw deadline: the guest thaws by itself if nexusd dies here.
+        self.call("freeze", serde_json::json!({"timeout_s": 30}))
+    }
+    fn thaw(&mut self) -> std::result::Result<(), String> {
+        self.call("thaw", serde_json::json!({}))
+    }
+}
+
+impl Reattach for GuestHooks {
+    fn release(&mut self) -> std::result::Result<(), String> {
+        self.call("unmount", serde_json::json!({"force": true}))
+    }
+    fn reattach(&mut self) -> std::result::Result<(), String> {
+        self.call("mount", serde_json::json!({}))
+    }
 }

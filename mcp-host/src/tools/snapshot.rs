@@ -1,0 +1,194 @@
+//! Snapshots: snapshot_drive, list_snapshots, restore_snapshot,
+//! delete_snapshot, fork_vm.
+
+use nexus_storage::SnapshotInfo;
+use rmcp::handler::server::common::schema_for_output;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::CallToolResult;
+use rmcp::{tool, tool_router};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{NexusTools, done};
+use crate::daemon::VmInfo;
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotParams {
+    /// The VM to snapshot.
+    pub vm: String,
+    /// Which drive a restore brings back: "workspace" (default) or "root".
+    #[serde(default)]
+    pub drive: Option<String>,
+    /// Name for the snapshot (default: one made from the time).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListSnapshotsParams {
+    /// Only this VM's snapshots (default: every VM's).
+    #[serde(default)]
+    pub vm: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    /// The VM the snapshot belongs to.
+    pub vm: String,
+    /// The snapshot's name.
+    pub snapshot: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkParams {
+    /// The snapshot to fork, as "VM/SNAPSHOT".
+    pub snapshot: String,
+    /// Name for the new VM (default: vm-N).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Snapshot {
+    pub vm: String,
+    pub name: String,
+    pub drive: String,
+    pub created_at: String,
+    /// The drive's logical size in bytes.
+    pub size_bytes: u64,
+    /// The snapshot the drive's content came from before, "VM/SNAPSHOT".
+    pub parent: Option<String>,
+}
+
+impl From<SnapshotInfo> for Snapshot {
+    fn from(s: SnapshotInfo) -> Self {
+        Self {
+            vm: s.vm,
+            name: s.name,
+            drive: s.drive,
+            created_at: s.created_at,
+            size_bytes: s.size_bytes,
+            parent: s.parent,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Deleted {
+    pub vm: String,
+    pub snapshot: String,
+}
+
+#[tool_router(router = snapshot_router, vis = "pub(super)")]
+impl NexusTools {
+    #[tool(
+        description = "Take a read-only snapshot of a VM's drives in milliseconds. A running VM's /workspace is frozen around it, so the snapshot is consistent. Works on stopped VMs too.",
+        output_schema = schema_for_output::<Snapshot>()
+    )]
+    async fn snapshot_drive(
+        &self,
+        Parameters(p): Parameters<SnapshotParams>,
+    ) -> Result<CallToolResult, String> {
+        let snap = self
+            .daemon
+            .snapshot(&p.vm, p.drive, p.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = format!(
+            "snapshot {}/{} of drive {} taken",
+            snap.vm, snap.name, snap.drive
+        );
+        done(&Snapshot::from(snap), text)
+    }
+
+    #[tool(description = "List snapshots, oldest first.", output_schema = schema_for_output::<SnapshotList>())]
+    async fn list_snapshots(
+        &self,
+        Parameters(p): Parameters<ListSnapshotsParams>,
+    ) -> Result<CallToolResult, String> {
+        let snapshots: Vec<Snapshot> = self
+            .daemon
+            .list_snapshots(p.vm)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(Snapshot::from)
+            .collect();
+        let text = if snapshots.is_empty() {
+            "no snapshots".to_owned()
+        } else {
+            snapshots
+                .iter()
+                .map(|s| format!("{}/{} ({}, {})", s.vm, s.name, s.drive, s.created_at))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        done(&SnapshotList { snapshots }, text)
+    }
+
+    #[tool(
+        description = "Roll a VM's drive back to a snapshot, in place. A running VM keeps running: its /workspace is unmounted (processes using it are killed), replaced and mounted again, and shows the snapshot's content when this returns.",
+        output_schema = schema_for_output::<Snapshot>()
+    )]
+    async fn restore_snapshot(
+        &self,
+        Parameters(p): Parameters<SnapshotRef>,
+    ) -> Result<CallToolResult, String> {
+        let snap = self
+            .daemon
+            .restore(&p.vm, &p.snapshot)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = format!("{} drive {} restored to {}", snap.vm, snap.drive, snap.name);
+        done(&Snapshot::from(snap), text)
+    }
+
+    #[tool(description = "Delete a snapshot.", output_schema = schema_for_output::<Deleted>())]
+    async fn delete_snapshot(
+        &self,
+        Parameters(p): Parameters<SnapshotRef>,
+    ) -> Result<CallToolResult, String> {
+        self.daemon
+            .delete_snapshot(&p.vm, &p.snapshot)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = format!("deleted snapshot {}/{}", p.vm, p.snapshot);
+        done(
+            &Deleted {
+                vm: p.vm,
+                snapshot: p.snapshot,
+            },
+            text,
+        )
+    }
+
+    #[tool(
+        description = "Make a new VM from a snapshot (root and workspace as they were then) and boot it; it then diverges from the original.",
+        output_schema = schema_for_output::<VmInfo>()
+    )]
+    async fn fork_vm(
+        &self,
+        Parameters(p): Parameters<ForkParams>,
+    ) -> Result<CallToolResult, String> {
+        let (vm, snapshot) = p
+            .snapshot
+            .split_once('/')
+            .ok_or_else(|| format!("`snapshot` {:?} must be VM/SNAPSHOT", p.snapshot))?;
+        let info = self
+            .daemon
+            .fork(vm, snapshot, p.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = format!("forked {} into {} ({})", p.snapshot, info.name, info.state);
+        done(&info, text)
+    }
+}

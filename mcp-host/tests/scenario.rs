@@ -1,0 +1,184 @@
+//! The end-to-end scenario through nexusd's MCP endpoint (stdio, rmcp's
+//! client), with real VMs: spawn; work in /workspace through the proxied
+//! guest tools; snapshot; change; restore in place while the VM runs;
+//! fork; the two diverge; destroy both; nothing is left.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use common::{State, call, can_run};
+use nexus_integration::{ensure_default_image, processes_mentioning};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_restore_in_place_fork_and_diverge() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let client = state.client().await;
+
+    let a = call(&client, "spawn_vm", json!({"name": "a"})).await.ok();
+    let cid = a["cid"].clone();
+
+    // The VM's own tools appear as a__<tool>, with their schemas.
+    let tools = client.list_all_tools().await.unwrap();
+    let exec = tools
+        .iter()
+        .find(|t| t.name == "a__exec")
+        .expect("a__exec is listed");
+    assert!(serde_json::to_value(&exec.input_schema).unwrap()["properties"]["command"].is_object());
+    assert!(tools.iter().any(|t| t.name == "a__read_file"));
+
+    let out = call(
+        &client,
+        "a__exec",
+        json!({"command": "echo v1 > notes.txt && uname -r"}),
+    )
+    .await
+    .ok();
+    assert_eq!(out["exit_code"], 0);
+    call(&client, "snapshot_drive", json!({"vm": "a", "name": "s1"}))
+        .await
+        .ok();
+    call(
+        &client,
+        "a__write_file",
+        json!({"path": "notes.txt", "content": "v2\n"}),
+    )
+    .await
+    .ok();
+    call(
+        &client,
+        "a__write_file",
+        json!({"path": "extra.txt", "content": "later\n"}),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        call(&client, "a__read_file", json!({"path": "notes.txt"}))
+            .await
+            .ok()["content"],
+        "v2\n"
+    );
+
+    let restored = call(
+        &client,
+        "restore_snapshot",
+        json!({"vm": "a", "snapshot": "s1"}),
+    )
+    .await
+    .ok();
+    assert_eq!(restored["name"], "s1");
+    let info = call(&client, "vm_info", json!({"vm": "a"})).await.ok();
+    assert_eq!(info["state"], "running", "restore does not reboot the VM");
+    assert_eq!(info["cid"], cid, "the same VM process");
+    assert_eq!(info["base_snapshot"], "a/s1");
+    assert_eq!(
+        call(&client, "a__read_file", json!({"path": "notes.txt"}))
+            .await
+            .ok()["content"],
+        "v1\n"
+    );
+    let gone = call(&client, "a__stat", json!({"path": "extra.txt"}))
+        .await
+        .err();
+    assert!(gone.contains("does not exist"), "{gone}");
+
+    let b = call(&client, "fork_vm", json!({"snapshot": "a/s1", "name": "b"}))
+        .await
+        .ok();
+    assert_eq!(b["state"], "running");
+    assert_eq!(
+        call(&client, "b__read_file", json!({"path": "notes.txt"}))
+            .await
+            .ok()["content"],
+        "v1\n"
+    );
+    call(
+        &client,
+        "b__write_file",
+        json!({"path": "notes.txt", "content": "b's\n"}),
+    )
+    .await
+    .ok();
+    call(
+        &client,
+        "a__write_file",
+        json!({"path": "notes.txt", "content": "a's\n"}),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        call(&client, "b__read_file", json!({"path": "notes.txt"}))
+            .await
+            .ok()["content"],
+        "b's\n"
+    );
+    assert_eq!(
+        call(&client, "a__read_file", json!({"path": "notes.txt"}))
+            .await
+            .ok()["content"],
+        "a's\n"
+    );
+
+    // A stopped VM's tools are gone and calling them says why; its drives
+    // can still be snapshotted.
+    call(&client, "stop_vm", json!({"vm": "b"})).await.ok();
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(!tools.iter().any(|t| t.name.starts_with("b__")));
+    let err = call(&client, "b__exec", json!({"command": "true"}))
+        .await
+        .err();
+    assert!(err.contains("VM \"b\" is not running"), "{err}");
+    let snap = call(&client, "snapshot_drive", json!({"vm": "b"}))
+        .await
+        .ok();
+    assert_eq!(snap["parent"], "a/s1");
+    let listed = call(&client, "list_snapshots", json!({})).await.ok();
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 2);
+    let err = call(
+        &client,
+        "restore_snapshot",
+        json!({"vm": "a", "snapshot": "nope"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("has no snapshot \"nope\""), "{err}");
+    let err = call(&client, "fork_vm", json!({"snapshot": "a-s1"}))
+        .await
+        .err();
+    assert!(err.contains("must be VM/SNAPSHOT"), "{err}");
+
+    for vm in ["a", "b"] {
+        call(&client, "destroy_vm", json!({"vm": vm})).await.ok();
+    }
+    assert!(
+        call(&client, "list_vms", json!({})).await.ok()["vms"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        call(&client, "list_snapshots", json!({})).await.ok()["snapshots"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    for dir in ["vms", "snapshots"] {
+        assert_eq!(
+            std::fs::read_dir(state.pool().join(dir)).unwrap().count(),
+            0,
+            "{dir} is empty"
+        );
+    }
+    let run = state.path().join("run");
+    assert!(
+        processes_mentioning(run.to_str().unwrap()).is_empty(),
+        "no VM process is left"
+    );
+    client.cancel().await.unwrap();
+}
