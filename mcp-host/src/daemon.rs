@@ -115,6 +115,13 @@ impl Daemon {
         }
         let storage = Arc::new(storage);
         import_built_images(&storage, &config.images_dir()).await?;
+        // A daemon killed before it could stop its VMs left them running
+        // with no one to drive them: stop them, and they show as stopped.
+        // (Adopting them instead is the next step.)
+        let leftovers = nexus_vmm::vm::reap_leftovers(&config.state_dir.join("run"));
+        if !leftovers.is_empty() {
+            tracing::warn!(vms = ?leftovers, "stopped VMs a previous nexusd left running");
+        }
         let vmm = QemuBackend::locate(None, None)
             .map(|backend| {
                 Vmm::new(

@@ -129,6 +129,9 @@ impl Vmm {
             .collect();
         pending.processes.push(vmm.pid());
         pending.processes.extend(helpers.iter().map(Watched::pid));
+        // Recorded so that a process that loses track of this VM (a
+        // crashed daemon) can find and stop it later: see `reap_leftovers`.
+        record_pids(&run_dir, std::iter::once(&vmm).chain(&helpers));
 
         let failure_context = |status: Option<ExitStatus>| {
             let mut text = console::tail(&spec.console_log, console_from, CONSOLE_TAIL_LINES);
@@ -197,6 +200,71 @@ impl Vmm {
             finished: false,
         })
     }
+}
+
+const PIDS_FILE: &str = "pids";
+
+/// Writes `pid start_ticks` lines for a VM's processes into its run dir.
+fn record_pids<'a>(run_dir: &Path, processes: impl Iterator<Item = &'a Watched>) {
+    let lines: String = processes
+        .filter_map(|p| {
+            let pid = p.pid()?;
+            Some(format!("{pid} {}\n", start_ticks(pid)?))
+        })
+        .collect();
+    if let Err(e) = std::fs::write(run_dir.join(PIDS_FILE), lines) {
+        tracing::warn!(error = %e, "could not record the VM's process ids");
+    }
+}
+
+/// Field 22 of /proc/PID/stat: the start time, which tells a process from
+/// a later one that reuses its pid.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Stops the processes of VMs that nobody tracks any more (their run
+/// directories are still under `run_root`, e.g. after the daemon that
+/// started them was killed) and removes their run directories. Returns
+/// the names of the VMs found. Call it only when no VM of `run_root` is
+/// being tracked by this process.
+pub fn reap_leftovers(run_root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_root) else {
+        return found;
+    };
+    for dir in entries.flatten().map(|e| e.path()) {
+        let pids = std::fs::read_to_string(dir.join(PIDS_FILE)).unwrap_or_default();
+        for line in pids.lines() {
+            let mut f = line.split_whitespace();
+            let (Some(Ok(pid)), Some(Ok(ticks))) = (
+                f.next().map(str::parse::<u32>),
+                f.next().map(str::parse::<u64>),
+            ) else {
+                continue;
+            };
+            if pid > 1 && start_ticks(pid) == Some(ticks) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Some(name) = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('.'))
+        {
+            found.push(name.0.to_owned());
+        }
+    }
+    found.sort();
+    found
 }
 
 /// Hybrid vsock delivers guest connections to host port P on `<uds>_P`.
