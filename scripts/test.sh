@@ -9,6 +9,16 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 NEXUS_NEED_NEXTEST=1 scripts/install-deps.sh
 scripts/build-image.sh
 
+# The official Python MCP client, for tests with a real non-Rust client.
+MCP_PY_VERSION=2.3.0
+if .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$MCP_PY_VERSION')" 2>/dev/null; then
+    printf '==> Python mcp %s: present in .venv\n' "$MCP_PY_VERSION" >&2
+else
+    printf '==> installing the Python mcp client %s into .venv\n' "$MCP_PY_VERSION" >&2
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check "mcp==$MCP_PY_VERSION"
+fi
+
 printf '==> cargo fmt --check\n' >&2
 cargo fmt --all -- --check
 printf '==> cargo clippy --all-targets -D warnings\n' >&2
