@@ -1,0 +1,292 @@
+//! nexusd benchmark (needs root for its loop-mounted pool):
+//! - `list_vms` round trip p50/p99 over streamable HTTP and over stdio;
+//! - a proxied `<vm>__exec true` through nexusd next to the same call made
+//!   directly to the guest over vsock, alternating, in one run;
+//! - 50 concurrent HTTP MCP sessions of mixed calls for 30 s, with an
+//!   error count.
+//!
+//!   cargo run --release -p nexus-integration --bin bench-host [-- --calls N --seconds S --sessions K]
+//!
+//! Last line: `host list_p50_us=.. proxy_overhead_p50_us=.. sessions=50 errors=..`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use nexus_integration::{ensure_default_image, workspace_root};
+use rmcp::model::CallToolRequestParams;
+use rmcp::service::RunningService;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+type Client = RunningService<RoleClient, ()>;
+
+struct Args {
+    calls: usize,
+    seconds: u64,
+    sessions: usize,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        calls: 300,
+        seconds: 30,
+        sessions: 50,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--calls" => args.calls = value()?.parse()?,
+            "--seconds" => args.seconds = value()?.parse()?,
+            "--sessions" => args.sessions = value()?.parse()?,
+            other => bail!("unknown argument {other:?}: use --calls N, --seconds S, --sessions K"),
+        }
+    }
+    if args.calls < 10 || args.seconds == 0 || args.sessions == 0 {
+        bail!("--calls must be at least 10, --seconds and --sessions at least 1");
+    }
+    Ok(args)
+}
+
+/// A state directory whose pool is unmounted when dropped.
+struct State(tempfile::TempDir);
+
+impl State {
+    fn new(image: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("nxb").tempdir_in("/tmp")?;
+        std::fs::create_dir_all(dir.path().join("images"))?;
+        std::os::unix::fs::symlink(image, dir.path().join("images/default"))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path().join("pool"))
+            .status();
+    }
+}
+
+fn build_nexusd() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-q",
+            "-p",
+            "nexus-host",
+            "--bin",
+            "nexusd",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("building nexusd failed");
+    }
+    Ok(workspace_root().join("target/release/nexusd"))
+}
+
+async fn call(client: &Client, tool: &str, args: Value) -> anyhow::Result<Value> {
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    if let Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = client.call_tool(params).await?;
+    if result.is_error == Some(true) {
+        bail!("{tool}: {:?}", result.content);
+    }
+    Ok(result.structured_content.unwrap_or_default())
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
+    };
+    (at(0.50), at(0.99))
+}
+
+async fn time_calls(
+    client: &Client,
+    tool: &str,
+    args: &Value,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    for _ in 0..10 {
+        call(client, tool, args.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        call(client, tool, args.clone()).await?;
+        samples.push(started.elapsed());
+    }
+    Ok(percentiles(samples))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let (image, _) = ensure_default_image()?;
+    let nexusd = build_nexusd()?;
+
+    // stdio: list latency, and the proxy overhead with a VM.
+    let stdio_state = State::new(&image)?;
+    let mut cmd = tokio::process::Command::new(&nexusd);
+    cmd.arg("--state-dir")
+        .arg(stdio_state.0.path())
+        .arg("stdio")
+        .env("RUST_LOG", "warn");
+    let stdio = ().serve(TokioChildProcess::new(cmd)?).await?;
+    let (stdio_p50, stdio_p99) = time_calls(&stdio, "list_vms", &json!({}), args.calls).await?;
+    println!("list_vms over stdio: p50 {stdio_p50:.0} us, p99 {stdio_p99:.0} us");
+
+    let vm = call(&stdio, "spawn_vm", json!({"name": "bench"})).await?;
+    let cid = vm["cid"].as_u64().context("no cid")?;
+    let uds = stdio_state
+        .0
+        .path()
+        .join(format!("run/bench.{cid}/vsock.sock"));
+    let stream =
+        nexus_vmm::vsock::connect(&uds, nexus_vmm::GUEST_TOOLS_PORT, Duration::from_secs(5))
+            .await?;
+    let direct = ().serve(stream).await?;
+    let exec = json!({"argv": ["true"]});
+    for _ in 0..10 {
+        call(&stdio, "bench__exec", exec.clone()).await?;
+        call(&direct, "exec", exec.clone()).await?;
+    }
+    let (mut proxied, mut straight) = (Vec::new(), Vec::new());
+    for i in 0..args.calls {
+        for which in [i % 2, 1 - i % 2] {
+            let started = Instant::now();
+            if which == 0 {
+                call(&stdio, "bench__exec", exec.clone()).await?;
+                proxied.push(started.elapsed());
+            } else {
+                call(&direct, "exec", exec.clone()).await?;
+                straight.push(started.elapsed());
+            }
+        }
+    }
+    let (proxy_p50, proxy_p99) = percentiles(proxied);
+    let (direct_p50, direct_p99) = percentiles(straight);
+    let overhead = proxy_p50 - direct_p50;
+    println!(
+        "exec true: through nexusd p50 {proxy_p50:.0} us (p99 {proxy_p99:.0}), direct over vsock p50 {direct_p50:.0} us (p99 {direct_p99:.0}); overhead p50 {overhead:.0} us"
+    );
+    direct.cancel().await?;
+    call(&stdio, "destroy_vm", json!({"vm": "bench"})).await?;
+    stdio.cancel().await?;
+
+    // HTTP: list latency, then many sessions at once.
+    let http_state = State::new(&image)?;
+    let mut serve = tokio::process::Command::new(&nexusd)
+        .arg("--state-dir")
+        .arg(http_state.0.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,rmcp=error")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(serve.stderr.take().context("no stderr")?).lines();
+    let url = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .context("nexusd exited before listening")?;
+        if let Some(at) = line.find("http://") {
+            break line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let http = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await?;
+    let (http_p50, http_p99) = time_calls(&http, "list_vms", &json!({}), args.calls).await?;
+    println!("list_vms over HTTP: p50 {http_p50:.0} us, p99 {http_p99:.0} us");
+    http.cancel().await?;
+
+    let errors = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut tasks = Vec::new();
+    for i in 0..args.sessions {
+        let (url, errors, calls) = (url.clone(), errors.clone(), calls.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = match ().serve(StreamableHttpClientTransport::from_uri(url)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("session {i}: {e}");
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let mix = [
+                ("list_vms", json!({})),
+                ("list_images", json!({})),
+                ("list_snapshots", json!({})),
+                ("vm_info", json!({"vm": "ghost"})),
+            ];
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let (tool, args) = &mix[n % mix.len()];
+                let outcome = client.call_tool(
+                    CallToolRequestParams::new(tool.to_owned())
+                        .with_arguments(args.as_object().cloned().unwrap_or_default()),
+                );
+                match outcome.await {
+                    // vm_info of a missing VM is meant to be a tool error.
+                    Ok(r) if (r.is_error == Some(true)) == (*tool == "vm_info") => {}
+                    Ok(r) => {
+                        eprintln!("session {i}: {tool} unexpected: {:?}", r.content);
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("session {i}: {tool}: {e}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            let _ = client.cancel().await;
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let (total, errors) = (
+        calls.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    );
+    println!(
+        "{} sessions for {} s: {total} calls ({:.0}/s), {errors} errors",
+        args.sessions,
+        args.seconds,
+        total as f64 / args.seconds as f64
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id().unwrap_or_default() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = serve.wait().await;
+
+    println!("(list_p50_us below is over HTTP; over stdio it was {stdio_p50:.0})");
+    println!(
+        "host list_p50_us={http_p50:.0} proxy_overhead_p50_us={overhead:.0} sessions={} errors={errors}",
+        args.sessions
+    );
+    Ok(())
+}
