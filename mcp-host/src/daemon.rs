@@ -21,7 +21,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use crate::Config;
+use crate::guest_link::GuestEvents;
 use crate::state_lock::StateLock;
+
+/// A guest-mcp session of a running VM.
+pub type GuestSession = RunningService<RoleClient, GuestEvents>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -98,7 +102,9 @@ pub struct Daemon {
     /// VMs whose destruction is under way: nothing else may start on them.
     destroying: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One guest-mcp session per running VM, for proxied tools.
-    guests: Mutex<HashMap<String, Arc<RunningService<RoleClient, ()>>>>,
+    guests: Mutex<HashMap<String, Arc<GuestSession>>>,
+    /// Fires whenever the set of running VMs (and so of proxied tools) changes.
+    changes: tokio::sync::broadcast::Sender<()>,
     _lock: StateLock,
 }
 
@@ -143,12 +149,23 @@ impl Daemon {
             running: Mutex::new(HashMap::new()),
             destroying: std::sync::Mutex::default(),
             guests: Mutex::new(HashMap::new()),
+            changes: tokio::sync::broadcast::channel(16).0,
             _lock: lock,
         }))
     }
 
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
+    }
+
+    /// Notified whenever VMs start or stop, so sessions can tell their
+    /// clients that the tool list changed.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        let _ = self.changes.send(());
     }
 
     async fn blocking<T: Send + 'static>(
@@ -247,6 +264,7 @@ impl Daemon {
             .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
         let report = vm.stop().await;
         tracing::info!(vm = name, ?report, "VM stopped");
+        self.changed();
         self.info(name).await
     }
 
@@ -260,6 +278,7 @@ impl Daemon {
             self.guests.lock().await.remove(name);
             if let Some(vm) = self.running.lock().await.remove(name) {
                 vm.stop().await;
+                self.changed();
             }
             let doomed = name.to_owned();
             self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
@@ -395,7 +414,7 @@ impl Daemon {
 
     /// The guest-mcp session of a running VM, opened on first use and
     /// opened again if it was closed (guest-mcp restarted).
-    pub async fn guest(&self, name: &str) -> Result<Arc<RunningService<RoleClient, ()>>> {
+    pub async fn guest(&self, name: &str) -> Result<Arc<GuestSession>> {
         let mut guests = self.guests.lock().await;
         if let Some(client) = guests.get(name)
             && !client.is_closed()
@@ -408,9 +427,11 @@ impl Daemon {
             .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
         let stream = vm.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
         drop(running);
-        let client = Arc::new(().serve(stream).await.map_err(|e| DaemonError::Guest {
-            vm: name.to_owned(),
-            why: e.to_string(),
+        let client = Arc::new(GuestEvents::default().serve(stream).await.map_err(|e| {
+            DaemonError::Guest {
+                vm: name.to_owned(),
+                why: e.to_string(),
+            }
         })?);
         guests.insert(name.to_owned(), client.clone());
         Ok(client)
@@ -545,6 +566,7 @@ impl Daemon {
         spec.ready_timeout = Duration::from_secs(120);
         let vm = vmm.start(spec).await?;
         self.running.lock().await.insert(name.to_owned(), vm);
+        self.changed();
         Ok(())
     }
 }

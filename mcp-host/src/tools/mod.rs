@@ -1,5 +1,6 @@
 //! nexusd's MCP tools, one module per group. Handlers only translate:
-//! parse arguments, call the daemon, render the answer.
+//! parse arguments, call the daemon, render the answer. Each running VM's
+//! guest tools are proxied as `<vm>__<tool>`.
 
 mod image;
 mod snapshot;
@@ -10,14 +11,18 @@ use std::sync::Arc;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientRequest, ContentBlock,
+    Implementation, ListToolsResult, PaginatedRequestParams, Request, ServerCapabilities,
+    ServerConfig, ServerResult, Tool,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
 
 use crate::daemon::Daemon;
+
+/// Proxied guest tools are named `<vm>__<tool>`.
+pub const PROXY_SEPARATOR: &str = "__";
 
 #[derive(Clone)]
 pub struct NexusTools {
@@ -32,12 +37,7 @@ impl NexusTools {
             tool_router: Self::vm_router() + Self::snapshot_router() + Self::image_router(),
         }
     }
-}
 
-/// Proxied guest tools are named `<vm>__<tool>`.
-pub const PROXY_SEPARATOR: &str = "__";
-
-impl NexusTools {
     /// Each running VM's guest tools, renamed `<vm>__<tool>`, schemas as
     /// the guest gives them. A VM whose guest does not answer is skipped.
     async fn guest_tools(&self) -> Vec<Tool> {
@@ -59,31 +59,70 @@ impl NexusTools {
         tools
     }
 
-    /// Forwards `<vm>__<tool>` to the VM's guest-mcp.
+    /// Forwards `<vm>__<tool>` to the VM's guest-mcp: the guest's progress
+    /// goes back to the caller, and a cancelled call cancels the guest's
+    /// work (for exec: its process group is killed).
     async fn proxy(
         &self,
         vm: &str,
         tool: &str,
         request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        let failed = |why: String| Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
         let client = match self.daemon.guest(vm).await {
             Ok(client) => client,
-            Err(e) => {
-                return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
-                    "cannot reach VM {vm:?}'s tools: {e}"
-                ))])
-                .into());
-            }
+            Err(e) => return failed(format!("cannot reach VM {vm:?}'s tools: {e}")),
         };
         let mut forwarded = CallToolRequestParams::new(tool.to_owned());
         forwarded.arguments = request.arguments;
-        match client.call_tool(forwarded).await {
-            Ok(result) => Ok(result.into()),
-            Err(rmcp::ServiceError::McpError(e)) => Err(e),
-            Err(e) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
-                "VM {vm:?}'s guest did not answer {tool}: {e}"
-            ))])
-            .into()),
+        let sent = client
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(Request::new(forwarded)),
+                PeerRequestOptions::no_options(),
+            )
+            .await;
+        let mut handle = match sent {
+            Ok(handle) => handle,
+            Err(e) => return failed(format!("VM {vm:?}'s guest did not take {tool}: {e}")),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let route = client.service().route(handle.progress_token.clone(), tx);
+        let forwarder = context.meta.get_progress_token().map(|upstream| {
+            let peer = context.peer.clone();
+            tokio::spawn(async move {
+                while let Some(mut progress) = rx.recv().await {
+                    progress.progress_token = upstream.clone();
+                    if peer.notify_progress(progress).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        });
+        let answer = tokio::select! {
+            answer = &mut handle.rx => Some(answer),
+            () = context.ct.cancelled() => None,
+        };
+        // Closing the route ends the forwarder once it has sent everything
+        // the guest reported, so all progress goes out before the result.
+        drop(route);
+        if let Some(forwarder) = forwarder {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), forwarder).await;
+        }
+        match answer {
+            None => {
+                let _ = handle
+                    .cancel(Some("cancelled by nexusd's client".into()))
+                    .await;
+                failed(format!("{vm}{PROXY_SEPARATOR}{tool} was cancelled"))
+            }
+            Some(Ok(Ok(ServerResult::CallToolResult(result)))) => Ok(result.into()),
+            Some(Ok(Ok(other))) => failed(format!(
+                "VM {vm:?}'s guest answered {tool} oddly: {other:?}"
+            )),
+            Some(Ok(Err(rmcp::ServiceError::McpError(e)))) => Err(e),
+            Some(Ok(Err(e))) => failed(format!("VM {vm:?}'s guest did not answer {tool}: {e}")),
+            Some(Err(_)) => failed(format!("VM {vm:?}'s guest went away during {tool}")),
         }
     }
 }
@@ -113,7 +152,7 @@ impl ServerHandler for NexusTools {
         }
         if let Some((vm, tool)) = request.name.split_once(PROXY_SEPARATOR) {
             let (vm, tool) = (vm.to_owned(), tool.to_owned());
-            return self.proxy(&vm, &tool, request).await;
+            return self.proxy(&vm, &tool, request, context).await;
         }
         Err(ErrorData::invalid_params(
             format!(
@@ -124,14 +163,33 @@ impl ServerHandler for NexusTools {
         ))
     }
 
+    /// Tells this session's client whenever VMs (and so tools) come and go.
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        let mut changes = self.daemon.subscribe_changes();
+        let peer = context.peer;
+        tokio::spawn(async move {
+            while changes.recv().await.is_ok() {
+                if peer.notify_tool_list_changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("nexusd", env!("CARGO_PKG_VERSION")))
-            .with_instructions(
-                "Nexus gives each agent its own microVM. spawn_vm makes one (list_images shows \
-                 what it can be made from); list_vms, vm_info, stop_vm, start_vm, destroy_vm and \
-                 vm_console manage them.",
-            )
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
+        )
+        .with_server_info(Implementation::new("nexusd", env!("CARGO_PKG_VERSION")))
+        .with_instructions(
+            "Nexus gives each agent its own microVM. spawn_vm makes one (list_images shows \
+                 what it can be made from); each running VM's own tools (exec, files, processes) \
+                 appear as VM__TOOL. snapshot_drive, restore_snapshot and fork_vm checkpoint, roll \
+                 back and branch a VM's workspace.",
+        )
     }
 }
 

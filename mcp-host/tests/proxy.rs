@@ -1,0 +1,170 @@
+//! The proxied guest tools beyond a plain call: the tool list changes (and
+//! clients are told) as VMs come and go, a guest's progress reaches the
+//! caller, and cancelling a proxied call kills the guest's work.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{State, can_run};
+use nexus_integration::ensure_default_image;
+use rmcp::model::{CallToolRequestParams, ClientRequest, ProgressNotificationParam, Request};
+use rmcp::service::{NotificationContext, PeerRequestOptions, RunningService};
+use rmcp::transport::TokioChildProcess;
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+#[derive(Clone, Default)]
+struct Watcher {
+    list_changed: Arc<AtomicUsize>,
+    progress: Arc<Mutex<Vec<String>>>,
+}
+
+impl ClientHandler for Watcher {
+    async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.list_changed.fetch_add(1, Ordering::SeqCst);
+    }
+    async fn on_progress(&self, p: ProgressNotificationParam, _: NotificationContext<RoleClient>) {
+        self.progress
+            .lock()
+            .unwrap()
+            .push(p.message.unwrap_or_default());
+    }
+}
+
+async fn call(client: &RunningService<RoleClient, Watcher>, tool: &str, args: Value) -> Value {
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new(tool.to_owned())
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+        .await
+        .unwrap();
+    assert_ne!(result.is_error, Some(true), "{tool}: {:?}", result.content);
+    result.structured_content.unwrap_or_default()
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..250 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_changes_progress_and_cancellation_cross_the_proxy() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let watcher = Watcher::default();
+    let client = watcher
+        .clone()
+        .serve(TokioChildProcess::new(state.command()).unwrap())
+        .await
+        .unwrap();
+    let caps = client
+        .peer_info()
+        .unwrap()
+        .capabilities
+        .tools
+        .clone()
+        .unwrap();
+    assert_eq!(caps.list_changed, Some(true));
+
+    call(&client, "spawn_vm", json!({"name": "p"})).await;
+    wait_for("list_changed after spawn", || {
+        watcher.list_changed.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+
+    // Progress of the guest's exec reaches this client, before the result.
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("p__exec").with_arguments(
+                    json!({"command": "echo one; sleep 0.3; echo two"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    handle.await_response().await.unwrap();
+    let progress = watcher.progress.lock().unwrap().clone();
+    assert!(
+        progress.contains(&"stdout: one\n".to_owned()),
+        "{progress:?}"
+    );
+    assert!(
+        progress.contains(&"stdout: two\n".to_owned()),
+        "{progress:?}"
+    );
+
+    // Cancelling a proxied call kills the command in the guest.
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("p__exec").with_arguments(
+                    json!({"command": "echo $$ > /workspace/pid; exec sleep 300"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    let mut pid = String::new();
+    for _ in 0..250 {
+        let read = client
+            .call_tool(
+                CallToolRequestParams::new("p__read_file")
+                    .with_arguments(json!({"path": "pid"}).as_object().unwrap().clone()),
+            )
+            .await
+            .unwrap();
+        if read.is_error != Some(true) {
+            pid = read.structured_content.unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .trim()
+                .to_owned();
+            if !pid.is_empty() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid.is_empty(), "the command started");
+    handle.cancel(Some("test".into())).await.unwrap();
+    let check = format!(
+        "for i in $(seq 100); do kill -0 {pid} 2>/dev/null || {{ echo gone; exit; }}; sleep 0.05; done; echo alive"
+    );
+    let out = call(&client, "p__exec", json!({"command": check})).await;
+    assert_eq!(
+        out["stdout"], "gone\n",
+        "the cancelled command was killed in the guest"
+    );
+
+    let before = watcher.list_changed.load(Ordering::SeqCst);
+    call(&client, "destroy_vm", json!({"vm": "p"})).await;
+    wait_for("list_changed after destroy", || {
+        watcher.list_changed.load(Ordering::SeqCst) > before
+    })
+    .await;
+    client.cancel().await.unwrap();
+}
