@@ -105,6 +105,7 @@ pub struct Daemon {
     guests: Mutex<HashMap<String, Arc<GuestSession>>>,
     /// Fires whenever the set of running VMs (and so of proxied tools) changes.
     changes: tokio::sync::broadcast::Sender<()>,
+    metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
 
@@ -150,12 +151,24 @@ impl Daemon {
             destroying: std::sync::Mutex::default(),
             guests: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(16).0,
+            metrics: crate::metrics::Metrics::new(),
             _lock: lock,
         }))
     }
 
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The Prometheus text exposition of this daemon's metrics.
+    pub async fn render_metrics(&self) -> String {
+        let running = self.running.lock().await.len();
+        let total = self.list().await.map_or(running, |l| l.len());
+        self.metrics.render(running, total.saturating_sub(running))
     }
 
     /// Notified whenever VMs start or stop, so sessions can tell their

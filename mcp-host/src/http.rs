@@ -1,4 +1,5 @@
-//! The HTTP front door: streamable HTTP MCP at `/mcp`, and `/healthz`.
+//! The HTTP front door: streamable HTTP MCP at `/mcp`, `/healthz` and
+//! `/metrics` (Prometheus text format).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,14 +14,39 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::Daemon;
 use crate::tools::NexusTools;
 
+/// Browser origins allowed to call `/mcp` (local tools such as the MCP
+/// inspector); any other `Origin` is refused, against DNS rebinding. The
+/// `Host` header must be a loopback name (rmcp's default).
+pub const LOOPBACK_ORIGINS: [&str; 3] =
+    ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"];
+
 pub fn router(daemon: Arc<Daemon>, shutdown: CancellationToken) -> Router {
+    let tools_daemon = daemon.clone();
     let mcp = StreamableHttpService::new(
-        move || Ok(NexusTools::new(daemon.clone())),
+        move || Ok(NexusTools::new(tools_daemon.clone())),
         LocalSessionManager::default().into(),
-        StreamableHttpServerConfig::default().with_cancellation_token(shutdown),
+        StreamableHttpServerConfig::default()
+            .with_allowed_origins(LOOPBACK_ORIGINS)
+            .enforce_origin_validation()
+            .with_cancellation_token(shutdown),
     );
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let daemon = daemon.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        daemon.render_metrics().await,
+                    )
+                }
+            }),
+        )
         .nest_service("/mcp", mcp)
 }
 

@@ -14,12 +14,14 @@
 //!   progress back to the caller of a proxied tool.
 //! - `state_lock`: one daemon per state directory.
 //! - `tools`: the MCP tools (handlers only translate).
-//! - `http`: the axum router (`/mcp`, `/healthz`) and the serve loop.
+//! - `metrics`: Prometheus counters and histograms for `/metrics`.
+//! - `http`: the axum router (`/mcp`, `/healthz`, `/metrics`) and the serve loop.
 
 pub mod config;
 pub mod daemon;
 pub mod guest_link;
 pub mod http;
+pub mod metrics;
 pub mod state_lock;
 pub mod tools;
 

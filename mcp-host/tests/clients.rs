@@ -7,14 +7,12 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Stdio;
 
 use common::{State, can_run};
 use nexus_integration::{ensure_default_image, workspace_root};
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn python() -> PathBuf {
     let python = workspace_root().join(".venv/bin/python");
@@ -62,30 +60,11 @@ async fn python_and_rust_clients_over_stdio_and_http_in_both_protocol_eras() {
         );
     }
 
-    let mut serve = tokio::process::Command::new(nexusd)
-        .args(["--state-dir", state_dir, "serve", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(serve.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("nexusd exited before listening");
-        if let Some(at) = line.find("http://") {
-            break line[at..].split_whitespace().next().unwrap().to_owned();
-        }
-    };
+    let (mut serve, url) = common::serve(&state).await;
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp"),
         "{url}"
     );
-    // Keep draining nexusd's log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     for mode in ["legacy", "auto"] {
         let seen = python_check(&["http", mode, &url]).await;

@@ -20,6 +20,7 @@ use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
 
 use crate::daemon::Daemon;
+use crate::metrics::Outcome;
 
 /// Proxied guest tools are named `<vm>__<tool>`.
 pub const PROXY_SEPARATOR: &str = "__";
@@ -127,19 +128,8 @@ impl NexusTools {
     }
 }
 
-#[tool_handler(router = self.tool_router)]
-impl ServerHandler for NexusTools {
-    async fn list_tools(
-        &self,
-        _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
-    ) -> Result<ListToolsResult, ErrorData> {
-        let mut tools = self.tool_router.list_all();
-        tools.extend(self.guest_tools().await);
-        Ok(ListToolsResult::with_all_items(tools))
-    }
-
-    async fn call_tool(
+impl NexusTools {
+    async fn dispatch(
         &self,
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
@@ -161,6 +151,38 @@ impl ServerHandler for NexusTools {
             ),
             None,
         ))
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for NexusTools {
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let mut tools = self.tool_router.list_all();
+        tools.extend(self.guest_tools().await);
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let tool = request.name.clone();
+        let started = std::time::Instant::now();
+        let response = self.dispatch(request, context).await;
+        let outcome = match &response {
+            Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => Outcome::ToolError,
+            Ok(_) => Outcome::Ok,
+            Err(_) => Outcome::ProtocolError,
+        };
+        self.daemon
+            .metrics()
+            .record_call(&tool, outcome, started.elapsed());
+        response
     }
 
     /// Tells this session's client whenever VMs (and so tools) come and go.

@@ -107,3 +107,31 @@ pub fn can_run() -> bool {
     }
     ok
 }
+
+/// `nexusd serve` on a free loopback port; returns the process and its
+/// `http://127.0.0.1:PORT/mcp` URL. Its log keeps being drained.
+pub async fn serve(state: &State) -> (tokio::process::Child, String) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_nexusd"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("nexusd exited before listening");
+        if let Some(at) = line.find("http://") {
+            break line[at..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (serve, url)
+}

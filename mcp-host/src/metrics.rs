@@ -1,0 +1,113 @@
+//! Prometheus metrics at `/metrics`: VMs by state, tool calls by tool and
+//! outcome, and call latency. Guest tools are counted as `guest:<tool>`
+//! (not per VM), so the number of series stays bounded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    tool: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToolLabel {
+    tool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+/// How a tool call ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    Ok,
+    /// A tool error (`isError`): the caller's input or the VM's state.
+    ToolError,
+    /// A JSON-RPC error: malformed arguments, unknown tool.
+    ProtocolError,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: Family<ToolLabel, Histogram>,
+    vms: Family<StateLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("nexus");
+        let calls = Family::<CallLabels, Counter>::default();
+        let latency = Family::<ToolLabel, Histogram>::new_with_constructor(|| {
+            // 100 us to ~26 s.
+            Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+        });
+        let vms = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "tool_calls",
+            "Tool calls by tool and outcome",
+            calls.clone(),
+        );
+        registry.register(
+            "tool_call_duration_seconds",
+            "Tool call latency",
+            latency.clone(),
+        );
+        registry.register("vms", "VMs by state", vms.clone());
+        Arc::new(Self {
+            registry,
+            calls,
+            latency,
+            vms,
+        })
+    }
+
+    pub fn record_call(&self, tool: &str, outcome: Outcome, took: Duration) {
+        let tool = match tool.split_once(crate::tools::PROXY_SEPARATOR) {
+            Some((_, guest_tool)) => format!("guest:{guest_tool}"),
+            None => tool.to_owned(),
+        };
+        let outcome = match outcome {
+            Outcome::Ok => "ok",
+            Outcome::ToolError => "tool_error",
+            Outcome::ProtocolError => "protocol_error",
+        };
+        self.calls
+            .get_or_create(&CallLabels {
+                tool: tool.clone(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&ToolLabel { tool })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The text exposition, with the VM counts as they are now.
+    pub fn render(&self, running: usize, stopped: usize) -> String {
+        for (state, n) in [("running", running), ("stopped", stopped)] {
+            self.vms
+                .get_or_create(&StateLabel {
+                    state: state.to_owned(),
+                })
+                .set(n as i64);
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

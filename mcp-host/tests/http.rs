@@ -1,0 +1,109 @@
+//! nexusd's HTTP surface: `/healthz`, `/metrics` after real calls, and the
+//! Host and Origin checks that keep web pages from driving it.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use common::{State, can_run};
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::StreamableHttpClientTransport;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One raw HTTP/1.1 exchange (the test needs to send headers a well-behaved
+/// client would not); returns the status code and the body.
+async fn raw(addr: &str, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn initialize(host: &str, origin: Option<&str>) -> String {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#;
+    let origin = origin
+        .map(|o| format!("Origin: {o}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "POST /mcp HTTP/1.1\r\nHost: {host}\r\n{origin}Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_host_origin_checks() {
+    if !can_run() {
+        return;
+    }
+    let state = State::new();
+    let (mut serve, url) = common::serve(&state).await;
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+
+    let (status, body) = raw(
+        &addr,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+
+    // A page on another site cannot reach /mcp, through rebinding (Host) or
+    // directly (Origin); a local tool in a browser can.
+    let (status, _) = raw(&addr, &initialize("evil.example", None)).await;
+    assert!((400..500).contains(&status), "foreign Host got {status}");
+    let (status, _) = raw(&addr, &initialize(&addr, Some("http://evil.example"))).await;
+    assert!((400..500).contains(&status), "foreign Origin got {status}");
+    let (status, _) = raw(&addr, &initialize(&addr, Some("http://localhost:6274"))).await;
+    assert_eq!(status, 200, "a loopback origin is allowed");
+
+    let client = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
+    client
+        .call_tool(CallToolRequestParams::new("list_images"))
+        .await
+        .unwrap();
+    let missing = client
+        .call_tool(
+            CallToolRequestParams::new("vm_info").with_arguments(
+                serde_json::json!({"vm": "ghost"})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing.is_error, Some(true));
+    client.cancel().await.unwrap();
+
+    let (status, metrics) = raw(
+        &addr,
+        &format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"nexus_tool_calls_total{tool="list_images",outcome="ok"} 1"#,
+        r#"nexus_tool_calls_total{tool="vm_info",outcome="tool_error"} 1"#,
+        r#"nexus_vms{state="running"} 0"#,
+        r#"nexus_tool_call_duration_seconds_count{tool="list_images"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert!(serve.wait().await.unwrap().success());
+}
