@@ -122,13 +122,6 @@ impl Daemon {
         }
         let storage = Arc::new(storage);
         import_built_images(&storage, &config.images_dir()).await?;
-        // A daemon killed before it could stop its VMs left them running
-        // with no one to drive them: stop them, and they show as stopped.
-        // (Adopting them instead is the next step.)
-        let leftovers = nexus_vmm::vm::reap_leftovers(&config.state_dir.join("run"));
-        if !leftovers.is_empty() {
-            tracing::warn!(vms = ?leftovers, "stopped VMs a previous nexusd left running");
-        }
         let vmm = QemuBackend::locate(None, None)
             .map(|backend| {
                 Vmm::new(
@@ -143,11 +136,46 @@ impl Daemon {
         if let Err(why) = &vmm {
             tracing::warn!(why, "VMs cannot be started until this is fixed");
         }
+        // A daemon killed before it could stop its VMs left them running:
+        // adopt those whose processes all live (their guests reconnect),
+        // and stop the rest, which then show as stopped.
+        let mut running = HashMap::new();
+        if let Ok(vmm) = &vmm {
+            let names: Vec<String> = {
+                let storage = storage.clone();
+                tokio::task::spawn_blocking(move || storage.list_vms())
+                    .await??
+                    .into_iter()
+                    .map(|d| d.vm)
+                    .collect()
+            };
+            for name in names {
+                let console = console_log_path(&config.state_dir, &name);
+                match vmm.adopt(&name, console, Duration::from_secs(15)).await {
+                    Ok(Some(vm)) => {
+                        running.insert(name, vm);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(vm = name, error = %e, "could not adopt a running VM"),
+                }
+            }
+        }
+        let keep: Vec<PathBuf> = running
+            .values()
+            .map(|vm| vm.run_dir().to_path_buf())
+            .collect();
+        let stopped = nexus_vmm::vm::reap_leftovers(&config.state_dir.join("run"), &keep);
+        if !running.is_empty() {
+            tracing::info!(vms = ?running.keys().collect::<Vec<_>>(), "adopted VMs a previous nexusd left running");
+        }
+        if !stopped.is_empty() {
+            tracing::warn!(vms = ?stopped, "stopped leftovers of VMs that could not be adopted");
+        }
         Ok(Arc::new(Self {
             config,
             storage,
             vmm,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(running),
             destroying: std::sync::Mutex::default(),
             guests: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(16).0,
@@ -609,6 +637,10 @@ async fn import_built_images(storage: &Arc<Storage>, dir: &std::path::Path) -> a
         .await??;
     }
     Ok(())
+}
+
+fn console_log_path(state_dir: &std::path::Path, name: &str) -> PathBuf {
+    state_dir.join("logs").join(format!("{name}.console"))
 }
 
 fn host_memory_mib() -> u64 {

@@ -1,6 +1,7 @@
-//! nexusd killed with SIGKILL while a VM runs: the next nexusd finds the
-//! VM's processes, stops them (nothing stays orphaned), shows the VM as
-//! stopped with its drives and snapshots intact, and can start it again.
+//! nexusd killed with SIGKILL while VMs run. The next nexusd adopts the
+//! VMs whose processes are all alive (their guests reconnect, their tools
+//! reappear) and marks the others stopped; nothing in the catalog is lost
+//! and no process or file is orphaned.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -11,11 +12,23 @@ use std::time::Duration;
 
 use common::{State, call, can_run};
 use nexus_integration::{ensure_default_image, process_alive, processes_mentioning};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use rmcp::ServiceExt;
 use serde_json::json;
 
+async fn gone(pid: u32) -> bool {
+    for _ in 0..250 {
+        if !process_alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vms_of_a_killed_daemon_are_stopped_not_orphaned_and_start_again() {
+async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
     if !can_run() {
         return;
     }
@@ -33,12 +46,15 @@ async fn vms_of_a_killed_daemon_are_stopped_not_orphaned_and_start_again() {
         .unwrap();
     let io = (first.stdout.take().unwrap(), first.stdin.take().unwrap());
     let client = ().serve(io).await.unwrap();
-    call(&client, "spawn_vm", json!({"name": "keep"}))
+    let live = call(&client, "spawn_vm", json!({"name": "live"}))
+        .await
+        .ok();
+    call(&client, "spawn_vm", json!({"name": "dead"}))
         .await
         .ok();
     call(
         &client,
-        "keep__write_file",
+        "live__write_file",
         json!({"path": "kept.txt", "content": "still here\n"}),
     )
     .await
@@ -46,53 +62,100 @@ async fn vms_of_a_killed_daemon_are_stopped_not_orphaned_and_start_again() {
     call(
         &client,
         "snapshot_drive",
-        json!({"vm": "keep", "name": "s"}),
+        json!({"vm": "live", "name": "s"}),
     )
     .await
     .ok();
-    let vm_processes = processes_mentioning(run.to_str().unwrap());
-    assert!(!vm_processes.is_empty());
+    let live_run = run.join(format!("live.{}", live["cid"]));
+    let dead_run = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("dead.")
+        })
+        .unwrap();
+    let live_pids = processes_mentioning(live_run.to_str().unwrap());
+    let dead_pids = processes_mentioning(dead_run.to_str().unwrap());
+    assert!(!live_pids.is_empty() && !dead_pids.is_empty());
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    kill(Pid::from_raw(first.id().unwrap() as i32), Signal::SIGKILL).unwrap();
     first.wait().await.unwrap();
     drop(client);
     assert!(
-        vm_processes.iter().all(|p| process_alive(*p)),
-        "the VM outlives its daemon"
+        live_pids
+            .iter()
+            .chain(&dead_pids)
+            .all(|p| process_alive(*p)),
+        "VMs outlive their daemon"
     );
+    // While no daemon runs, one VM's QEMU dies.
+    for pid in &dead_pids {
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+    }
 
     let client = state.client().await;
-    for pid in &vm_processes {
-        for _ in 0..250 {
-            if !process_alive(*pid) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(
-            !process_alive(*pid),
-            "process {pid} of the old daemon's VM was left running"
-        );
-    }
-    assert!(processes_mentioning(run.to_str().unwrap()).is_empty());
-    let info = call(&client, "vm_info", json!({"vm": "keep"})).await.ok();
-    assert_eq!(info["state"], "stopped");
-    let snaps = call(&client, "list_snapshots", json!({"vm": "keep"}))
-        .await
-        .ok();
-    assert_eq!(snaps["snapshots"][0]["name"], "s");
-
-    call(&client, "start_vm", json!({"vm": "keep"})).await.ok();
-    let read = call(&client, "keep__read_file", json!({"path": "kept.txt"}))
+    let info = call(&client, "vm_info", json!({"vm": "live"})).await.ok();
+    assert_eq!(
+        info["state"], "running",
+        "a VM whose processes live is adopted"
+    );
+    assert_eq!(info["cid"], live["cid"]);
+    assert!(
+        live_pids.iter().all(|p| process_alive(*p)),
+        "the same processes, not a reboot"
+    );
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(
+        tools.iter().any(|t| t.name == "live__exec"),
+        "its guest tools reappear"
+    );
+    let read = call(&client, "live__read_file", json!({"path": "kept.txt"}))
         .await
         .ok();
     assert_eq!(read["content"], "still here\n");
-    call(&client, "destroy_vm", json!({"vm": "keep"}))
+
+    let info = call(&client, "vm_info", json!({"vm": "dead"})).await.ok();
+    assert_eq!(
+        info["state"], "stopped",
+        "a VM whose processes died is marked stopped"
+    );
+    for pid in &dead_pids {
+        assert!(
+            gone(*pid).await,
+            "process {pid} of the dead VM was left running"
+        );
+    }
+    assert!(
+        !dead_run.exists(),
+        "the dead VM's run directory was removed"
+    );
+    let snaps = call(&client, "list_snapshots", json!({"vm": "live"}))
         .await
         .ok();
+    assert_eq!(
+        snaps["snapshots"][0]["name"], "s",
+        "the catalog lost nothing"
+    );
+
+    // The adopted VM is fully driven: stopped and destroyed cleanly.
+    let stopped = call(&client, "stop_vm", json!({"vm": "live"})).await.ok();
+    assert_eq!(stopped["state"], "stopped");
+    for pid in &live_pids {
+        assert!(
+            gone(*pid).await,
+            "process {pid} outlived stop_vm of an adopted VM"
+        );
+    }
+    call(&client, "start_vm", json!({"vm": "dead"})).await.ok();
+    for vm in ["live", "dead"] {
+        call(&client, "destroy_vm", json!({"vm": vm})).await.ok();
+    }
+    assert!(processes_mentioning(run.to_str().unwrap()).is_empty());
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
     client.cancel().await.unwrap();
 }

@@ -15,6 +15,8 @@ pub struct Watched {
     pub name: &'static str,
     pid: Option<Pid>,
     exit: watch::Receiver<Option<ExitStatus>>,
+    /// Not our child: we see that it ended, not how.
+    adopted: bool,
 }
 
 impl Watched {
@@ -33,7 +35,48 @@ impl Watched {
             name,
             pid,
             exit: rx,
+            adopted: false,
         }
+    }
+
+    /// Watches a running process that is not our child (one a previous
+    /// daemon started), through a pidfd that becomes readable when it ends.
+    pub fn adopt(name: &'static str, pid: u32) -> std::io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the syscall just returned this fd, owned by no one else.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        // SAFETY: the OwnedFd is a valid open pidfd that the AsyncFd owns and
+        // keeps open, always returning the same fd, for its whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)?;
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let _ = fd.readable().await;
+            tx.send_replace(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
+        });
+        Ok(Self {
+            name,
+            pid: Some(Pid::from_raw(pid as i32)),
+            exit: rx,
+            adopted: true,
+        })
+    }
+
+    /// How it ended, the way people read it.
+    pub fn exit_description(&self) -> Option<String> {
+        let status = self.exit_status()?;
+        Some(if self.adopted {
+            "ended (it was adopted, so its exit status is unknown)".to_owned()
+        } else {
+            describe(&status)
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {

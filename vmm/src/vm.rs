@@ -221,50 +221,144 @@ fn record_pids<'a>(run_dir: &Path, processes: impl Iterator<Item = &'a Watched>)
 /// a later one that reuses its pid.
 fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // A zombie has ended already: it is not a process to adopt.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 /// Stops the processes of VMs that nobody tracks any more (their run
 /// directories are still under `run_root`, e.g. after the daemon that
-/// started them was killed) and removes their run directories. Returns
-/// the names of the VMs found. Call it only when no VM of `run_root` is
-/// being tracked by this process.
-pub fn reap_leftovers(run_root: &Path) -> Vec<String> {
+/// started them was killed) and removes their run directories, except the
+/// directories in `keep` (VMs this process tracks). Returns the names of
+/// the VMs stopped.
+pub fn reap_leftovers(run_root: &Path, keep: &[PathBuf]) -> Vec<String> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir(run_root) else {
         return found;
     };
-    for dir in entries.flatten().map(|e| e.path()) {
-        let pids = std::fs::read_to_string(dir.join(PIDS_FILE)).unwrap_or_default();
-        for line in pids.lines() {
-            let mut f = line.split_whitespace();
-            let (Some(Ok(pid)), Some(Ok(ticks))) = (
-                f.next().map(str::parse::<u32>),
-                f.next().map(str::parse::<u64>),
-            ) else {
-                continue;
-            };
-            if pid > 1 && start_ticks(pid) == Some(ticks) {
+    for dir in entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|d| !keep.contains(d))
+    {
+        for (pid, ticks) in read_pids(&dir) {
+            if start_ticks(pid) == Some(ticks) {
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
-        if let Some(name) = dir
+        if let Some((name, _cid)) = dir
             .file_name()
             .and_then(|n| n.to_str())
             .and_then(|n| n.rsplit_once('.'))
         {
-            found.push(name.0.to_owned());
+            found.push(name.to_owned());
         }
     }
     found.sort();
     found
+}
+
+impl Vmm {
+    /// Takes over VM `name` left running by a process that is gone (a
+    /// killed daemon): its processes, recorded in its run directory, must
+    /// all be alive. The guest reconnects to the new readiness listener by
+    /// itself; `None` means there was nothing alive to adopt, or the guest
+    /// did not come back within `ready_timeout` (then it was stopped).
+    pub async fn adopt(
+        &self,
+        name: &str,
+        console_log: PathBuf,
+        ready_timeout: Duration,
+    ) -> Result<Option<Vm>, VmmError> {
+        let Some((run_dir, cid)) = self.find_run_dir(name) else {
+            return Ok(None);
+        };
+        let recorded = read_pids(&run_dir);
+        let alive = !recorded.is_empty()
+            && recorded
+                .iter()
+                .all(|(pid, ticks)| start_ticks(*pid) == Some(*ticks));
+        if !alive {
+            return Ok(None);
+        }
+        let lease = cid::lease(&self.config.cid_dir, cid)?;
+        let io = |action: &str| {
+            let (vm, action) = (name.to_owned(), action.to_owned());
+            move |source| VmmError::Io { vm, action, source }
+        };
+        let mut processes = Vec::new();
+        for (i, (pid, _)) in recorded.iter().enumerate() {
+            let role = if i == 0 { "vmm" } else { "helper" };
+            processes.push(Watched::adopt(role, *pid).map_err(io("watch its processes"))?);
+        }
+        let vmm = processes.remove(0);
+        let vsock_uds = run_dir.join("vsock.sock");
+        let readiness = Readiness::listen(&ready_socket(&vsock_uds))
+            .map_err(io("listen for the guest's readiness"))?;
+        let mut state = readiness.subscribe();
+        let mut exit = vmm.exit_watch();
+        let ready = tokio::time::timeout(ready_timeout, async {
+            tokio::select! {
+                ready = state.wait_for(|s| matches!(s, GuestState::Ready { .. })) => ready.is_ok(),
+                _ = exit.wait_for(Option::is_some) => false,
+            }
+        })
+        .await
+        .unwrap_or(false);
+        let vm = Vm {
+            name: name.to_owned(),
+            lease,
+            accel: Resolved::Tcg,
+            run_dir,
+            vsock_uds,
+            console_from: console::offset(&console_log),
+            console_log,
+            vmm,
+            helpers: processes,
+            readiness: Some(readiness),
+            ready_after: Duration::ZERO,
+            config: self.config.clone(),
+            finished: false,
+        };
+        if !ready {
+            tracing::warn!(
+                vm = name,
+                "adopted VM's guest never reconnected; stopping it"
+            );
+            vm.kill().await;
+            return Ok(None);
+        }
+        tracing::info!(vm = name, cid, "adopted a running VM");
+        Ok(Some(vm))
+    }
+
+    fn find_run_dir(&self, name: &str) -> Option<(PathBuf, u32)> {
+        std::fs::read_dir(&self.config.run_root)
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let file = e.file_name();
+                let (vm, cid) = file.to_str()?.rsplit_once('.')?;
+                (vm == name).then_some((e.path(), cid.parse().ok()?))
+            })
+    }
+}
+
+fn read_pids(run_dir: &Path) -> Vec<(u32, u64)> {
+    std::fs::read_to_string(run_dir.join(PIDS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .filter(|(pid, _)| *pid > 1)
+        .collect()
 }
 
 /// Hybrid vsock delivers guest connections to host port P on `<uds>_P`.
@@ -405,15 +499,14 @@ impl Vm {
 
     /// Why the VMM exited, if it has.
     pub fn exit_status(&self) -> Option<String> {
-        self.vmm.exit_status().map(|s| describe(&s))
+        self.vmm.exit_description()
     }
 
     /// Resolves when the VMM exits, with how it exited.
     pub async fn exited(&self) -> String {
         let mut exit = self.vmm.exit_watch();
         let _ = exit.wait_for(Option::is_some).await;
-        let status = *exit.borrow();
-        status.map(|s| describe(&s)).unwrap_or_default()
+        self.vmm.exit_description().unwrap_or_default()
     }
 
     /// The last lines this boot wrote to the console.
