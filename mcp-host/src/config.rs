@@ -1,38 +1,121 @@
-//! nexusd's configuration, validated without I/O.
+//! nexusd's configuration, in layers: built-in defaults, then a TOML file
+//! (`--config`), then environment variables and flags (clap reads both).
+//! Each layer is its own serde struct that refuses unknown keys; merging
+//! and validation do no I/O.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
 
 /// The embedded default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nexus";
 /// The embedded default HTTP address (loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
 
+/// The TOML file's keys; every one is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Where images, drives, snapshots and the catalog live.
+    pub state_dir: Option<PathBuf>,
+    /// Where streamable HTTP listens.
+    pub listen: Option<SocketAddr>,
+    /// Allow `listen` on a non-loopback address (there is no authentication
+    /// yet: only do this behind something that adds it).
+    pub allow_non_loopback: Option<bool>,
+    /// The admin Unix socket (default `<state_dir>/nexusd.sock`).
+    pub admin_socket: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })
+    }
+}
+
+/// What flags and environment variables set (clap fills this).
+#[derive(Debug, Default, Clone)]
+pub struct FlagConfig {
+    pub state_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// The validated configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where images, drives and the catalog live.
     pub state_dir: PathBuf,
-    /// Where streamable HTTP listens.
     pub listen: SocketAddr,
+    pub admin_socket: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("listen address {0} is not loopback: nexusd only listens on loopback for now")]
+    #[error("cannot read config file {path}: {why}")]
+    Read { path: PathBuf, why: String },
+    #[error("config file {path} is invalid: {why}")]
+    Parse { path: PathBuf, why: String },
+    #[error(
+        "listen address {0} is not loopback: nexusd has no authentication yet; set allow_non_loopback = true in the config file only behind a proxy that adds it"
+    )]
     NotLoopback(SocketAddr),
-    #[error("state directory {0:?} must be an absolute path")]
-    RelativeStateDir(PathBuf),
+    #[error("{what} {path:?} must be an absolute path")]
+    Relative { what: &'static str, path: PathBuf },
 }
 
 impl Config {
-    pub fn new(state_dir: PathBuf, listen: SocketAddr) -> Result<Self, ConfigError> {
-        if !listen.ip().is_loopback() {
+    /// Flags and environment over the file over the defaults.
+    pub fn merge(file: FileConfig, flags: FlagConfig) -> Result<Self, ConfigError> {
+        let state_dir = flags
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7777)));
+        let admin_socket = flags
+            .admin_socket
+            .or(file.admin_socket)
+            .unwrap_or_else(|| state_dir.join("nexusd.sock"));
+        if !listen.ip().is_loopback() && file.allow_non_loopback != Some(true) {
             return Err(ConfigError::NotLoopback(listen));
         }
-        if !state_dir.is_absolute() {
-            return Err(ConfigError::RelativeStateDir(state_dir));
+        for (what, path) in [
+            ("state directory", &state_dir),
+            ("admin socket", &admin_socket),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::Relative {
+                    what,
+                    path: path.clone(),
+                });
+            }
         }
-        Ok(Self { state_dir, listen })
+        Ok(Self {
+            state_dir,
+            listen,
+            admin_socket,
+        })
+    }
+
+    /// The defaults, with a state directory.
+    pub fn with_state_dir(state_dir: PathBuf) -> Result<Self, ConfigError> {
+        Self::merge(
+            FileConfig::default(),
+            FlagConfig {
+                state_dir: Some(state_dir),
+                ..FlagConfig::default()
+            },
+        )
     }
 
     pub fn images_dir(&self) -> PathBuf {
@@ -44,13 +127,63 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
     #[test]
-    fn only_loopback_and_absolute_paths_are_accepted() {
-        let ok = Config::new("/var/lib/nexus".into(), DEFAULT_LISTEN.parse().unwrap()).unwrap();
-        assert_eq!(ok.images_dir(), PathBuf::from("/var/lib/nexus/images"));
-        let err = Config::new("/x".into(), "0.0.0.0:7777".parse().unwrap()).unwrap_err();
-        assert!(err.to_string().contains("not loopback"));
-        let err = Config::new("rel".into(), DEFAULT_LISTEN.parse().unwrap()).unwrap_err();
-        assert!(err.to_string().contains("absolute"));
+    fn flags_beat_the_file_which_beats_the_defaults() {
+        let defaults = Config::merge(FileConfig::default(), FlagConfig::default()).unwrap();
+        assert_eq!(defaults.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(defaults.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(
+            defaults.admin_socket,
+            PathBuf::from("/var/lib/nexus/nexusd.sock")
+        );
+
+        let from_file = file("state_dir = \"/srv/nexus\"\nlisten = \"127.0.0.1:9000\"\n");
+        let merged = Config::merge(from_file.clone(), FlagConfig::default()).unwrap();
+        assert_eq!(merged.state_dir, PathBuf::from("/srv/nexus"));
+        assert_eq!(merged.listen.port(), 9000);
+        assert_eq!(merged.admin_socket, PathBuf::from("/srv/nexus/nexusd.sock"));
+
+        let flags = FlagConfig {
+            listen: Some("127.0.0.1:9100".parse().unwrap()),
+            ..FlagConfig::default()
+        };
+        let merged = Config::merge(from_file, flags).unwrap();
+        assert_eq!(merged.listen.port(), 9100);
+        assert_eq!(merged.state_dir, PathBuf::from("/srv/nexus"));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let err = toml::from_str::<FileConfig>("stat_dir = \"/x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `stat_dir`"), "{err}");
+        let open = FlagConfig {
+            listen: Some("0.0.0.0:7777".parse().unwrap()),
+            ..FlagConfig::default()
+        };
+        let err = Config::merge(FileConfig::default(), open.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not loopback") && err.contains("allow_non_loopback"),
+            "{err}"
+        );
+        assert!(Config::merge(file("allow_non_loopback = true"), open).is_ok());
+        let err = Config::with_state_dir("relative".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be an absolute path"), "{err}");
+        let err = FileConfig::load(Path::new("/nonexistent/nexusd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read config file /nonexistent/nexusd.toml"),
+            "{err}"
+        );
     }
 }

@@ -50,22 +50,38 @@ pub fn router(daemon: Arc<Daemon>, shutdown: CancellationToken) -> Router {
         .nest_service("/mcp", mcp)
 }
 
-/// Serves HTTP on `listen` until `shutdown` resolves. `on_listen` learns
-/// the bound address.
+/// Serves the same endpoints on TCP `listen` and on the admin Unix socket
+/// (owner-only permissions) until `shutdown` resolves. `on_listen` learns
+/// the bound TCP address.
 pub async fn serve(
     daemon: Arc<Daemon>,
     listen: std::net::SocketAddr,
+    admin_socket: &std::path::Path,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_listen: impl FnOnce(std::net::SocketAddr),
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    // A socket file left by a daemon that died is ours to replace: the
+    // state-directory lock says no other daemon is alive.
+    let _ = std::fs::remove_file(admin_socket);
+    let admin = tokio::net::UnixListener::bind(admin_socket)?;
+    std::fs::set_permissions(
+        admin_socket,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     on_listen(listener.local_addr()?);
     let cancel = CancellationToken::new();
     let app = router(daemon, cancel.child_token());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            cancel.cancel();
-        })
-        .await
+    let (tcp_stop, unix_stop) = (cancel.clone(), cancel.clone());
+    let tcp = axum::serve(listener, app.clone())
+        .with_graceful_shutdown(async move { tcp_stop.cancelled().await });
+    let unix =
+        axum::serve(admin, app).with_graceful_shutdown(async move { unix_stop.cancelled().await });
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    let (tcp, unix) = tokio::join!(tcp, unix);
+    let _ = std::fs::remove_file(admin_socket);
+    tcp.and(unix)
 }

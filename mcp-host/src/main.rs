@@ -5,33 +5,47 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use nexus_host::config::{Config, DEFAULT_LISTEN, DEFAULT_STATE_DIR};
+use nexus_host::config::{Config, FileConfig, FlagConfig};
 use nexus_host::daemon::Daemon;
 use nexus_host::tools::NexusTools;
 use rmcp::ServiceExt;
 
 /// nexusd gives every AI agent its own microVM and is itself an MCP server.
 ///
-/// State (the btrfs pool, the catalog, VM logs) lives in --state-dir; images
-/// built into <state-dir>/images/<name> are imported at start. One nexusd
-/// owns a state directory: a second one is refused.
+/// Configuration comes in layers: built-in defaults, then the TOML file
+/// given by --config (keys: state_dir, listen, allow_non_loopback,
+/// admin_socket), then environment variables and flags, which win.
+///
+/// State (the btrfs pool, the catalog, VM logs) lives in the state
+/// directory; images built into <state-dir>/images/<name> are imported at
+/// start. One nexusd owns a state directory: a second one (serve or stdio)
+/// is refused with the first one's pid; connect to the running one
+/// instead. VMs a killed nexusd left running are adopted at start.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Cli {
-    /// Where images, drives, snapshots and the catalog live.
-    #[arg(long, global = true, env = "NEXUS_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
+    /// A TOML configuration file.
+    #[arg(long, global = true, env = "NEXUS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where images, drives, snapshots and the catalog live [default: /var/lib/nexus].
+    #[arg(long, global = true, env = "NEXUS_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Serve MCP over streamable HTTP at http://ADDR/mcp (and /healthz).
+    /// Serve MCP over streamable HTTP at http://ADDR/mcp (with /healthz and
+    /// /metrics), and the same on the admin Unix socket.
     Serve {
-        /// Loopback address to listen on.
-        #[arg(long, env = "NEXUS_LISTEN", default_value = DEFAULT_LISTEN)]
-        listen: SocketAddr,
+        /// Address to listen on; loopback only unless the config file sets
+        /// allow_non_loopback [default: 127.0.0.1:7777].
+        #[arg(long, env = "NEXUS_LISTEN", value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+        /// The admin Unix socket, owner-only [default: <state-dir>/nexusd.sock].
+        #[arg(long, env = "NEXUS_ADMIN_SOCKET", value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
     },
     /// Serve MCP over standard input and output (logs go to stderr).
     Stdio,
@@ -48,19 +62,39 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let (listen, admin_socket) = match &cli.command {
+        Cmd::Serve {
+            listen,
+            admin_socket,
+        } => (*listen, admin_socket.clone()),
+        Cmd::Stdio => (None, None),
+    };
+    let config = Config::merge(
+        file,
+        FlagConfig {
+            state_dir: cli.state_dir,
+            listen,
+            admin_socket,
+        },
+    )?;
     match cli.command {
-        Cmd::Serve { listen } => {
-            let config = Config::new(cli.state_dir, listen)?;
+        Cmd::Serve { .. } => {
+            let (listen, admin) = (config.listen, config.admin_socket.clone());
             let daemon = Daemon::open(config).await?;
-            let state = daemon.storage().pool().root().display().to_string();
+            let pool = daemon.storage().pool().root().display().to_string();
             nexus_host::http::serve(
                 daemon.clone(),
                 listen,
+                &admin,
                 async {
                     let _ = tokio::signal::ctrl_c().await;
                 },
                 |addr| {
-                    tracing::info!(pool = %state, "nexusd listening on http://{addr}/mcp (health: http://{addr}/healthz)");
+                    tracing::info!(pool = %pool, admin = %admin.display(), "nexusd listening on http://{addr}/mcp (health: http://{addr}/healthz)");
                 },
             )
             .await
@@ -69,7 +103,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Stdio => {
-            let config = Config::new(cli.state_dir, DEFAULT_LISTEN.parse()?)?;
             let daemon = Daemon::open(config).await?;
             let running = NexusTools::new(daemon.clone())
                 .serve(rmcp::transport::stdio())
