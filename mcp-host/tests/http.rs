@@ -100,10 +100,83 @@ async fn health_metrics_and_host_origin_checks() {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
 
+    // The admin Unix socket serves the same endpoints, to its owner only.
+    let admin = state.path().join("nexusd.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&admin).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let mut stream = tokio::net::UnixStream::connect(&admin).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"),
+        "{answer}"
+    );
+
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     assert!(serve.wait().await.unwrap().success());
+    assert!(!admin.exists(), "the admin socket is removed at shutdown");
+}
+
+#[tokio::test]
+async fn a_config_file_sets_what_flags_do_not_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nexusd.toml");
+    std::fs::write(&config, "listen = \"0.0.0.0:7777\"\n").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nexusd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("serve")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("0.0.0.0:7777 is not loopback"), "{stderr}");
+    assert!(
+        !dir.path().join("state").exists(),
+        "a refused config changes nothing"
+    );
+    std::fs::write(&config, "listen = \"127.0.0.1:7777\"\nsecret = 1\n").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nexusd"))
+        .arg("--config")
+        .arg(&config)
+        .arg("stdio")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is invalid") && stderr.contains("unknown field `secret`"),
+        "{stderr}"
+    );
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_nexusd"))
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for documented in [
+        "--config",
+        "NEXUS_CONFIG",
+        "--state-dir",
+        "NEXUS_STATE_DIR",
+        "allow_non_loopback",
+        "admin_socket",
+    ] {
+        assert!(
+            help.contains(documented),
+            "--help does not document {documented}"
+        );
+    }
 }
