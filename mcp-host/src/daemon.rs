@@ -92,6 +92,8 @@ pub struct SpawnRequest {
 }
 
 pub const DEFAULT_IMAGE: &str = "default";
+/// How long a proxied call waits for a restarting guest-mcp.
+const GUEST_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_WORKSPACE_GIB: u64 = 1024;
 
 pub struct Daemon {
@@ -466,6 +468,8 @@ impl Daemon {
         let vm = running
             .get(name)
             .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+        // A guest-mcp that just restarted is back within a second or two.
+        vm.wait_ready(GUEST_RETURN_TIMEOUT).await;
         let stream = vm.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
         drop(running);
         let client = Arc::new(GuestEvents::default().serve(stream).await.map_err(|e| {
@@ -476,6 +480,12 @@ impl Daemon {
         })?);
         guests.insert(name.to_owned(), client.clone());
         Ok(client)
+    }
+
+    /// Drops a guest session found dead and opens a new one.
+    pub async fn reconnect_guest(&self, name: &str) -> Result<Arc<GuestSession>> {
+        self.guests.lock().await.remove(name);
+        self.guest(name).await
     }
 
     /// Names of the running VMs.

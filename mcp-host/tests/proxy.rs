@@ -160,6 +160,18 @@ async fn list_changes_progress_and_cancellation_cross_the_proxy() {
         "the cancelled command was killed in the guest"
     );
 
+    // guest-mcp crashes; init restarts it; the next proxied call reopens
+    // the session by itself.
+    call(
+        &client,
+        "p__process_start",
+        json!({"command": "sleep 0.2; kill -9 $(pidof guest-mcp)"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let out = call(&client, "p__exec", json!({"command": "echo back"})).await;
+    assert_eq!(out["stdout"], "back\n");
+
     let before = watcher.list_changed.load(Ordering::SeqCst);
     call(&client, "destroy_vm", json!({"vm": "p"})).await;
     wait_for("list_changed after destroy", || {

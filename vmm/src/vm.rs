@@ -491,6 +491,21 @@ impl Vm {
             .collect()
     }
 
+    /// Waits up to `timeout` for the guest to be ready (again, after a
+    /// guest-mcp restart); returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let Some(readiness) = &self.readiness else {
+            return false;
+        };
+        let mut state = readiness.subscribe();
+        tokio::time::timeout(
+            timeout,
+            state.wait_for(|s| matches!(s, GuestState::Ready { .. })),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
     pub fn guest_state(&self) -> GuestState {
         self.readiness
             .as_ref()

@@ -19,7 +19,7 @@ use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, GuestSession};
 use crate::metrics::Outcome;
 
 /// Proxied guest tools are named `<vm>__<tool>`.
@@ -77,12 +77,23 @@ impl NexusTools {
         };
         let mut forwarded = CallToolRequestParams::new(tool.to_owned());
         forwarded.arguments = request.arguments;
-        let sent = client
-            .send_cancellable_request(
-                ClientRequest::CallToolRequest(Request::new(forwarded)),
-                PeerRequestOptions::no_options(),
-            )
-            .await;
+        let send = |client: Arc<GuestSession>, params: CallToolRequestParams| async move {
+            let sent = client
+                .send_cancellable_request(
+                    ClientRequest::CallToolRequest(Request::new(params)),
+                    PeerRequestOptions::no_options(),
+                )
+                .await;
+            (client, sent)
+        };
+        let (mut client, mut sent) = send(client, forwarded.clone()).await;
+        if matches!(sent, Err(rmcp::ServiceError::TransportClosed)) {
+            // guest-mcp restarted under a session we had not yet seen close.
+            match self.daemon.reconnect_guest(vm).await {
+                Ok(fresh) => (client, sent) = send(fresh, forwarded).await,
+                Err(e) => return failed(format!("cannot reach VM {vm:?}'s tools: {e}")),
+            }
+        }
         let mut handle = match sent {
             Ok(handle) => handle,
             Err(e) => return failed(format!("VM {vm:?}'s guest did not take {tool}: {e}")),
