@@ -92,6 +92,10 @@ pub struct SpawnRequest {
 }
 
 pub const DEFAULT_IMAGE: &str = "default";
+/// Where a long operation reports its steps: (step number, message).
+pub type Progress = tokio::sync::mpsc::UnboundedSender<(f64, String)>;
+/// The steps `spawn` reports.
+pub const SPAWN_STEPS: f64 = 3.0;
 /// How long a proxied call waits for a restarting guest-mcp.
 const GUEST_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_WORKSPACE_GIB: u64 = 1024;
@@ -224,7 +228,12 @@ impl Daemon {
 
     /// Creates a VM's drives and boots it; returns once its guest is ready.
     /// On any failure nothing of the VM remains.
-    pub async fn spawn(&self, req: SpawnRequest) -> Result<VmInfo> {
+    pub async fn spawn(&self, req: SpawnRequest, progress: Option<Progress>) -> Result<VmInfo> {
+        let say = |step: f64, message: String| {
+            if let Some(progress) = &progress {
+                let _ = progress.send((step, message));
+            }
+        };
         let name = match req.name {
             Some(name) => name,
             None => self.free_name().await?,
@@ -267,6 +276,10 @@ impl Daemon {
         if let Err(why) = &self.vmm {
             return Err(DaemonError::NoBackend(why.clone()));
         }
+        say(
+            1.0,
+            format!("creating the drives of {name} from image {image}"),
+        );
         let config = serde_json::to_string(&VmConfig { vcpus, memory_mib })
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
         {
@@ -277,13 +290,22 @@ impl Daemon {
             })
             .await?;
         }
+        say(
+            2.0,
+            format!("booting {name} ({vcpus} vCPU, {memory_mib} MiB)"),
+        );
         if let Err(e) = self.boot(&name).await {
             let doomed = name.clone();
             let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
             let _ = std::fs::remove_file(self.console_log(&name));
             return Err(e);
         }
-        self.info(&name).await
+        let info = self.info(&name).await?;
+        say(
+            3.0,
+            format!("{name} is ready ({} ms)", info.ready_ms.unwrap_or_default()),
+        );
+        Ok(info)
     }
 
     pub async fn start(&self, name: &str) -> Result<VmInfo> {

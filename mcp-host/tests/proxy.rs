@@ -81,7 +81,25 @@ async fn list_changes_progress_and_cancellation_cross_the_proxy() {
         .unwrap();
     assert_eq!(caps.list_changed, Some(true));
 
-    call(&client, "spawn_vm", json!({"name": "p"})).await;
+    // spawn_vm reports its steps to a client that asks for progress.
+    let handle = client
+        .send_cancellable_request(
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("spawn_vm")
+                    .with_arguments(json!({"name": "p"}).as_object().unwrap().clone()),
+            )),
+            PeerRequestOptions::no_options(),
+        )
+        .await
+        .unwrap();
+    handle.await_response().await.unwrap();
+    let steps = std::mem::take(&mut *watcher.progress.lock().unwrap());
+    assert_eq!(steps.len(), 3, "{steps:?}");
+    assert!(
+        steps[0].starts_with("creating the drives of p") && steps[1].starts_with("booting p"),
+        "{steps:?}"
+    );
+    assert!(steps[2].starts_with("p is ready"), "{steps:?}");
     wait_for("list_changed after spawn", || {
         watcher.list_changed.load(Ordering::SeqCst) >= 1
     })

@@ -9,7 +9,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{NexusTools, done};
-use crate::daemon::{SpawnRequest, VmInfo};
+use crate::daemon::{SPAWN_STEPS, SpawnRequest, VmInfo};
+use rmcp::RoleServer;
+use rmcp::model::ProgressNotificationParam;
+use rmcp::service::RequestContext;
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -84,19 +87,40 @@ impl NexusTools {
     async fn spawn_vm(
         &self,
         Parameters(p): Parameters<SpawnVmParams>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
-        let info = self
-            .daemon
-            .spawn(SpawnRequest {
-                name: p.name,
-                image: p.image,
-                vcpus: p.vcpus,
-                memory_mib: p.memory_mib,
-                workspace_gib: p.workspace_gib,
-                from_snapshot: p.from_snapshot,
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        let (progress, forwarder) = match ctx.meta.get_progress_token() {
+            Some(token) => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, String)>();
+                let peer = ctx.peer.clone();
+                let forwarder = tokio::spawn(async move {
+                    while let Some((step, message)) = rx.recv().await {
+                        let param = ProgressNotificationParam::new(token.clone(), step)
+                            .with_total(SPAWN_STEPS)
+                            .with_message(message);
+                        if peer.notify_progress(param).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                (Some(tx), Some(forwarder))
+            }
+            None => (None, None),
+        };
+        let request = SpawnRequest {
+            name: p.name,
+            image: p.image,
+            vcpus: p.vcpus,
+            memory_mib: p.memory_mib,
+            workspace_gib: p.workspace_gib,
+            from_snapshot: p.from_snapshot,
+        };
+        let spawned = self.daemon.spawn(request, progress).await;
+        if let Some(forwarder) = forwarder {
+            // The sender went with `spawn`: the forwarder drains and ends.
+            let _ = forwarder.await;
+        }
+        let info = spawned.map_err(|e| e.to_string())?;
         let ready = info
             .ready_ms
             .map(|ms| format!(", ready in {ms} ms"))
