@@ -183,6 +183,28 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("already owns state directory"), "{stderr}");
 
-    call(&client, "destroy_vm", json!({"vm": "one"})).await.ok();
-    client.cancel().await.unwrap();
+    // A snapshot asked for while the VM is being destroyed is refused
+    // clearly (the destroy, already under way, stops the VM first).
+    let client = std::sync::Arc::new(client);
+    let destroying = tokio::spawn({
+        let client = client.clone();
+        async move { call(&client, "destroy_vm", json!({"vm": "one"})).await.ok() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let err = call(&client, "snapshot_drive", json!({"vm": "one"}))
+        .await
+        .err();
+    assert!(
+        err.contains("VM \"one\" is being destroyed")
+            || err.contains("is busy with destroy")
+            // Under load the destroy may have finished already.
+            || err.contains("VM \"one\" does not exist"),
+        "{err}"
+    );
+    destroying.await.unwrap();
+    let list = call(&client, "list_snapshots", json!({})).await.ok();
+    assert!(
+        list["snapshots"].as_array().unwrap().is_empty(),
+        "no snapshot was half-made"
+    );
 }
