@@ -13,9 +13,9 @@ use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientRequest, ContentBlock,
     Implementation, ListToolsResult, PaginatedRequestParams, Request, ServerCapabilities,
-    ServerConfig, ServerResult, Tool,
+    ServerConfig, ServerResult, SubscriptionFilter, Tool,
 };
-use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext};
+use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
 
@@ -24,6 +24,8 @@ use crate::metrics::Outcome;
 
 /// Proxied guest tools are named `<vm>__<tool>`.
 pub const PROXY_SEPARATOR: &str = "__";
+/// How long a client may cache `tools/list`.
+pub const TOOLS_TTL_MS: u64 = 2000;
 
 #[derive(Clone)]
 pub struct NexusTools {
@@ -174,7 +176,9 @@ impl ServerHandler for NexusTools {
     ) -> Result<ListToolsResult, ErrorData> {
         let mut tools = self.tool_router.list_all();
         tools.extend(self.guest_tools().await);
-        Ok(ListToolsResult::with_all_items(tools))
+        // Tools come and go with VMs: a client that does not listen for
+        // changes should not cache the list for long.
+        Ok(ListToolsResult::with_all_items(tools).with_ttl_ms(TOOLS_TTL_MS))
     }
 
     async fn call_tool(
@@ -196,7 +200,34 @@ impl ServerHandler for NexusTools {
         response
     }
 
-    /// Tells this session's client whenever VMs (and so tools) come and go.
+    /// 2026-07-28 clients learn of tool list changes on a
+    /// `subscriptions/listen` stream.
+    fn accepted_subscription_filter(
+        &self,
+        _requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        // The SDK intersects this with what was requested and advertised.
+        Some(SubscriptionFilter::builder().tools_list_changed().build())
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let mut changes = self.daemon.subscribe_changes();
+        loop {
+            tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                changed = changes.recv() => {
+                    if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed))
+                        || context.sink().notify_tool_list_changed().await.is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells a legacy (2025-11-25) session's client whenever VMs (and so
+    /// tools) come and go.
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
         let mut changes = self.daemon.subscribe_changes();
         let peer = context.peer;

@@ -1,0 +1,67 @@
+//! A 2026-07-28 client (no initialize handshake; `server/discover`) gets
+//! tool list changes on a `subscriptions/listen` stream, and `tools/list`
+//! carries a short TTL for clients that do not listen.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::time::Duration;
+
+use common::{State, can_run};
+use nexus_integration::ensure_default_image;
+use rmcp::model::{CallToolRequestParams, ProtocolVersion, ServerNotification, SubscriptionFilter};
+use rmcp::transport::TokioChildProcess;
+use rmcp::{ClientLifecycleMode, ClientServiceExt};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2026_client_hears_of_new_tools_on_its_subscription() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let client = ()
+        .serve_with_lifecycle(
+            TokioChildProcess::new(state.command()).unwrap(),
+            ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            },
+        )
+        .await
+        .unwrap();
+
+    let listed = client.list_tools(None).await.unwrap();
+    assert_eq!(listed.ttl_ms, Some(nexus_host::tools::TOOLS_TTL_MS));
+    let mut changes = client
+        .listen(SubscriptionFilter::builder().tools_list_changed().build())
+        .await
+        .unwrap();
+
+    let args = json!({"name": "modern"}).as_object().unwrap().clone();
+    let spawned = client
+        .call_tool(CallToolRequestParams::new("spawn_vm").with_arguments(args))
+        .await
+        .unwrap();
+    assert_ne!(spawned.is_error, Some(true), "{:?}", spawned.content);
+    let heard = tokio::time::timeout(Duration::from_secs(30), changes.next())
+        .await
+        .expect("a tools/list_changed on the subscription")
+        .unwrap()
+        .expect("the subscription stays open");
+    assert!(
+        matches!(heard, ServerNotification::ToolListChangedNotification(_)),
+        "{heard:?}"
+    );
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(tools.iter().any(|t| t.name == "modern__exec"));
+
+    let args = json!({"vm": "modern"}).as_object().unwrap().clone();
+    client
+        .call_tool(CallToolRequestParams::new("destroy_vm").with_arguments(args))
+        .await
+        .unwrap();
+    client.cancel().await.unwrap();
+}
