@@ -480,6 +480,11 @@ impl Daemon {
     /// The guest-mcp session of a running VM, opened on first use and
     /// opened again if it was closed (guest-mcp restarted).
     pub async fn guest(&self, name: &str) -> Result<Arc<GuestSession>> {
+        if !self.running.lock().await.contains_key(name) {
+            // Say whether the VM is stopped or does not exist at all.
+            self.known(name).await?;
+            return Err(DaemonError::NotRunning(name.to_owned()));
+        }
         let mut guests = self.guests.lock().await;
         if let Some(client) = guests.get(name)
             && !client.is_closed()

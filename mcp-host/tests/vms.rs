@@ -148,6 +148,12 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
             json!({"vm": "ghost", "lines": 0}),
             "`lines` must be between 1 and 1000",
         ),
+        (
+            "ghost__exec",
+            json!({"command": "true"}),
+            "VM \"ghost\" does not exist",
+        ),
+        ("bad/name__exec", json!({"command": "true"}), "is invalid"),
     ];
     for (tool, args, expected) in cases {
         let err = call(&client, tool, args.clone()).await.err();
