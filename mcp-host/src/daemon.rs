@@ -98,6 +98,10 @@ pub type Progress = tokio::sync::mpsc::UnboundedSender<(f64, String)>;
 pub const SPAWN_STEPS: f64 = 3.0;
 /// How long a proxied call waits for a restarting guest-mcp.
 const GUEST_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an MCP handshake with a guest may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest has to freeze, thaw, unmount or mount.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_WORKSPACE_GIB: u64 = 1024;
 
 pub struct Daemon {
@@ -107,6 +111,9 @@ pub struct Daemon {
     running: Mutex<HashMap<String, Vm>>,
     /// VMs whose destruction is under way: nothing else may start on them.
     destroying: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Serialises the operations on one VM (spawn, start, stop, destroy,
+    /// snapshot, restore), so none runs on a VM another is changing.
+    vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// One guest-mcp session per running VM, for proxied tools.
     guests: Mutex<HashMap<String, Arc<GuestSession>>>,
     /// Fires whenever the set of running VMs (and so of proxied tools) changes.
@@ -183,6 +190,7 @@ impl Daemon {
             vmm,
             running: Mutex::new(running),
             destroying: std::sync::Mutex::default(),
+            vm_locks: std::sync::Mutex::default(),
             guests: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(16).0,
             metrics: crate::metrics::Metrics::new(),
@@ -282,11 +290,16 @@ impl Daemon {
         );
         let config = serde_json::to_string(&VmConfig { vcpus, memory_mib })
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let _op = self.lock_vm(&name).await;
         {
             let (name, image) = (name.clone(), image.clone());
             self.blocking(move |s| {
                 s.create_vm_drives(&name, &image, workspace)?;
-                s.set_vm_config(&name, &config)
+                let configured = s.set_vm_config(&name, &config);
+                if configured.is_err() {
+                    let _ = s.destroy_vm_drives(&name);
+                }
+                configured
             })
             .await?;
         }
@@ -310,6 +323,9 @@ impl Daemon {
 
     pub async fn start(&self, name: &str) -> Result<VmInfo> {
         self.known(name).await?;
+        self.check_not_destroying(name)?;
+        let _op = self.lock_vm(name).await;
+        self.known(name).await?;
         if self.running.lock().await.contains_key(name) {
             return Err(DaemonError::Running(name.to_owned()));
         }
@@ -320,6 +336,7 @@ impl Daemon {
     pub async fn stop(&self, name: &str) -> Result<VmInfo> {
         self.known(name).await?;
         self.check_not_destroying(name)?;
+        let _op = self.lock_vm(name).await;
         self.guests.lock().await.remove(name);
         let vm = self
             .running
@@ -339,9 +356,12 @@ impl Daemon {
         if !self.lock_destroying().insert(name.to_owned()) {
             return Err(DaemonError::Destroying(name.to_owned()));
         }
+        let _op = self.lock_vm(name).await;
         let result = async {
             self.guests.lock().await.remove(name);
-            if let Some(vm) = self.running.lock().await.remove(name) {
+            // Take the VM out first: the map must not stay locked while it stops.
+            let vm = self.running.lock().await.remove(name);
+            if let Some(vm) = vm {
                 vm.stop().await;
                 self.changed();
             }
@@ -353,6 +373,18 @@ impl Daemon {
         .await;
         self.lock_destroying().remove(name);
         result
+    }
+
+    /// Waits for exclusive use of VM `name` for one operation.
+    async fn lock_vm(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .vm_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     fn lock_destroying(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
@@ -377,6 +409,8 @@ impl Daemon {
     ) -> Result<SnapshotInfo> {
         self.known(name).await?;
         self.check_not_destroying(name)?;
+        let _op = self.lock_vm(name).await;
+        self.known(name).await?;
         let drive = drive.unwrap_or_else(|| nexus_storage::WORKSPACE_DRIVE.to_owned());
         let control = self.control(name).await?;
         let vm = name.to_owned();
@@ -415,6 +449,16 @@ impl Daemon {
     pub async fn restore(&self, name: &str, snapshot: &str) -> Result<SnapshotInfo> {
         self.known(name).await?;
         self.check_not_destroying(name)?;
+        let _op = self.lock_vm(name).await;
+        let (vm, snap) = (name.to_owned(), snapshot.to_owned());
+        let target = self.blocking(move |s| s.snapshot(&vm, &snap)).await?;
+        let running = self.running.lock().await.contains_key(name);
+        if running && target.drive != nexus_storage::WORKSPACE_DRIVE {
+            return Err(DaemonError::Invalid(format!(
+                "snapshot {snapshot:?} is of the {} drive, which a running VM cannot give up: stop_vm {name} first",
+                target.drive
+            )));
+        }
         let control = self.control(name).await?;
         let (vm, snap) = (name.to_owned(), snapshot.to_owned());
         let handle = tokio::runtime::Handle::current();
@@ -447,6 +491,7 @@ impl Daemon {
         if let Err(why) = &self.vmm {
             return Err(DaemonError::NoBackend(why.clone()));
         }
+        let _op = self.lock_vm(&name).await;
         let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
         self.blocking(move |s| {
             let config = s.vm_config(&from)?;
@@ -464,17 +509,12 @@ impl Daemon {
 
     /// A session with a running VM's control channel, or None if it is stopped.
     async fn control(&self, name: &str) -> Result<Option<RunningService<RoleClient, ()>>> {
-        let running = self.running.lock().await;
-        let Some(vm) = running.get(name) else {
+        let endpoint = self.running.lock().await.get(name).map(Vm::endpoint);
+        let Some(endpoint) = endpoint else {
             return Ok(None);
         };
-        let stream = vm.connect(nexus_vmm::GUEST_CONTROL_PORT).await?;
-        drop(running);
-        let client = ().serve(stream).await.map_err(|e| DaemonError::Guest {
-            vm: name.to_owned(),
-            why: e.to_string(),
-        })?;
-        Ok(Some(client))
+        let stream = endpoint.connect(nexus_vmm::GUEST_CONTROL_PORT).await?;
+        handshake(name, ().serve(stream)).await.map(Some)
     }
 
     /// The guest-mcp session of a running VM, opened on first use and
@@ -485,27 +525,28 @@ impl Daemon {
             self.known(name).await?;
             return Err(DaemonError::NotRunning(name.to_owned()));
         }
-        let mut guests = self.guests.lock().await;
-        if let Some(client) = guests.get(name)
+        if let Some(client) = self.guests.lock().await.get(name)
             && !client.is_closed()
         {
             return Ok(client.clone());
         }
-        let running = self.running.lock().await;
-        let vm = running
+        // No lock is held while waiting for or talking to the guest: one
+        // slow guest must not stall every other VM's operations.
+        let endpoint = self
+            .running
+            .lock()
+            .await
             .get(name)
+            .map(Vm::endpoint)
             .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
         // A guest-mcp that just restarted is back within a second or two.
-        vm.wait_ready(GUEST_RETURN_TIMEOUT).await;
-        let stream = vm.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
-        drop(running);
-        let client = Arc::new(GuestEvents::default().serve(stream).await.map_err(|e| {
-            DaemonError::Guest {
-                vm: name.to_owned(),
-                why: e.to_string(),
-            }
-        })?);
-        guests.insert(name.to_owned(), client.clone());
+        endpoint.wait_ready(GUEST_RETURN_TIMEOUT).await;
+        let stream = endpoint.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
+        let client = Arc::new(handshake(name, GuestEvents::default().serve(stream)).await?);
+        self.guests
+            .lock()
+            .await
+            .insert(name.to_owned(), client.clone());
         Ok(client)
     }
 
@@ -531,7 +572,12 @@ impl Daemon {
             .collect();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            out.push(self.info(&name).await?);
+            match self.info(&name).await {
+                Ok(info) => out.push(info),
+                // Destroyed since it was listed.
+                Err(DaemonError::NoVm(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -676,6 +722,26 @@ async fn import_built_images(storage: &Arc<Storage>, dir: &std::path::Path) -> a
     Ok(())
 }
 
+/// Finishes an MCP session setup with a guest, within a bound.
+async fn handshake<S>(
+    vm: &str,
+    setup: impl std::future::Future<
+        Output = std::result::Result<S, rmcp::service::ClientInitializeError>,
+    >,
+) -> Result<S> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err(e)) => Err(DaemonError::Guest {
+            vm: vm.to_owned(),
+            why: e.to_string(),
+        }),
+        Err(_) => Err(DaemonError::Guest {
+            vm: vm.to_owned(),
+            why: format!("no MCP handshake within {HANDSHAKE_TIMEOUT:?}"),
+        }),
+    }
+}
+
 fn console_log_path(state_dir: &std::path::Path, name: &str) -> PathBuf {
     state_dir.join("logs").join(format!("{name}.console"))
 }
@@ -709,7 +775,16 @@ impl GuestHooks {
         }
         let result = self
             .handle
-            .block_on(self.client.call_tool(params))
+            .block_on(tokio::time::timeout(
+                HOOK_TIMEOUT,
+                self.client.call_tool(params),
+            ))
+            .map_err(|_| {
+                format!(
+                    "{tool} on VM {}: no answer within {HOOK_TIMEOUT:?}",
+                    self.vm
+                )
+            })?
             .map_err(|e| format!("{tool} on VM {}: {e}", self.vm))?;
         if result.is_error == Some(true) {
             let text: Vec<String> = result

@@ -93,6 +93,11 @@ async fn list_changes_progress_and_cancellation_cross_the_proxy() {
         .await
         .unwrap();
     handle.await_response().await.unwrap();
+    // Sent before the result, but handled by the client on its own task.
+    wait_for("spawn's three steps", || {
+        watcher.progress.lock().unwrap().len() >= 3
+    })
+    .await;
     let steps = std::mem::take(&mut *watcher.progress.lock().unwrap());
     assert_eq!(steps.len(), 3, "{steps:?}");
     assert!(

@@ -88,6 +88,30 @@ async fn snapshot_restore_in_place_fork_and_diverge() {
         .err();
     assert!(gone.contains("does not exist"), "{gone}");
 
+    // The root drive cannot be swapped under a running guest.
+    call(
+        &client,
+        "snapshot_drive",
+        json!({"vm": "a", "drive": "root", "name": "r1"}),
+    )
+    .await
+    .ok();
+    let err = call(
+        &client,
+        "restore_snapshot",
+        json!({"vm": "a", "snapshot": "r1"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("stop_vm a first"), "{err}");
+    call(
+        &client,
+        "delete_snapshot",
+        json!({"vm": "a", "snapshot": "r1"}),
+    )
+    .await
+    .ok();
+
     let b = call(&client, "fork_vm", json!({"snapshot": "a/s1", "name": "b"}))
         .await
         .ok();

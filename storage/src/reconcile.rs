@@ -35,30 +35,34 @@ impl ReconcileReport {
 impl Storage {
     pub(crate) fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
+        // An operation that cannot be recovered now is reported and the rest
+        // go on: one bad row must not keep the whole storage from opening.
+        let mut unfinished = Vec::new();
+        let mut note = |what: String, op: &str, outcome: Result<()>| match outcome {
+            Ok(()) => report.recovered.push(format!("{what}: {op} {}", verb(op))),
+            Err(e) => unfinished.push(format!("{what}: could not finish {op}: {e}")),
+        };
         for (name, op) in self.pending("SELECT name, op FROM images WHERE op IS NOT NULL")? {
-            self.finish_image_op(&name)?;
-            report
-                .recovered
-                .push(format!("image {name}: {op} {}", verb(&op)));
+            note(format!("image {name}"), &op, self.finish_image_op(&name));
         }
         for (name, op) in self.pending("SELECT name, op FROM vms WHERE op IS NOT NULL")? {
-            self.finish_vm_op(&name)?;
-            report
-                .recovered
-                .push(format!("VM {name}: {op} {}", verb(&op)));
+            note(format!("VM {name}"), &op, self.finish_vm_op(&name));
         }
         for (key, op) in
             self.pending("SELECT vm || '/' || name, op FROM snapshots WHERE op IS NOT NULL")?
         {
             if let Some((vm, name)) = key.split_once('/') {
-                self.finish_snapshot_op(vm, name)?;
-                report
-                    .recovered
-                    .push(format!("snapshot {key}: {op} {}", verb(&op)));
+                note(
+                    format!("snapshot {key}"),
+                    &op,
+                    self.finish_snapshot_op(vm, name),
+                );
             }
         }
         report.removed = self.remove_orphans()?;
-        report.missing = self.problems()?;
+        // What could not be finished, then every other inconsistency.
+        report.missing = unfinished;
+        report.missing.extend(self.problems()?);
         for line in &report.recovered {
             tracing::warn!(what = %line, "recovered an interrupted storage operation");
         }

@@ -111,7 +111,11 @@ impl Storage {
     pub fn destroy_vm_drives(&self, vm: &str) -> Result<()> {
         validate_name("VM", vm)?;
         self.vm_drives(vm)?;
-        self.claim_vm(vm, "destroy")?;
+        match self.claim_vm(vm, "destroy") {
+            // A destroy that failed midway may be tried again.
+            Err(StorageError::Busy { op, .. }) if op == "destroy" => {}
+            other => other?,
+        }
         let result = self.step("destroy:recorded");
         self.settle_vm(vm, result)?;
         self.finish_vm_op(vm)

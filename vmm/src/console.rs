@@ -5,6 +5,8 @@ use std::path::Path;
 
 /// How much of the end of a log is read to find its last lines.
 const TAIL_WINDOW: u64 = 64 * 1024;
+/// How much of the end of a log is searched for a kernel panic.
+const PANIC_WINDOW: u64 = 1 << 20;
 
 /// The last `lines` lines written to `path` after byte `from` (where this
 /// boot's output starts), lossily decoded. Empty if there is no log.
@@ -27,8 +29,14 @@ pub fn tail(path: &Path, from: u64, lines: usize) -> String {
 /// The first line of this boot's output that says why the kernel died
 /// (a panic's stack dump pushes it out of the last lines).
 pub fn panic_line(path: &Path, from: u64) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
-    let text = String::from_utf8_lossy(bytes.get(from as usize..)?);
+    // A boot's panic is near its end: read at most the last window.
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let start = from.max(len.saturating_sub(PANIC_WINDOW));
+    file.seek(SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     text.lines()
         .find(|l| l.contains("Kernel panic"))
         .map(|l| l.trim().to_owned())

@@ -403,6 +403,58 @@ impl Drop for Pending {
     }
 }
 
+/// What it takes to reach a running VM's guest: its vsock socket, and the
+/// readiness and exit state to check first.
+#[derive(Debug, Clone)]
+pub struct GuestEndpoint {
+    vm: String,
+    uds: PathBuf,
+    state: Option<tokio::sync::watch::Receiver<GuestState>>,
+    exit: tokio::sync::watch::Receiver<Option<ExitStatus>>,
+    connect_timeout: Duration,
+}
+
+impl GuestEndpoint {
+    /// Waits up to `timeout` for the guest to be ready; returns whether it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let Some(mut state) = self.state.clone() else {
+            return false;
+        };
+        tokio::time::timeout(
+            timeout,
+            state.wait_for(|s| matches!(s, GuestState::Ready { .. })),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Connects to guest `port`, refusing unless the guest is ready.
+    pub async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
+        let not_ready = |why: &str| VmmError::NotReady {
+            vm: self.vm.clone(),
+            why: why.to_owned(),
+        };
+        if self.exit.borrow().is_some() {
+            return Err(not_ready("the VM has exited"));
+        }
+        match self.state.as_ref().map(|s| s.borrow().clone()) {
+            Some(GuestState::Ready { .. }) => {}
+            _ => {
+                return Err(not_ready(
+                    "the guest has not signalled readiness (booting, or guest-mcp restarting)",
+                ));
+            }
+        }
+        vsock::connect(&self.uds, port, self.connect_timeout)
+            .await
+            .map_err(|source| VmmError::Vsock {
+                vm: self.vm.clone(),
+                port,
+                source,
+            })
+    }
+}
+
 /// How a VM was stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMethod {
@@ -494,16 +546,19 @@ impl Vm {
     /// Waits up to `timeout` for the guest to be ready (again, after a
     /// guest-mcp restart); returns whether it is.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let Some(readiness) = &self.readiness else {
-            return false;
-        };
-        let mut state = readiness.subscribe();
-        tokio::time::timeout(
-            timeout,
-            state.wait_for(|s| matches!(s, GuestState::Ready { .. })),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok())
+        self.endpoint().wait_ready(timeout).await
+    }
+
+    /// A cheap handle for reaching the guest without holding the `Vm`
+    /// (callers keep VMs in maps they should not lock across a connect).
+    pub fn endpoint(&self) -> GuestEndpoint {
+        GuestEndpoint {
+            vm: self.name.clone(),
+            uds: self.vsock_uds.clone(),
+            state: self.readiness.as_ref().map(Readiness::subscribe),
+            exit: self.vmm.exit_watch(),
+            connect_timeout: self.config.connect_timeout,
+        }
     }
 
     pub fn guest_state(&self) -> GuestState {
