@@ -115,6 +115,8 @@ impl VmSpec {
 }
 
 /// VM names become directory names: no separators, no dots, no surprises.
+/// The same rule as `nexus_storage::names`, kept here on purpose: vmm and
+/// storage must not depend on each other.
 pub fn validate_name(name: &str) -> Result<(), VmmError> {
     let bytes = name.as_bytes();
     let ok = !bytes.is_empty()
