@@ -185,9 +185,14 @@ impl ControlTools {
         if !(1..=3).contains(&p.level) {
             return Err(format!("`level` must be 1, 2 or 3, got {}", p.level));
         }
-        nix::unistd::sync();
-        std::fs::write("/proc/sys/vm/drop_caches", format!("{}\n", p.level))
-            .map_err(|e| format!("writing /proc/sys/vm/drop_caches: {e}"))?;
+        let level = p.level;
+        tokio::task::spawn_blocking(move || {
+            nix::unistd::sync();
+            std::fs::write("/proc/sys/vm/drop_caches", format!("{level}\n"))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("writing /proc/sys/vm/drop_caches: {e}"))?;
         ok(format!("dropped caches (level {})", p.level))
     }
 

@@ -176,16 +176,23 @@ pub async fn run(
             let _ = pipe.write_all(input.as_bytes()).await;
         });
     }
+    // Fired a grace period after the command ends: a process that left
+    // the group may hold the pipes open, and must not hold the call.
+    let stop_reading = CancellationToken::new();
     let stdout = tokio::spawn(read_capped(
         child.stdout.take(),
         plan.max_output,
         observer.clone().map(|o| (o, Stream::Stdout)),
+        stop_reading.clone(),
     ));
     let stderr = tokio::spawn(read_capped(
         child.stderr.take(),
         plan.max_output,
         observer.map(|o| (o, Stream::Stderr)),
+        stop_reading.clone(),
     ));
+    // Readers also stop if this call is dropped (cancelled) midway.
+    let _stop_guard = stop_reading.clone().drop_guard();
 
     let deadline = tokio::time::sleep(Duration::from_secs(plan.timeout_s));
     let (status, timed_out) = tokio::select! {
@@ -203,6 +210,13 @@ pub async fn run(
     // The command is over: whatever it left running in its group goes too.
     group.kill();
     let duration_ms = started.elapsed().as_millis() as u64;
+    tokio::spawn({
+        let stop = stop_reading.clone();
+        async move {
+            tokio::time::sleep(DRAIN_GRACE).await;
+            stop.cancel();
+        }
+    });
 
     let (out, out_truncated) = drain(stdout).await;
     let (err, err_truncated) = drain(stderr).await;
@@ -350,6 +364,7 @@ async fn read_capped<R: AsyncRead + Unpin>(
     pipe: Option<R>,
     cap: usize,
     observer: Option<(OutputObserver, Stream)>,
+    stop: CancellationToken,
 ) -> (Vec<u8>, bool) {
     let Some(mut pipe) = pipe else {
         return (Vec::new(), false);
@@ -358,30 +373,39 @@ async fn read_capped<R: AsyncRead + Unpin>(
     let mut truncated = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match pipe.read(&mut buf).await {
+        let read = tokio::select! {
+            read = pipe.read(&mut buf) => read,
+            () = stop.cancelled() => {
+                // Something still holds the pipe: say the output may go on.
+                truncated = true;
+                break;
+            }
+        };
+        match read {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if let Some((observer, stream)) = &observer {
-                    let _ = observer.send((*stream, buf[..n].to_vec()));
-                }
                 let room = cap.saturating_sub(kept.len());
                 if n > room {
                     truncated = true;
                 }
-                kept.extend_from_slice(&buf[..n.min(room)]);
+                let keep = &buf[..n.min(room)];
+                // Progress carries only what the result keeps: output past
+                // the cap must not pile up in memory on its way out.
+                if let Some((observer, stream)) = &observer
+                    && !keep.is_empty()
+                {
+                    let _ = observer.send((*stream, keep.to_vec()));
+                }
+                kept.extend_from_slice(keep);
             }
         }
     }
     (kept, truncated)
 }
 
+/// A reader's output; it returns by itself within the drain grace.
 async fn drain(reader: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bool) {
-    match tokio::time::timeout(DRAIN_GRACE, reader).await {
-        Ok(Ok(output)) => output,
-        // A process that escaped the group still holds the pipe: keep what
-        // the call has, since the command itself has ended.
-        Ok(Err(_)) | Err(_) => (Vec::new(), true),
-    }
+    reader.await.unwrap_or((Vec::new(), true))
 }
 
 /// UTF-8 text is returned as it is; anything else as base64, so no byte is
@@ -518,6 +542,30 @@ mod tests {
         let r = run_ok(sh("sleep 300 & echo started")).await;
         assert_eq!(r.stdout, "started\n");
         assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn a_process_that_leaves_the_group_does_not_hold_the_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let started = Instant::now();
+        let r = run_ok(sh(&format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 300' & sleep 0.3; echo hi",
+            pidfile.display()
+        )))
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "held by the escaped process"
+        );
+        assert_eq!(r.stdout, "hi\n");
+        assert!(r.stdout_truncated, "output may go on past the call");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 
     #[tokio::test]

@@ -170,12 +170,23 @@ pub fn read(
             let mut eof = false;
             loop {
                 line.clear();
-                let n = reader
+                // At most one chunk's worth of a line is ever held: a file
+                // of one endless line (a device, a minified bundle) cannot
+                // fill memory.
+                let n = (&mut reader)
+                    .take(max_bytes as u64 + 1)
                     .read_until(b'\n', &mut line)
                     .map_err(io("reading", path))?;
                 if n == 0 {
                     eof = true;
                     break;
+                }
+                if line.len() > max_bytes && line.last() != Some(&b'\n') {
+                    return Err(FileError::TooLarge {
+                        arg: "limit",
+                        got: line.len() as u64,
+                        max: max_bytes as u64,
+                    });
                 }
                 if index >= offset && count == 0 && line.len() > max_bytes {
                     return Err(FileError::TooLarge {
@@ -292,6 +303,13 @@ pub fn write(path: &Path, req: WriteRequest<'_>) -> Result<WriteResult> {
             size,
         });
     }
+    // Writing through a symlink replaces its target, not the link.
+    let resolved = std::fs::canonicalize(path).ok();
+    let path = resolved.as_deref().unwrap_or(path);
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     // A new mode, or the existing file's, or the usual default.
     let mode = req
         .mode
@@ -349,6 +367,15 @@ pub fn edit(path: &Path, old: &str, new: &str, replace_all: bool) -> Result<Edit
             "edit a file inside it",
         ));
     }
+    if !meta.is_file() {
+        return Err(FileError::Invalid(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    // Replace the link's target, not the link.
+    let resolved = std::fs::canonicalize(path).map_err(io("resolving", path))?;
+    let path = resolved.as_path();
     if meta.len() > MAX_EDIT_BYTES {
         return Err(FileError::TooLarge {
             arg: "path",

@@ -104,6 +104,8 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("process {0} is not reading its stdin: the write did not finish within 10 s")]
+    StdinFull(String),
     #[error("process {0} is not running")]
     NotRunning(String),
     #[error("`signal` {0:?} is unknown: use TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP or CONT")]
@@ -282,8 +284,6 @@ impl ProcessTable {
         let table = self.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
-            // Output written just before the end belongs to the process.
-            let _ = tokio::join!(out, err);
             use std::os::unix::process::ExitStatusExt;
             let state = match status {
                 Ok(s) => ProcessState::Exited {
@@ -294,6 +294,8 @@ impl ProcessTable {
                     reason: format!("waiting for it failed: {e}"),
                 },
             };
+            // The leader is reaped, its pid free for reuse: from now on it
+            // must not be signalled as running.
             if let Some(entry) = table.lock().get_mut(&key) {
                 entry.info.state = state;
                 entry.ended = Some(Instant::now());
@@ -301,6 +303,8 @@ impl ProcessTable {
                 entry.info.stdin_open = false;
             }
             table.save_state();
+            // What its children still write keeps arriving until the pipes close.
+            let _ = tokio::join!(out, err);
         });
         Ok(info)
     }
@@ -379,18 +383,21 @@ impl ProcessTable {
                 .clone()
                 .ok_or_else(|| ProcessError::StdinClosed(id.to_owned()))?
         };
-        {
+        let written = tokio::time::timeout(STDIN_TIMEOUT, async {
             let mut pipe = stdin.lock().await;
-            pipe.write_all(data)
-                .await
-                .map_err(|source| ProcessError::Stdin {
+            pipe.write_all(data).await?;
+            pipe.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => {
+                return Err(ProcessError::Stdin {
                     id: id.to_owned(),
                     source,
-                })?;
-            pipe.flush().await.map_err(|source| ProcessError::Stdin {
-                id: id.to_owned(),
-                source,
-            })?;
+                });
+            }
+            Err(_) => return Err(ProcessError::StdinFull(id.to_owned())),
         }
         if close && let Some(entry) = self.lock().get_mut(&key) {
             entry.stdin = None;
@@ -567,6 +574,9 @@ fn parse_signal(name: &str) -> Result<Signal, ProcessError> {
         _ => return Err(ProcessError::BadSignal(name.to_owned())),
     })
 }
+
+/// How long a stdin write may wait for a process that is not reading.
+const STDIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks.
 fn start_ticks(pid: u32) -> Option<u64> {

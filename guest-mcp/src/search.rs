@@ -42,6 +42,9 @@ impl Walk<'_> {
             .hidden(!self.hidden)
             .require_git(false)
             .sort_by_file_path(|a, b| a.cmp(b))
+            // Kernel pseudo-filesystems hold files that block when read
+            // (/proc/kmsg) or never end; searching them is never meant.
+            .filter_entry(|e| !PSEUDO_FS.iter().any(|p| e.path() == Path::new(p)))
             .build())
     }
 }
@@ -122,6 +125,10 @@ pub struct GrepQuery<'a> {
 }
 
 pub const MAX_CONTEXT: usize = 20;
+/// Directories a walk never enters.
+const PSEUDO_FS: [&str; 3] = ["/proc", "/sys", "/dev"];
+/// Longest line text returned; longer lines (minified code) are cut.
+const MAX_LINE_CHARS: usize = 2000;
 
 pub fn grep(walk: &Walk<'_>, query: &GrepQuery<'_>) -> Result<GrepResult, SearchError> {
     if query.context > MAX_CONTEXT {
@@ -194,7 +201,9 @@ impl Collect<'_> {
             line_number: line_number.unwrap_or(0),
             text: String::from_utf8_lossy(bytes)
                 .trim_end_matches(['\n', '\r'])
-                .to_owned(),
+                .chars()
+                .take(MAX_LINE_CHARS)
+                .collect(),
             kind,
         });
     }

@@ -138,6 +138,56 @@ async fn binary_files_need_base64_and_come_back_byte_exact() {
 }
 
 #[tokio::test]
+async fn endless_lines_are_refused_and_writes_follow_symlinks() {
+    let server = Server::start(&["--max-io-bytes", "1048576"]).await;
+    let client = server.client().await;
+    std::fs::write(server.workdir.join("one-line"), vec![b'x'; 3 << 20]).unwrap();
+    let err = call(&client, "read_file", json!({"path": "one-line"}))
+        .await
+        .err();
+    assert!(err.contains("must be at most 1048576 bytes"), "{err}");
+    let r = call(
+        &client,
+        "read_file",
+        json!({"path": "one-line", "encoding": "base64", "limit": 10}),
+    )
+    .await
+    .ok();
+    assert_eq!(r["count"], 10, "the bytes are still readable in chunks");
+
+    std::fs::write(server.workdir.join("real.conf"), "old\n").unwrap();
+    std::os::unix::fs::symlink("real.conf", server.workdir.join("link.conf")).unwrap();
+    call(
+        &client,
+        "write_file",
+        json!({"path": "link.conf", "content": "new\n"}),
+    )
+    .await
+    .ok();
+    call(
+        &client,
+        "edit_file",
+        json!({"path": "link.conf", "old_string": "new", "new_string": "newer"}),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        std::fs::read_to_string(server.workdir.join("real.conf")).unwrap(),
+        "newer\n"
+    );
+    assert!(
+        server
+            .workdir
+            .join("link.conf")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
 async fn edit_file_replaces_exactly_what_it_is_told() {
     let server = Server::start(&[]).await;
     let client = server.client().await;

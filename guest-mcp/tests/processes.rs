@@ -90,6 +90,39 @@ async fn a_process_fed_through_stdin_answers_and_exits() {
 }
 
 #[tokio::test]
+async fn a_process_ends_when_its_leader_does_even_if_a_child_holds_its_output() {
+    let server = Server::start(&[]).await;
+    let client = server.client().await;
+    let pidfile = server.dir.path().join("child");
+    let started = call(
+        &client,
+        "process_start",
+        json!({"command": format!("sleep 300 & echo $! > {}; echo bye; exit 3", pidfile.display())}),
+    )
+    .await
+    .ok();
+    let id = started["id"].as_str().unwrap().to_owned();
+    let status = wait_ended(&client, &id).await;
+    assert_eq!(
+        status["exit_code"], 3,
+        "the leader's exit is reported at once"
+    );
+    let err = call(&client, "process_signal", json!({"id": id, "group": false}))
+        .await
+        .err();
+    assert!(
+        err.contains("is not running"),
+        "a reaped pid is never signalled: {err}"
+    );
+    let child = read_pid(&pidfile).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test]
 async fn processes_outlive_the_connection_that_started_them() {
     let server = Server::start(&[]).await;
     let first = server.client().await;

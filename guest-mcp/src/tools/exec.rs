@@ -98,11 +98,10 @@ async fn forward_progress(
             }
         }
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let bytes: Vec<u8> = pending
-                .iter()
-                .filter(|(s, _)| *s == stream)
-                .flat_map(|(_, b)| b.iter().copied())
-                .collect();
+            let mut bytes = Vec::new();
+            for (_, chunk) in pending.iter().filter(|(s, _)| *s == stream) {
+                bytes.extend_from_slice(chunk);
+            }
             if bytes.is_empty() {
                 continue;
             }
