@@ -12,7 +12,7 @@
 //! `lost`, saying why.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -592,11 +592,6 @@ fn start_ticks(pid: u32) -> Option<u64> {
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-/// The default state file inside a VM.
-pub fn default_state_file(dir: &Path) -> PathBuf {
-    dir.join("processes.json")
 }
 
 #[cfg(test)]

@@ -186,17 +186,7 @@ pub async fn exec(
     client: &RunningService<RoleClient, ()>,
     command: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut args = serde_json::Map::new();
-    args.insert("command".into(), command.into());
-    let result = client
-        .call_tool(CallToolRequestParams::new("exec").with_arguments(args))
-        .await?;
-    if result.is_error == Some(true) {
-        bail!("exec failed: {:?}", result.content);
-    }
-    result
-        .structured_content
-        .context("exec returned no structured content")
+    call(client, "exec", serde_json::json!({ "command": command })).await
 }
 
 /// Whether a process is alive (a zombie counts as dead).

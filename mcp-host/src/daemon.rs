@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use nexus_rootfs::Manifest;
 use nexus_storage::{
-    NoQuiesce, NoReattach, Quiesce, Reattach, SnapshotInfo, Storage, StorageConfig, StorageError,
-    WorkspaceSource, validate_name,
+    Quiesce, Reattach, SnapshotInfo, Storage, StorageConfig, StorageError, WorkspaceSource,
+    validate_name,
 };
 use nexus_vmm::qemu::QemuBackend;
 use nexus_vmm::{Drive, Vm, VmSpec, Vmm, VmmConfig, VmmError};
@@ -415,16 +415,13 @@ impl Daemon {
         let control = self.control(name).await?;
         let vm = name.to_owned();
         let handle = tokio::runtime::Handle::current();
-        self.blocking(move |s| match control {
-            Some(client) => {
-                let mut hook = GuestHooks {
-                    handle,
-                    client,
-                    vm: vm.clone(),
-                };
-                s.snapshot_drive(&vm, &drive, snapshot.as_deref(), &mut hook)
-            }
-            None => s.snapshot_drive(&vm, &drive, snapshot.as_deref(), &mut NoQuiesce),
+        self.blocking(move |s| {
+            let mut hooks = GuestHooks {
+                handle,
+                client: control,
+                vm: vm.clone(),
+            };
+            s.snapshot_drive(&vm, &drive, snapshot.as_deref(), &mut hooks)
         })
         .await
     }
@@ -462,16 +459,13 @@ impl Daemon {
         let control = self.control(name).await?;
         let (vm, snap) = (name.to_owned(), snapshot.to_owned());
         let handle = tokio::runtime::Handle::current();
-        self.blocking(move |s| match control {
-            Some(client) => {
-                let mut hook = GuestHooks {
-                    handle,
-                    client,
-                    vm: vm.clone(),
-                };
-                s.rollback_drive(&vm, &snap, &mut hook)
-            }
-            None => s.rollback_drive(&vm, &snap, &mut NoReattach),
+        self.blocking(move |s| {
+            let mut hooks = GuestHooks {
+                handle,
+                client: control,
+                vm: vm.clone(),
+            };
+            s.rollback_drive(&vm, &snap, &mut hooks)
         })
         .await
     }
@@ -763,22 +757,24 @@ fn host_memory_mib() -> u64 {
 /// Storage's hooks, done by a running guest over its control channel.
 struct GuestHooks {
     handle: tokio::runtime::Handle,
-    client: RunningService<RoleClient, ()>,
+    /// The guest's control channel; `None` for a stopped VM, which has
+    /// nothing to freeze or release.
+    client: Option<RunningService<RoleClient, ()>>,
     vm: String,
 }
 
 impl GuestHooks {
     fn call(&self, tool: &'static str, args: serde_json::Value) -> std::result::Result<(), String> {
+        let Some(client) = &self.client else {
+            return Ok(());
+        };
         let mut params = CallToolRequestParams::new(tool);
         if let serde_json::Value::Object(map) = args {
             params = params.with_arguments(map);
         }
         let result = self
             .handle
-            .block_on(tokio::time::timeout(
-                HOOK_TIMEOUT,
-                self.client.call_tool(params),
-            ))
+            .block_on(tokio::time::timeout(HOOK_TIMEOUT, client.call_tool(params)))
             .map_err(|_| {
                 format!(
                     "{tool} on VM {}: no answer within {HOOK_TIMEOUT:?}",

@@ -28,7 +28,6 @@ pub enum PoolKind {
 pub struct Pool {
     root: PathBuf,
     kind: PoolKind,
-    image: Option<PathBuf>,
 }
 
 /// Where the pool goes.
@@ -58,7 +57,6 @@ impl Pool {
             Pool {
                 root: config.path.clone(),
                 kind: PoolKind::Native,
-                image: None,
             }
         } else {
             Self::loop_image(config)?
@@ -74,7 +72,6 @@ impl Pool {
         let pool = Pool {
             root: config.path.clone(),
             kind: PoolKind::LoopImage,
-            image: Some(config.image.clone()),
         };
         if mounted_from(&config.path, &config.image) {
             return Ok(pool);
@@ -146,10 +143,6 @@ impl Pool {
 
     pub fn snapshot_dir(&self, vm: &str, snapshot: &str) -> PathBuf {
         self.root.join("snapshots").join(vm).join(snapshot)
-    }
-
-    pub fn image_file(&self) -> Option<&Path> {
-        self.image.as_deref()
     }
 }
 

@@ -191,7 +191,6 @@ impl Vmm {
             run_dir,
             vsock_uds,
             console_log: spec.console_log,
-            console_from,
             vmm,
             helpers,
             readiness: Some(readiness),
@@ -316,7 +315,6 @@ impl Vmm {
             accel: Resolved::Tcg,
             run_dir,
             vsock_uds,
-            console_from: console::offset(&console_log),
             console_log,
             vmm,
             helpers: processes,
@@ -439,9 +437,12 @@ impl GuestEndpoint {
         }
         match self.state.as_ref().map(|s| s.borrow().clone()) {
             Some(GuestState::Ready { .. }) => {}
+            Some(GuestState::Booting) => {
+                return Err(not_ready("the guest has not signalled readiness yet"));
+            }
             _ => {
                 return Err(not_ready(
-                    "the guest has not signalled readiness (booting, or guest-mcp restarting)",
+                    "guest-mcp closed its readiness connection (restarting, or the guest is shutting down)",
                 ));
             }
         }
@@ -485,7 +486,6 @@ pub struct Vm {
     run_dir: PathBuf,
     vsock_uds: PathBuf,
     console_log: PathBuf,
-    console_from: u64,
     vmm: Watched,
     helpers: Vec<Watched>,
     readiness: Option<Readiness>,
@@ -543,12 +543,6 @@ impl Vm {
             .collect()
     }
 
-    /// Waits up to `timeout` for the guest to be ready (again, after a
-    /// guest-mcp restart); returns whether it is.
-    pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        self.endpoint().wait_ready(timeout).await
-    }
-
     /// A cheap handle for reaching the guest without holding the `Vm`
     /// (callers keep VMs in maps they should not lock across a connect).
     pub fn endpoint(&self) -> GuestEndpoint {
@@ -579,11 +573,6 @@ impl Vm {
         self.vmm.exit_description().unwrap_or_default()
     }
 
-    /// The last lines this boot wrote to the console.
-    pub fn console_tail(&self, lines: usize) -> String {
-        console::tail(&self.console_log, self.console_from, lines)
-    }
-
     /// Opens a connection to guest vsock `port`. Refused unless the guest has
     /// signalled readiness: an early connection can break a VM's vsock.
     pub async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
@@ -593,28 +582,7 @@ impl Vm {
                 why: format!("the VM has exited ({status})"),
             });
         }
-        match self.guest_state() {
-            GuestState::Ready { .. } => {}
-            GuestState::Booting => {
-                return Err(VmmError::NotReady {
-                    vm: self.name.clone(),
-                    why: "the guest has not signalled readiness yet".into(),
-                });
-            }
-            GuestState::Gone => {
-                return Err(VmmError::NotReady {
-                    vm: self.name.clone(),
-                    why: "guest-mcp closed its readiness connection (restarting, or the guest is shutting down)".into(),
-                });
-            }
-        }
-        vsock::connect(&self.vsock_uds, port, self.config.connect_timeout)
-            .await
-            .map_err(|source| VmmError::Vsock {
-                vm: self.name.clone(),
-                port,
-                source,
-            })
+        self.endpoint().connect(port).await
     }
 
     /// Stops the VM: power-off through the guest's control channel, then
