@@ -19,6 +19,9 @@ else
     .venv/bin/pip install -q --disable-pip-version-check "mcp==$MCP_PY_VERSION"
 fi
 
+# The official MCP conformance suite (Node 22 from npm), run by mcp-host's tests.
+scripts/install-conformance.sh
+
 printf '==> cargo fmt --check\n' >&2
 cargo fmt --all -- --check
 printf '==> cargo clippy --all-targets -D warnings\n' >&2

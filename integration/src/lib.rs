@@ -4,7 +4,10 @@
 //! directories live in it. It boots VMs of the one shared default image
 //! (built once by scripts/build-image.sh, or here if missing), each with a
 //! private copy of the root filesystem and a fresh workspace drive, as
-//! nexusd will do with btrfs clones.
+//! nexusd will do with btrfs clones. [`nexusd`] runs the daemon itself
+//! for the benchmarks.
+
+pub mod nexusd;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

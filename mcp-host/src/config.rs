@@ -8,10 +8,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::tools::Surface;
+
 /// The embedded default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nexus";
 /// The embedded default HTTP address (loopback only).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7777";
+/// Tools per `tools/list` page. Large on purpose: several popular clients
+/// (Claude Code among them) read only the first page.
+pub const DEFAULT_TOOLS_PAGE_SIZE: usize = 500;
 
 /// The TOML file's keys; every one is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -26,6 +31,12 @@ pub struct FileConfig {
     pub allow_non_loopback: Option<bool>,
     /// The admin Unix socket (default `<state_dir>/nexusd.sock`).
     pub admin_socket: Option<PathBuf>,
+    /// How guest tools are listed when a connection does not choose:
+    /// "per-vm" (VM__TOOL, the default) or "shared" (vm_TOOL with a `vm`
+    /// argument).
+    pub surface: Option<Surface>,
+    /// Tools per `tools/list` page (default 500; 0: no pages).
+    pub tools_page_size: Option<usize>,
 }
 
 impl FileConfig {
@@ -47,6 +58,7 @@ pub struct FlagConfig {
     pub state_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
+    pub surface: Option<Surface>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -55,6 +67,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub listen: SocketAddr,
     pub admin_socket: PathBuf,
+    pub surface: Surface,
+    pub tools_page_size: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +118,8 @@ impl Config {
             state_dir,
             listen,
             admin_socket,
+            surface: flags.surface.or(file.surface).unwrap_or_default(),
+            tools_page_size: file.tools_page_size.unwrap_or(DEFAULT_TOOLS_PAGE_SIZE),
         })
     }
 
@@ -120,6 +136,14 @@ impl Config {
 
     pub fn images_dir(&self) -> PathBuf {
         self.state_dir.join("images")
+    }
+
+    /// What each MCP connection is served with.
+    pub fn tool_options(&self) -> crate::tools::Options {
+        crate::tools::Options {
+            surface: self.surface,
+            page_size: self.tools_page_size,
+        }
     }
 }
 
@@ -141,11 +165,17 @@ mod tests {
             PathBuf::from("/var/lib/nexus/nexusd.sock")
         );
 
-        let from_file = file("state_dir = \"/srv/nexus\"\nlisten = \"127.0.0.1:9000\"\n");
+        let from_file = file(
+            "state_dir = \"/srv/nexus\"\nlisten = \"127.0.0.1:9000\"\nsurface = \"shared\"\ntools_page_size = 50\n",
+        );
         let merged = Config::merge(from_file.clone(), FlagConfig::default()).unwrap();
         assert_eq!(merged.state_dir, PathBuf::from("/srv/nexus"));
         assert_eq!(merged.listen.port(), 9000);
         assert_eq!(merged.admin_socket, PathBuf::from("/srv/nexus/nexusd.sock"));
+        assert_eq!(merged.surface, Surface::Shared);
+        assert_eq!(merged.tools_page_size, 50);
+        assert_eq!(defaults.surface, Surface::PerVm);
+        assert_eq!(defaults.tools_page_size, DEFAULT_TOOLS_PAGE_SIZE);
 
         let flags = FlagConfig {
             listen: Some("127.0.0.1:9100".parse().unwrap()),
@@ -162,6 +192,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `stat_dir`"), "{err}");
+        let err = toml::from_str::<FileConfig>("surface = \"flat\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("per-vm") && err.contains("shared"), "{err}");
         let open = FlagConfig {
             listen: Some("0.0.0.0:7777".parse().unwrap()),
             ..FlagConfig::default()

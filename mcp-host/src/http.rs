@@ -1,5 +1,7 @@
 //! The HTTP front door: streamable HTTP MCP at `/mcp`, `/healthz` and
-//! `/metrics` (Prometheus text format).
+//! `/metrics` (Prometheus text format), on TCP and on the admin Unix
+//! socket; the admin socket also takes `nexusd stdio` front ends at
+//! `/stdio` (see `bridge`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,8 +13,9 @@ use rmcp::transport::streamable_http_server::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::bridge::{self, Bridges};
 use crate::daemon::Daemon;
-use crate::tools::NexusTools;
+use crate::tools::{NexusTools, Options};
 
 /// Browser origins allowed to call `/mcp` (local tools such as the MCP
 /// inspector); any other `Origin` is refused, against DNS rebinding. The
@@ -20,10 +23,10 @@ use crate::tools::NexusTools;
 pub const LOOPBACK_ORIGINS: [&str; 3] =
     ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"];
 
-pub fn router(daemon: Arc<Daemon>, shutdown: CancellationToken) -> Router {
+pub fn router(daemon: Arc<Daemon>, options: Options, shutdown: CancellationToken) -> Router {
     let tools_daemon = daemon.clone();
     let mcp = StreamableHttpService::new(
-        move || Ok(NexusTools::new(tools_daemon.clone())),
+        move || Ok(NexusTools::with_options(tools_daemon.clone(), options)),
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default()
             .with_allowed_origins(LOOPBACK_ORIGINS)
@@ -48,19 +51,41 @@ pub fn router(daemon: Arc<Daemon>, shutdown: CancellationToken) -> Router {
             }),
         )
         .nest_service("/mcp", mcp)
+        .layer(axum::middleware::from_fn(session_end_has_no_content))
 }
 
-/// Serves the same endpoints on TCP `listen` and on the admin Unix socket
-/// (owner-only permissions) until `shutdown` resolves. `on_listen` learns
-/// the bound TCP address.
+/// rmcp answers a session's DELETE with 202 Accepted; the Python client
+/// (and the HTTP meaning of a finished deletion) expect 200 or 204, and
+/// it warns on every session end otherwise.
+async fn session_end_has_no_content(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let delete = request.method() == axum::http::Method::DELETE;
+    let mut response = next.run(request).await;
+    if delete && response.status() == axum::http::StatusCode::ACCEPTED {
+        *response.status_mut() = axum::http::StatusCode::NO_CONTENT;
+    }
+    response
+}
+
+/// Serves the endpoints on TCP `listen` (if given) and on the admin Unix
+/// socket (owner-only permissions) until `shutdown` resolves; the admin
+/// socket also bridges `nexusd stdio` front ends, counted in `bridges`.
+/// `on_listen` learns the bound TCP address.
 pub async fn serve(
     daemon: Arc<Daemon>,
-    listen: std::net::SocketAddr,
+    listen: Option<std::net::SocketAddr>,
     admin_socket: &std::path::Path,
+    bridges: Bridges,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_listen: impl FnOnce(std::net::SocketAddr),
+    on_listen: impl FnOnce(Option<std::net::SocketAddr>),
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let options = daemon.config().tool_options();
+    let listener = match listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
     // A socket file left by a daemon that died is ours to replace: the
     // state-directory lock says no other daemon is alive.
     let _ = std::fs::remove_file(admin_socket);
@@ -69,14 +94,31 @@ pub async fn serve(
         admin_socket,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
-    on_listen(listener.local_addr()?);
+    on_listen(match &listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    });
     let cancel = CancellationToken::new();
-    let app = router(daemon, cancel.child_token());
+    let app = router(daemon.clone(), options, cancel.child_token());
+    let admin_app = app
+        .clone()
+        .merge(bridge::routes(daemon, bridges, cancel.child_token()));
     let (tcp_stop, unix_stop) = (cancel.clone(), cancel.clone());
-    let tcp = axum::serve(listener, app.clone())
-        .with_graceful_shutdown(async move { tcp_stop.cancelled().await });
-    let unix =
-        axum::serve(admin, app).with_graceful_shutdown(async move { unix_stop.cancelled().await });
+    let tcp = async move {
+        match listener {
+            Some(listener) => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { tcp_stop.cancelled().await })
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let unix = axum::serve(
+        admin,
+        admin_app.into_make_service_with_connect_info::<bridge::AdminPeer>(),
+    )
+    .with_graceful_shutdown(async move { unix_stop.cancelled().await });
     tokio::spawn(async move {
         shutdown.await;
         cancel.cancel();

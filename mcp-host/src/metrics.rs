@@ -75,8 +75,9 @@ impl Metrics {
     }
 
     pub fn record_call(&self, tool: &str, outcome: Outcome, took: Duration) {
-        let tool = match tool.split_once(crate::tools::PROXY_SEPARATOR) {
-            Some((_, guest_tool)) => format!("guest:{guest_tool}"),
+        let tool = match crate::tools::surface::target(tool) {
+            Some(crate::tools::surface::Target::PerVm { tool, .. })
+            | Some(crate::tools::surface::Target::Shared { tool }) => format!("guest:{tool}"),
             None => tool.to_owned(),
         };
         let outcome = match outcome {

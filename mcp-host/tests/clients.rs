@@ -1,47 +1,29 @@
 //! Real MCP clients against nexusd: the official Python SDK (the `mcp`
-//! package, installed into .venv by scripts/test.sh) over stdio and
-//! streamable HTTP, in both protocol eras, and rmcp's HTTP client.
+//! package, installed into .venv by scripts/test.sh) drives every tool,
+//! management and proxied, through the full VM scenario, over stdio and
+//! streamable HTTP, in both protocol eras ("legacy" 2025-11-25 and "auto",
+//! which negotiates 2026-07-28), on both tool surfaces; and rmcp's HTTP
+//! client.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{State, can_run};
-use nexus_integration::{ensure_default_image, workspace_root};
+use common::{State, can_run, python_scenario};
+use nexus_integration::ensure_default_image;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::StreamableHttpClientTransport;
 
-fn python() -> PathBuf {
-    let python = workspace_root().join(".venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: scripts/test.sh installs the Python MCP client there",
-        python.display()
-    );
-    python
-}
-
-async fn python_check(args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(python())
-        .arg(workspace_root().join("integration/python/check_nexusd.py"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python client {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
+const RUNS: [(&str, &str); 4] = [
+    ("legacy", "per-vm"),
+    ("legacy", "shared"),
+    ("auto", "per-vm"),
+    ("auto", "shared"),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_and_rust_clients_over_stdio_and_http_in_both_protocol_eras() {
+async fn python_client_over_stdio_drives_every_tool_in_both_eras_on_both_surfaces() {
     if !can_run() {
         return;
     }
@@ -50,29 +32,40 @@ async fn python_and_rust_clients_over_stdio_and_http_in_both_protocol_eras() {
     state.with_image("default", &image_dir);
     let nexusd = env!("CARGO_BIN_EXE_nexusd");
     let state_dir = state.path().to_str().unwrap();
-
-    for mode in ["legacy", "auto"] {
-        let seen = python_check(&["stdio", mode, nexusd, state_dir]).await;
-        assert_eq!(
-            seen["images"],
-            serde_json::json!(["default"]),
-            "stdio {mode}"
-        );
+    // One after the other: each run's `nexusd stdio` owns the state
+    // directory while it runs, and ends with its client.
+    for (mode, surface) in RUNS {
+        let prefix = format!("s-{mode}-{surface}");
+        let seen = python_scenario(&["stdio", mode, surface, &prefix, nexusd, state_dir]).await;
+        assert_eq!(seen["mode"], mode);
+        assert_eq!(seen["surface"], surface);
     }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_over_http_drives_every_tool_in_both_eras_on_both_surfaces() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
     let (mut serve, url) = common::serve(&state).await;
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp"),
         "{url}"
     );
 
-    for mode in ["legacy", "auto"] {
-        let seen = python_check(&["http", mode, &url]).await;
-        assert_eq!(
-            seen["images"],
-            serde_json::json!(["default"]),
-            "http {mode}"
-        );
+    // All four at once, on one daemon.
+    let runs = RUNS.map(|(mode, surface)| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let prefix = format!("h-{mode}-{surface}");
+            python_scenario(&["http", mode, surface, &prefix, &url]).await
+        })
+    });
+    for run in runs {
+        run.await.unwrap();
     }
 
     let client = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
@@ -88,12 +81,12 @@ async fn python_and_rust_clients_over_stdio_and_http_in_both_protocol_eras() {
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
     let status = serve.wait().await.unwrap();
     assert!(
         status.success(),
-        "nexusd serve ends cleanly on SIGINT: {status}"
+        "nexusd serve ends cleanly on SIGTERM: {status}"
     );
 }

@@ -73,7 +73,7 @@ async fn health_metrics_and_host_origin_checks() {
         .unwrap();
     let missing = client
         .call_tool(
-            CallToolRequestParams::new("vm_info").with_arguments(
+            CallToolRequestParams::new("get_vm").with_arguments(
                 serde_json::json!({"vm": "ghost"})
                     .as_object()
                     .unwrap()
@@ -93,7 +93,7 @@ async fn health_metrics_and_host_origin_checks() {
     assert_eq!(status, 200);
     for line in [
         r#"nexus_tool_calls_total{tool="list_images",outcome="ok"} 1"#,
-        r#"nexus_tool_calls_total{tool="vm_info",outcome="tool_error"} 1"#,
+        r#"nexus_tool_calls_total{tool="get_vm",outcome="tool_error"} 1"#,
         r#"nexus_vms{state="running"} 0"#,
         r#"nexus_tool_call_duration_seconds_count{tool="list_images"} 1"#,
     ] {

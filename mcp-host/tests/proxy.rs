@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{State, can_run};
+use common::{State, call, can_run};
 use nexus_integration::ensure_default_image;
 use rmcp::model::{CallToolRequestParams, ClientRequest, ProgressNotificationParam, Request};
-use rmcp::service::{NotificationContext, PeerRequestOptions, RunningService};
+use rmcp::service::{NotificationContext, PeerRequestOptions};
 use rmcp::transport::TokioChildProcess;
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Clone, Default)]
 struct Watcher {
@@ -34,18 +34,6 @@ impl ClientHandler for Watcher {
             .unwrap()
             .push(p.message.unwrap_or_default());
     }
-}
-
-async fn call(client: &RunningService<RoleClient, Watcher>, tool: &str, args: Value) -> Value {
-    let result = client
-        .call_tool(
-            CallToolRequestParams::new(tool.to_owned())
-                .with_arguments(args.as_object().unwrap().clone()),
-        )
-        .await
-        .unwrap();
-    assert_ne!(result.is_error, Some(true), "{tool}: {:?}", result.content);
-    result.structured_content.unwrap_or_default()
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -177,7 +165,9 @@ async fn list_changes_progress_and_cancellation_cross_the_proxy() {
     let check = format!(
         "for i in $(seq 100); do kill -0 {pid} 2>/dev/null || {{ echo gone; exit; }}; sleep 0.05; done; echo alive"
     );
-    let out = call(&client, "p__exec", json!({"command": check})).await;
+    let out = call(&client, "p__exec", json!({"command": check}))
+        .await
+        .ok();
     assert_eq!(
         out["stdout"], "gone\n",
         "the cancelled command was killed in the guest"
@@ -190,13 +180,16 @@ async fn list_changes_progress_and_cancellation_cross_the_proxy() {
         "p__process_start",
         json!({"command": "sleep 0.2; kill -9 $(pidof guest-mcp)"}),
     )
-    .await;
+    .await
+    .ok();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let out = call(&client, "p__exec", json!({"command": "echo back"})).await;
+    let out = call(&client, "p__exec", json!({"command": "echo back"}))
+        .await
+        .ok();
     assert_eq!(out["stdout"], "back\n");
 
     let before = watcher.list_changed.load(Ordering::SeqCst);
-    call(&client, "destroy_vm", json!({"vm": "p"})).await;
+    call(&client, "destroy_vm", json!({"vm": "p"})).await.ok();
     wait_for("list_changed after destroy", || {
         watcher.list_changed.load(Ordering::SeqCst) > before
     })

@@ -7,14 +7,12 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::{State, call, can_run};
 use nexus_integration::{ensure_default_image, process_alive, processes_mentioning};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use rmcp::ServiceExt;
 use serde_json::json;
 
 async fn gone(pid: u32) -> bool {
@@ -37,15 +35,7 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
     state.with_image("default", &image_dir);
     let run = state.path().join("run");
 
-    let mut first = state
-        .command()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let io = (first.stdout.take().unwrap(), first.stdin.take().unwrap());
-    let client = ().serve(io).await.unwrap();
+    let (mut first, client) = state.stdio_child().await;
     let live = call(&client, "spawn_vm", json!({"name": "live"}))
         .await
         .ok();
@@ -99,7 +89,7 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
     }
 
     let client = state.client().await;
-    let info = call(&client, "vm_info", json!({"vm": "live"})).await.ok();
+    let info = call(&client, "get_vm", json!({"vm": "live"})).await.ok();
     assert_eq!(
         info["state"], "running",
         "a VM whose processes live is adopted"
@@ -119,7 +109,7 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
         .ok();
     assert_eq!(read["content"], "still here\n");
 
-    let info = call(&client, "vm_info", json!({"vm": "dead"})).await.ok();
+    let info = call(&client, "get_vm", json!({"vm": "dead"})).await.ok();
     assert_eq!(
         info["state"], "stopped",
         "a VM whose processes died is marked stopped"

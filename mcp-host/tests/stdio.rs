@@ -49,11 +49,11 @@ async fn list_images_over_stdio_shows_the_imported_images() {
         "list_images",
         "spawn_vm",
         "list_vms",
-        "vm_info",
+        "get_vm",
         "start_vm",
         "stop_vm",
         "destroy_vm",
-        "vm_console",
+        "read_console",
     ] {
         assert!(tools.iter().any(|t| t.name == name), "{name} missing");
     }

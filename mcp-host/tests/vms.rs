@@ -31,9 +31,13 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
     assert_eq!(vm["image"], "default");
     assert!(vm["cid"].as_u64().unwrap() >= 3);
 
-    let console = call(&client, "vm_console", json!({"vm": "alpha", "lines": 1000}))
-        .await
-        .ok();
+    let console = call(
+        &client,
+        "read_console",
+        json!({"vm": "alpha", "lines": 1000}),
+    )
+    .await
+    .ok();
     assert!(
         console["text"]
             .as_str()
@@ -120,11 +124,16 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
         (
             "spawn_vm",
             json!({"from_snapshot": "nosep"}),
-            "must be VM/SNAPSHOT",
+            "`from_snapshot` needs `from_vm`",
         ),
         (
             "spawn_vm",
-            json!({"from_snapshot": "ghost/snap"}),
+            json!({"from_vm": "ghost"}),
+            "`from_vm` needs `from_snapshot`",
+        ),
+        (
+            "spawn_vm",
+            json!({"from_vm": "ghost", "from_snapshot": "snap"}),
             "VM \"ghost\" has no snapshot \"snap\"",
         ),
         ("spawn_vm", json!({"cpus": 2}), "unknown field `cpus`"),
@@ -139,12 +148,12 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
             "VM \"ghost\" does not exist",
         ),
         (
-            "vm_info",
+            "get_vm",
             json!({"vm": "ghost"}),
             "does not exist: list_vms shows",
         ),
         (
-            "vm_console",
+            "read_console",
             json!({"vm": "ghost", "lines": 0}),
             "`lines` must be between 1 and 1000",
         ),
@@ -179,12 +188,19 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
         .err();
     assert!(err.contains("VM \"one\" has drives already"), "{err}");
     assert_eq!(
-        call(&client, "vm_info", json!({"vm": "one"})).await.ok()["state"],
+        call(&client, "get_vm", json!({"vm": "one"})).await.ok()["state"],
         "running"
     );
 
-    // A second nexusd on the same state directory is refused.
-    let second = state.command().output().await.unwrap();
+    // A second daemon on the same state directory is refused (a second
+    // `nexusd stdio` attaches instead: tests/bridge.rs).
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_nexusd"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("already owns state directory"), "{stderr}");

@@ -426,6 +426,18 @@ impl GuestEndpoint {
         .is_ok_and(|r| r.is_ok())
     }
 
+    /// The guest's state as it changes (None when the VM has no readiness
+    /// listener any more).
+    pub fn guest_states(&self) -> Option<tokio::sync::watch::Receiver<GuestState>> {
+        self.state.clone()
+    }
+
+    /// Resolves once the VMM process has exited.
+    pub async fn exited(&self) {
+        let mut exit = self.exit.clone();
+        let _ = exit.wait_for(Option::is_some).await;
+    }
+
     /// Connects to guest `port`, refusing unless the guest is ready.
     pub async fn connect(&self, port: u32) -> Result<UnixStream, VmmError> {
         let not_ready = |why: &str| VmmError::NotReady {

@@ -9,20 +9,18 @@
 //!
 //! Last line: `host list_p50_us=.. proxy_overhead_p50_us=.. sessions=50 errors=..`.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nexus_integration::{ensure_default_image, workspace_root};
+use nexus_integration::ensure_default_image;
+use nexus_integration::nexusd::{StateDir, build_release, percentiles_us, serve, stop};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 type Client = RunningService<RoleClient, ()>;
 
@@ -54,47 +52,6 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-/// A state directory whose pool is unmounted when dropped.
-struct State(tempfile::TempDir);
-
-impl State {
-    fn new(image: &Path) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("nxb").tempdir_in("/tmp")?;
-        std::fs::create_dir_all(dir.path().join("images"))?;
-        std::os::unix::fs::symlink(image, dir.path().join("images/default"))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path().join("pool"))
-            .status();
-    }
-}
-
-fn build_nexusd() -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-q",
-            "-p",
-            "nexus-host",
-            "--bin",
-            "nexusd",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("building nexusd failed");
-    }
-    Ok(workspace_root().join("target/release/nexusd"))
-}
-
 async fn call(client: &Client, tool: &str, args: Value) -> anyhow::Result<Value> {
     let mut params = CallToolRequestParams::new(tool.to_owned());
     if let Value::Object(map) = args {
@@ -105,14 +62,6 @@ async fn call(client: &Client, tool: &str, args: Value) -> anyhow::Result<Value>
         bail!("{tool}: {:?}", result.content);
     }
     Ok(result.structured_content.unwrap_or_default())
-}
-
-fn percentiles(mut samples: Vec<Duration>) -> (f64, f64) {
-    samples.sort();
-    let at = |p: f64| {
-        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
-    };
-    (at(0.50), at(0.99))
 }
 
 async fn time_calls(
@@ -130,20 +79,20 @@ async fn time_calls(
         call(client, tool, args.clone()).await?;
         samples.push(started.elapsed());
     }
-    Ok(percentiles(samples))
+    Ok(percentiles_us(samples))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let (image, _) = ensure_default_image()?;
-    let nexusd = build_nexusd()?;
+    let nexusd = build_release()?;
 
     // stdio: list latency, and the proxy overhead with a VM.
-    let stdio_state = State::new(&image)?;
+    let stdio_state = StateDir::new(&image)?;
     let mut cmd = tokio::process::Command::new(&nexusd);
     cmd.arg("--state-dir")
-        .arg(stdio_state.0.path())
+        .arg(stdio_state.path())
         .arg("stdio")
         .env("RUST_LOG", "warn");
     let stdio = ().serve(TokioChildProcess::new(cmd)?).await?;
@@ -153,7 +102,6 @@ async fn main() -> anyhow::Result<()> {
     let vm = call(&stdio, "spawn_vm", json!({"name": "bench"})).await?;
     let cid = vm["cid"].as_u64().context("no cid")?;
     let uds = stdio_state
-        .0
         .path()
         .join(format!("run/bench.{cid}/vsock.sock"));
     let stream =
@@ -178,8 +126,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let (proxy_p50, proxy_p99) = percentiles(proxied);
-    let (direct_p50, direct_p99) = percentiles(straight);
+    let (proxy_p50, proxy_p99) = percentiles_us(proxied);
+    let (direct_p50, direct_p99) = percentiles_us(straight);
     let overhead = proxy_p50 - direct_p50;
     println!(
         "exec true: through nexusd p50 {proxy_p50:.0} us (p99 {proxy_p99:.0}), direct over vsock p50 {direct_p50:.0} us (p99 {direct_p99:.0}); overhead p50 {overhead:.0} us"
@@ -189,30 +137,8 @@ async fn main() -> anyhow::Result<()> {
     stdio.cancel().await?;
 
     // HTTP: list latency, then many sessions at once.
-    let http_state = State::new(&image)?;
-    let mut serve = tokio::process::Command::new(&nexusd)
-        .arg("--state-dir")
-        .arg(http_state.0.path())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info,rmcp=error")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(serve.stderr.take().context("no stderr")?).lines();
-    let url = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .context("nexusd exited before listening")?;
-        if let Some(at) = line.find("http://") {
-            break line[at..]
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let http_state = StateDir::new(&image)?;
+    let (serve, url) = serve(&nexusd, &http_state).await?;
     let http = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await?;
     let (http_p50, http_p99) = time_calls(&http, "list_vms", &json!({}), args.calls).await?;
     println!("list_vms over HTTP: p50 {http_p50:.0} us, p99 {http_p99:.0} us");
@@ -237,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 ("list_vms", json!({})),
                 ("list_images", json!({})),
                 ("list_snapshots", json!({})),
-                ("vm_info", json!({"vm": "ghost"})),
+                ("get_vm", json!({"vm": "ghost"})),
             ];
             let mut n = 0usize;
             while Instant::now() < deadline {
@@ -247,8 +173,8 @@ async fn main() -> anyhow::Result<()> {
                         .with_arguments(args.as_object().cloned().unwrap_or_default()),
                 );
                 match outcome.await {
-                    // vm_info of a missing VM is meant to be a tool error.
-                    Ok(r) if (r.is_error == Some(true)) == (*tool == "vm_info") => {}
+                    // get_vm of a missing VM is meant to be a tool error.
+                    Ok(r) if (r.is_error == Some(true)) == (*tool == "get_vm") => {}
                     Ok(r) => {
                         eprintln!("session {i}: {tool} unexpected: {:?}", r.content);
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -277,11 +203,7 @@ async fn main() -> anyhow::Result<()> {
         args.seconds,
         total as f64 / args.seconds as f64
     );
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serve.id().unwrap_or_default() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let _ = serve.wait().await;
+    stop(serve).await;
 
     println!("(list_p50_us below is over HTTP; over stdio it was {stdio_p50:.0})");
     println!(

@@ -1,9 +1,17 @@
 //! nexusd's MCP tools, one module per group. Handlers only translate:
-//! parse arguments, call the daemon, render the answer. Each running VM's
-//! guest tools are proxied as `<vm>__<tool>`.
+//! parse arguments, call the daemon, render the answer. Running VMs' guest
+//! tools are proxied on one of two surfaces (see `surface`). Every schema
+//! listed is standard JSON Schema 2020-12 (see `crate::schema`).
+//!
+//! Naming, across the whole surface: tools are `verb_noun`; an existing VM
+//! is always the argument `vm`, a snapshot always `snapshot` beside the
+//! `vm` it belongs to, and the name of something a tool creates is `name`
+//! (a new VM's workspace source is `from_vm` + `from_snapshot`).
 
 mod image;
+mod logging;
 mod snapshot;
+pub mod surface;
 mod vm;
 
 use std::sync::Arc;
@@ -11,140 +19,93 @@ use std::sync::Arc;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ClientRequest, ContentBlock,
-    Implementation, ListToolsResult, PaginatedRequestParams, Request, ServerCapabilities,
-    ServerConfig, ServerResult, SubscriptionFilter, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, SubscriptionFilter,
+    Tool,
 };
-use rmcp::service::{NotificationContext, PeerRequestOptions, RequestContext, SubscriptionContext};
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
+use serde_json::Value;
 
-use crate::daemon::{Daemon, GuestSession};
+use crate::daemon::Daemon;
+use crate::guest::proxy;
 use crate::metrics::Outcome;
+pub use surface::{PROXY_SEPARATOR, SHARED_PREFIX, Surface};
 
-/// Proxied guest tools are named `<vm>__<tool>`.
-pub const PROXY_SEPARATOR: &str = "__";
 /// How long a client may cache `tools/list`.
 pub const TOOLS_TTL_MS: u64 = 2000;
 
+/// What a connection is served with, besides the daemon.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The guest tool surface when a request does not choose one.
+    pub surface: Surface,
+    /// Tools per `tools/list` page; 0: everything in one page.
+    pub page_size: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            surface: Surface::PerVm,
+            page_size: crate::config::DEFAULT_TOOLS_PAGE_SIZE,
+        }
+    }
+}
+
+/// One MCP connection's (or, over HTTP, one session's) server.
 #[derive(Clone)]
 pub struct NexusTools {
     daemon: Arc<Daemon>,
     tool_router: ToolRouter<Self>,
+    options: Options,
+    /// The level a 2025-11-25 client set with `logging/setLevel`.
+    log_level: logging::SessionLevel,
 }
 
 impl NexusTools {
     pub fn new(daemon: Arc<Daemon>) -> Self {
+        Self::with_options(daemon, Options::default())
+    }
+
+    pub fn with_options(daemon: Arc<Daemon>, options: Options) -> Self {
         Self {
             daemon,
             tool_router: Self::vm_router() + Self::snapshot_router() + Self::image_router(),
+            options,
+            log_level: logging::SessionLevel::default(),
         }
     }
 
-    /// Each running VM's guest tools, renamed `<vm>__<tool>`, schemas as
-    /// the guest gives them. A VM whose guest does not answer is skipped.
-    async fn guest_tools(&self) -> Vec<Tool> {
-        let mut tools = Vec::new();
-        for vm in self.daemon.running_names().await {
-            let listed = match self.daemon.guest(&vm).await {
-                Ok(client) => client.list_all_tools().await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match listed {
-                Ok(list) => tools.extend(list.into_iter().map(|mut t| {
-                    t.name = format!("{vm}{PROXY_SEPARATOR}{}", t.name).into();
-                    t.description = t.description.map(|d| format!("[VM {vm}] {d}").into());
-                    t
-                })),
-                Err(why) => tracing::warn!(vm, why, "guest tools unavailable"),
+    /// Every tool on `surface`, sorted by name, with standard schemas.
+    async fn all_tools(&self, surface: Surface) -> Vec<Tool> {
+        static MANAGEMENT: std::sync::OnceLock<Vec<Tool>> = std::sync::OnceLock::new();
+        let mut tools = MANAGEMENT
+            .get_or_init(|| {
+                let mut tools = self.tool_router.list_all();
+                tools.iter_mut().for_each(crate::schema::standardise_tool);
+                tools
+            })
+            .clone();
+        let guests = self.daemon.guests().all_tools().await;
+        match surface {
+            Surface::PerVm => {
+                for (vm, session) in &guests {
+                    tools.extend(session.tools().iter().map(|t| surface::per_vm(vm, t)));
+                }
             }
+            Surface::Shared => tools.extend(surface::shared(
+                guests.iter().flat_map(|(_, session)| session.tools()),
+            )),
         }
+        tools.sort_by(|a, b| a.name.cmp(&b.name));
         tools
     }
 
-    /// Forwards `<vm>__<tool>` to the VM's guest-mcp: the guest's progress
-    /// goes back to the caller, and a cancelled call cancels the guest's
-    /// work (for exec: its process group is killed).
-    async fn proxy(
-        &self,
-        vm: &str,
-        tool: &str,
-        request: CallToolRequestParams,
-        context: RequestContext<RoleServer>,
-    ) -> Result<CallToolResponse, ErrorData> {
-        let failed = |why: String| Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
-        let client = match self.daemon.guest(vm).await {
-            Ok(client) => client,
-            Err(e) => return failed(format!("cannot reach VM {vm:?}'s tools: {e}")),
-        };
-        let mut forwarded = CallToolRequestParams::new(tool.to_owned());
-        forwarded.arguments = request.arguments;
-        let send = |client: Arc<GuestSession>, params: CallToolRequestParams| async move {
-            let sent = client
-                .send_cancellable_request(
-                    ClientRequest::CallToolRequest(Request::new(params)),
-                    PeerRequestOptions::no_options(),
-                )
-                .await;
-            (client, sent)
-        };
-        let (mut client, mut sent) = send(client, forwarded.clone()).await;
-        if matches!(sent, Err(rmcp::ServiceError::TransportClosed)) {
-            // guest-mcp restarted under a session we had not yet seen close.
-            match self.daemon.reconnect_guest(vm).await {
-                Ok(fresh) => (client, sent) = send(fresh, forwarded).await,
-                Err(e) => return failed(format!("cannot reach VM {vm:?}'s tools: {e}")),
-            }
-        }
-        let mut handle = match sent {
-            Ok(handle) => handle,
-            Err(e) => return failed(format!("VM {vm:?}'s guest did not take {tool}: {e}")),
-        };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let route = client.service().route(handle.progress_token.clone(), tx);
-        let forwarder = context.meta.get_progress_token().map(|upstream| {
-            let peer = context.peer.clone();
-            tokio::spawn(async move {
-                while let Some(mut progress) = rx.recv().await {
-                    progress.progress_token = upstream.clone();
-                    if peer.notify_progress(progress).await.is_err() {
-                        break;
-                    }
-                }
-            })
-        });
-        let answer = tokio::select! {
-            answer = &mut handle.rx => Some(answer),
-            () = context.ct.cancelled() => None,
-        };
-        // Closing the route ends the forwarder once it has sent everything
-        // the guest reported, so all progress goes out before the result.
-        drop(route);
-        if let Some(forwarder) = forwarder {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), forwarder).await;
-        }
-        match answer {
-            None => {
-                let _ = handle
-                    .cancel(Some("cancelled by nexusd's client".into()))
-                    .await;
-                failed(format!("{vm}{PROXY_SEPARATOR}{tool} was cancelled"))
-            }
-            Some(Ok(Ok(ServerResult::CallToolResult(result)))) => Ok(result.into()),
-            Some(Ok(Ok(other))) => failed(format!(
-                "VM {vm:?}'s guest answered {tool} oddly: {other:?}"
-            )),
-            Some(Ok(Err(rmcp::ServiceError::McpError(e)))) => Err(e),
-            Some(Ok(Err(e))) => failed(format!("VM {vm:?}'s guest did not answer {tool}: {e}")),
-            Some(Err(_)) => failed(format!("VM {vm:?}'s guest went away during {tool}")),
-        }
-    }
-}
-
-impl NexusTools {
     async fn dispatch(
         &self,
-        request: CallToolRequestParams,
+        mut request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         if self.tool_router.has_route(&request.name) {
@@ -153,17 +114,52 @@ impl NexusTools {
                 .call(ToolCallContext::new(self, request, context))
                 .await;
         }
-        if let Some((vm, tool)) = request.name.split_once(PROXY_SEPARATOR) {
-            let (vm, tool) = (vm.to_owned(), tool.to_owned());
-            return self.proxy(&vm, &tool, request, context).await;
+        let (vm, tool) = match surface::target(&request.name) {
+            Some(surface::Target::PerVm { vm, tool }) => (vm.to_owned(), tool.to_owned()),
+            Some(surface::Target::Shared { tool }) => {
+                let tool = tool.to_owned();
+                let vm = request
+                    .arguments
+                    .as_mut()
+                    .and_then(|args| args.remove(surface::VM_ARGUMENT));
+                match vm {
+                    Some(Value::String(vm)) => (vm, tool),
+                    Some(other) => {
+                        return Err(ErrorData::invalid_params(
+                            format!(
+                                "`vm` must be a VM's name (a string), got {other}: list_vms shows them"
+                            ),
+                            None,
+                        ));
+                    }
+                    None => {
+                        return Err(ErrorData::invalid_params(
+                            format!(
+                                "`vm` is required: the VM to run {SHARED_PREFIX}{tool} in (list_vms shows them)"
+                            ),
+                            None,
+                        ));
+                    }
+                }
+            }
+            None => {
+                return Err(ErrorData::invalid_params(
+                    format!(
+                        "unknown tool {:?}: nexusd's tools are listed by tools/list; a VM's own tools are VM__TOOL, or vm_TOOL with a `vm` argument",
+                        request.name
+                    ),
+                    None,
+                ));
+            }
+        };
+        if !self.daemon.guests().is_attached(&vm) {
+            let why = self.daemon.why_unreachable(&vm).await;
+            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "cannot reach VM {vm:?}'s tools: {why}"
+            ))])
+            .into());
         }
-        Err(ErrorData::invalid_params(
-            format!(
-                "unknown tool {:?}: nexusd's tools are listed by tools/list; a VM's own tools are named VM__TOOL",
-                request.name
-            ),
-            None,
-        ))
+        proxy::call(self.daemon.guests(), &vm, &tool, request.arguments, context).await
     }
 }
 
@@ -171,14 +167,18 @@ impl NexusTools {
 impl ServerHandler for NexusTools {
     async fn list_tools(
         &self,
-        _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let mut tools = self.tool_router.list_all();
-        tools.extend(self.guest_tools().await);
+        let surface = surface::requested(self.options.surface, &context)?;
+        let tools = self.all_tools(surface).await;
+        let cursor = request.as_ref().and_then(|r| r.cursor.as_deref());
+        let (tools, next) = surface::page(tools, cursor, self.options.page_size)?;
+        let mut result = ListToolsResult::with_all_items(tools);
+        result.next_cursor = next;
         // Tools come and go with VMs: a client that does not listen for
         // changes should not cache the list for long.
-        Ok(ListToolsResult::with_all_items(tools).with_ttl_ms(TOOLS_TTL_MS))
+        Ok(result.with_ttl_ms(TOOLS_TTL_MS))
     }
 
     async fn call_tool(
@@ -200,6 +200,16 @@ impl ServerHandler for NexusTools {
         response
     }
 
+    #[allow(deprecated)] // MCP logging: deprecated in 2026-07-28, still what clients use
+    async fn set_level(
+        &self,
+        request: rmcp::model::SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.log_level.set(request.level);
+        Ok(())
+    }
+
     /// 2026-07-28 clients learn of tool list changes on a
     /// `subscriptions/listen` stream.
     fn accepted_subscription_filter(
@@ -210,16 +220,36 @@ impl ServerHandler for NexusTools {
         Some(SubscriptionFilter::builder().tools_list_changed().build())
     }
 
+    /// A 2026-07-28 subscription: tool list changes if asked for, and VM
+    /// events as log messages if the request carried a log level.
     async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let wants_tools = context.accepted().tools_list_changed == Some(true);
+        let log_level = logging::requested(&context);
         let mut changes = self.daemon.subscribe_changes();
+        let mut events = self.daemon.subscribe_events();
         loop {
             tokio::select! {
                 () = context.cancelled() => return Ok(()),
-                changed = changes.recv() => {
-                    if matches!(changed, Err(tokio::sync::broadcast::error::RecvError::Closed))
-                        || context.sink().notify_tool_list_changed().await.is_err()
-                    {
-                        return Ok(());
+                changed = changes.recv(), if wants_tools => {
+                    match changed {
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                        _ if context.sink().notify_tool_list_changed().await.is_err() => return Ok(()),
+                        _ => {}
+                    }
+                }
+                event = events.recv(), if log_level.is_some() => {
+                    match event {
+                        Ok(event) => {
+                            if let Some(min) = log_level
+                                && logging::send_on_subscription(&context, &event, min).await.is_err()
+                            {
+                                return Ok(());
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "a slow subscriber missed VM events");
+                        }
                     }
                 }
             }
@@ -227,10 +257,10 @@ impl ServerHandler for NexusTools {
     }
 
     /// Tells a legacy (2025-11-25) session's client whenever VMs (and so
-    /// tools) come and go.
+    /// tools) come and go, and what happens to them as log messages.
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
         let mut changes = self.daemon.subscribe_changes();
-        let peer = context.peer;
+        let peer = context.peer.clone();
         tokio::spawn(async move {
             while changes.recv().await.is_ok() {
                 if peer.notify_tool_list_changed().await.is_err() {
@@ -238,21 +268,29 @@ impl ServerHandler for NexusTools {
                 }
             }
         });
+        tokio::spawn(logging::forward_to_session(
+            self.daemon.subscribe_events(),
+            context.peer,
+            self.log_level.clone(),
+        ));
     }
 
+    #[allow(deprecated)] // enable_logging: see set_level
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
                 .enable_tools()
                 .enable_tool_list_changed()
+                .enable_logging()
                 .build(),
         )
         .with_server_info(Implementation::new("nexusd", env!("CARGO_PKG_VERSION")))
         .with_instructions(
             "Nexus gives each agent its own microVM. spawn_vm makes one (list_images shows \
                  what it can be made from); each running VM's own tools (exec, files, processes) \
-                 appear as VM__TOOL. snapshot_drive, restore_snapshot and fork_vm checkpoint, roll \
-                 back and branch a VM's workspace.",
+                 appear as VM__TOOL (or, on the shared surface, once as vm_TOOL with a `vm` \
+                 argument). snapshot_drive, restore_snapshot and fork_vm checkpoint, roll back \
+                 and branch a VM's workspace.",
         )
     }
 }

@@ -45,7 +45,9 @@ pub struct SnapshotRef {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForkParams {
-    /// The snapshot to fork, as "VM/SNAPSHOT".
+    /// The VM to fork.
+    pub vm: String,
+    /// Its snapshot to fork from (list_snapshots shows them).
     pub snapshot: String,
     /// Name for the new VM (default: vm-N).
     #[serde(default)]
@@ -60,19 +62,23 @@ pub struct Snapshot {
     pub created_at: String,
     /// The drive's logical size in bytes.
     pub size_bytes: u64,
-    /// The snapshot the drive's content came from before, "VM/SNAPSHOT".
-    pub parent: Option<String>,
+    /// The VM of the snapshot the drive's content came from before, if any.
+    pub parent_vm: Option<String>,
+    /// That snapshot.
+    pub parent_snapshot: Option<String>,
 }
 
 impl From<SnapshotInfo> for Snapshot {
     fn from(s: SnapshotInfo) -> Self {
+        let (parent_vm, parent_snapshot) = crate::daemon::split_reference(s.parent.as_deref());
         Self {
             vm: s.vm,
             name: s.name,
             drive: s.drive,
             created_at: s.created_at,
             size_bytes: s.size_bytes,
-            parent: s.parent,
+            parent_vm: parent_vm.map(str::to_owned),
+            parent_snapshot: parent_snapshot.map(str::to_owned),
         }
     }
 }
@@ -179,16 +185,15 @@ impl NexusTools {
         &self,
         Parameters(p): Parameters<ForkParams>,
     ) -> Result<CallToolResult, String> {
-        let (vm, snapshot) = p
-            .snapshot
-            .split_once('/')
-            .ok_or_else(|| format!("`snapshot` {:?} must be VM/SNAPSHOT", p.snapshot))?;
         let info = self
             .daemon
-            .fork(vm, snapshot, p.name)
+            .fork(&p.vm, &p.snapshot, p.name)
             .await
             .map_err(|e| e.to_string())?;
-        let text = format!("forked {} into {} ({})", p.snapshot, info.name, info.state);
+        let text = format!(
+            "forked {}/{} into {} ({})",
+            p.vm, p.snapshot, info.name, info.state
+        );
         done(&info, text)
     }
 }

@@ -1,5 +1,5 @@
-//! VM lifecycle: spawn_vm, list_vms, vm_info, start_vm, stop_vm,
-//! destroy_vm, vm_console.
+//! VM lifecycle: spawn_vm, list_vms, get_vm, start_vm, stop_vm,
+//! destroy_vm, read_console.
 
 use rmcp::handler::server::common::schema_for_output;
 use rmcp::handler::server::wrapper::Parameters;
@@ -25,14 +25,20 @@ pub struct SpawnVmParams {
     pub image: Option<String>,
     /// Virtual CPUs (default 1, at most 32).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 32))]
     pub vcpus: Option<u32>,
-    /// Memory in MiB (default 256, at least 64).
+    /// Memory in MiB (default 256, at least 64, at most the host's).
     #[serde(default)]
+    #[schemars(range(min = 64))]
     pub memory_mib: Option<u32>,
-    /// Size of the empty /workspace drive in GiB (default 1).
+    /// Size of the empty /workspace drive in GiB (default 1, at most 1024).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 1024))]
     pub workspace_gib: Option<u64>,
-    /// Start /workspace as a copy of this snapshot, "VM/SNAPSHOT".
+    /// Start /workspace as a copy of a snapshot of this VM (with `from_snapshot`).
+    #[serde(default)]
+    pub from_vm: Option<String>,
+    /// The snapshot of `from_vm` to copy /workspace from.
     #[serde(default)]
     pub from_snapshot: Option<String>,
 }
@@ -51,7 +57,8 @@ pub struct ConsoleParams {
     pub vm: String,
     /// How many of the last console lines to return (default 50, at most 1000).
     #[serde(default)]
-    pub lines: Option<usize>,
+    #[schemars(range(min = 1, max = 1000))]
+    pub lines: Option<u32>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -113,7 +120,21 @@ impl NexusTools {
             vcpus: p.vcpus,
             memory_mib: p.memory_mib,
             workspace_gib: p.workspace_gib,
-            from_snapshot: p.from_snapshot,
+            from_snapshot: match (p.from_vm, p.from_snapshot) {
+                (None, None) => None,
+                (Some(vm), Some(snapshot)) => Some((vm, snapshot)),
+                (Some(_), None) => {
+                    return Err(
+                        "`from_vm` needs `from_snapshot`: the snapshot of that VM to copy /workspace from (list_snapshots shows them)".to_owned(),
+                    );
+                }
+                (None, Some(_)) => {
+                    return Err(
+                        "`from_snapshot` needs `from_vm`: the VM the snapshot belongs to"
+                            .to_owned(),
+                    );
+                }
+            },
         };
         let spawned = self.daemon.spawn(request, progress).await;
         if let Some(forwarder) = forwarder {
@@ -139,8 +160,8 @@ impl NexusTools {
         done(&VmList { vms }, text)
     }
 
-    #[tool(description = "Show one VM.", output_schema = schema_for_output::<VmInfo>())]
-    async fn vm_info(&self, Parameters(p): Parameters<VmParams>) -> Result<CallToolResult, String> {
+    #[tool(description = "Show one VM: its state, image, size and where its workspace came from.", output_schema = schema_for_output::<VmInfo>())]
+    async fn get_vm(&self, Parameters(p): Parameters<VmParams>) -> Result<CallToolResult, String> {
         let info = self.daemon.info(&p.vm).await.map_err(|e| e.to_string())?;
         done(&info, line(&info))
     }
@@ -182,7 +203,7 @@ impl NexusTools {
     }
 
     #[tool(description = "The last lines of a VM's serial console (boot messages, kernel errors).", output_schema = schema_for_output::<Console>())]
-    async fn vm_console(
+    async fn read_console(
         &self,
         Parameters(p): Parameters<ConsoleParams>,
     ) -> Result<CallToolResult, String> {
@@ -192,7 +213,7 @@ impl NexusTools {
         }
         let text = self
             .daemon
-            .console(&p.vm, lines)
+            .console(&p.vm, lines as usize)
             .await
             .map_err(|e| e.to_string())?;
         done(

@@ -44,6 +44,20 @@ impl State {
         cmd
     }
 
+    /// `nexusd stdio` as a child whose stdin the caller closes (by
+    /// cancelling the client), and a client on it.
+    pub async fn stdio_child(&self) -> (tokio::process::Child, RunningService<RoleClient, ()>) {
+        let mut child = self
+            .command()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let io = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        (child, ().serve(io).await.unwrap())
+    }
+
     pub async fn client(&self) -> RunningService<RoleClient, ()> {
         ().serve(TokioChildProcess::new(self.command()).unwrap())
             .await
@@ -79,7 +93,11 @@ impl Outcome {
     }
 }
 
-pub async fn call(client: &RunningService<RoleClient, ()>, tool: &str, args: Value) -> Outcome {
+pub async fn call<H: rmcp::ClientHandler>(
+    client: &RunningService<RoleClient, H>,
+    tool: &str,
+    args: Value,
+) -> Outcome {
     let result = client
         .call_tool(
             CallToolRequestParams::new(tool.to_owned())
@@ -134,4 +152,33 @@ pub async fn serve(state: &State) -> (tokio::process::Child, String) {
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (serve, url)
+}
+
+/// The Python client of the `mcp` package, in the .venv scripts/test.sh makes.
+pub fn python() -> PathBuf {
+    let python = nexus_integration::workspace_root().join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: scripts/test.sh installs the Python MCP client there",
+        python.display()
+    );
+    python
+}
+
+/// Runs integration/python/scenario.py (every tool, the full VM scenario)
+/// with `args`; returns the JSON line it prints last.
+pub async fn python_scenario(args: &[&str]) -> Value {
+    let out = Command::new(python())
+        .arg(nexus_integration::workspace_root().join("integration/python/scenario.py"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python client {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }

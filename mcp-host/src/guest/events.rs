@@ -1,6 +1,6 @@
-//! nexusd's session with a guest-mcp: one per running VM, shared by every
-//! caller. Progress the guest reports for a proxied call is routed back to
-//! the caller that made it, by the guest-side progress token.
+//! What a guest-mcp session tells nexusd on its own: progress the guest
+//! reports for a proxied call, routed back to the caller that made it by
+//! the guest-side progress token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

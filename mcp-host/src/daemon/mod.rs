@@ -1,31 +1,33 @@
 //! The daemon's core: VMs made of storage (drives) and vmm (processes).
 //! MCP handlers call this and only translate.
 
+mod events;
+mod hooks;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use nexus_rootfs::Manifest;
 use nexus_storage::{
-    Quiesce, Reattach, SnapshotInfo, Storage, StorageConfig, StorageError, WorkspaceSource,
-    validate_name,
+    SnapshotInfo, Storage, StorageConfig, StorageError, WorkspaceSource, validate_name,
 };
 use nexus_vmm::qemu::QemuBackend;
 use nexus_vmm::{Drive, Vm, VmSpec, Vmm, VmmConfig, VmmError};
-use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::Config;
-use crate::guest_link::GuestEvents;
-use crate::state_lock::StateLock;
+pub use events::{EventKind, Severity, VmEvent};
+use hooks::{GuestHooks, handshake};
 
-/// A guest-mcp session of a running VM.
-pub type GuestSession = RunningService<RoleClient, GuestEvents>;
+use crate::Config;
+use crate::guest::Guests;
+use crate::state_lock::StateLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -71,8 +73,10 @@ pub struct VmInfo {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// The snapshot its workspace came from (`vm/snapshot`), if any.
-    pub base_snapshot: Option<String>,
+    /// The VM whose snapshot its workspace came from, if any.
+    pub from_vm: Option<String>,
+    /// That snapshot.
+    pub from_snapshot: Option<String>,
     /// vsock CID while running.
     pub cid: Option<u32>,
     /// Milliseconds from start to guest readiness, while running.
@@ -87,8 +91,8 @@ pub struct SpawnRequest {
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub workspace_gib: Option<u64>,
-    /// `vm/snapshot` to clone the workspace from.
-    pub from_snapshot: Option<String>,
+    /// (VM, snapshot) to clone the workspace from.
+    pub from_snapshot: Option<(String, String)>,
 }
 
 pub const DEFAULT_IMAGE: &str = "default";
@@ -96,28 +100,33 @@ pub const DEFAULT_IMAGE: &str = "default";
 pub type Progress = tokio::sync::mpsc::UnboundedSender<(f64, String)>;
 /// The steps `spawn` reports.
 pub const SPAWN_STEPS: f64 = 3.0;
-/// How long a proxied call waits for a restarting guest-mcp.
-const GUEST_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an MCP handshake with a guest may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a guest has to freeze, thaw, unmount or mount.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_WORKSPACE_GIB: u64 = 1024;
+
+/// A VM nexusd runs, and which start of it this is (a watcher acts only on
+/// the instance it watches).
+struct Running {
+    vm: Vm,
+    id: u64,
+}
 
 pub struct Daemon {
     config: Config,
     storage: Arc<Storage>,
     vmm: std::result::Result<Vmm, String>,
-    running: Mutex<HashMap<String, Vm>>,
+    running: Mutex<HashMap<String, Running>>,
+    next_id: AtomicU64,
     /// VMs whose destruction is under way: nothing else may start on them.
     destroying: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// One guest-mcp session per running VM, for proxied tools.
-    guests: Mutex<HashMap<String, Arc<GuestSession>>>,
+    /// The guest link of each running VM, for proxied tools.
+    guests: Guests,
     /// Fires whenever the set of running VMs (and so of proxied tools) changes.
     changes: tokio::sync::broadcast::Sender<()>,
+    /// What happens to VMs, for clients that listen (MCP log messages).
+    events: tokio::sync::broadcast::Sender<VmEvent>,
+    me: Weak<Daemon>,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -126,7 +135,12 @@ impl Daemon {
     /// Takes the state directory (refusing if another nexusd has it), opens
     /// storage, and imports any image built into `<state>/images/`.
     pub async fn open(config: Config) -> anyhow::Result<Arc<Self>> {
-        let lock = StateLock::acquire(&config.state_dir)?;
+        let lock = StateLock::acquire(&config.state_dir, &config.admin_socket)?;
+        Self::open_locked(config, lock).await
+    }
+
+    /// [`Daemon::open`] with the state directory's lock already taken.
+    pub async fn open_locked(config: Config, lock: StateLock) -> anyhow::Result<Arc<Self>> {
         let storage_config = StorageConfig::new(&config.state_dir);
         let (storage, report) =
             tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
@@ -175,7 +189,7 @@ impl Daemon {
         }
         let keep: Vec<PathBuf> = running
             .values()
-            .map(|vm| vm.run_dir().to_path_buf())
+            .map(|vm: &Vm| vm.run_dir().to_path_buf())
             .collect();
         let stopped = nexus_vmm::vm::reap_leftovers(&config.state_dir.join("run"), &keep);
         if !running.is_empty() {
@@ -184,18 +198,109 @@ impl Daemon {
         if !stopped.is_empty() {
             tracing::warn!(vms = ?stopped, "stopped leftovers of VMs that could not be adopted");
         }
-        Ok(Arc::new(Self {
+        let daemon = Arc::new_cyclic(|me| Self {
             config,
             storage,
             vmm,
-            running: Mutex::new(running),
+            running: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
             destroying: std::sync::Mutex::default(),
             vm_locks: std::sync::Mutex::default(),
-            guests: Mutex::new(HashMap::new()),
+            guests: Guests::default(),
             changes: tokio::sync::broadcast::channel(16).0,
+            events: tokio::sync::broadcast::channel(256).0,
             metrics: crate::metrics::Metrics::new(),
+            me: me.clone(),
             _lock: lock,
-        }))
+        });
+        for (name, vm) in running {
+            daemon.run(&name, vm).await;
+        }
+        Ok(daemon)
+    }
+
+    /// Takes a ready VM into the running set: its guest link, a watcher
+    /// for its death, and news of it for clients.
+    async fn run(&self, name: &str, vm: Vm) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let endpoint = vm.endpoint();
+        self.guests.attach(name, endpoint.clone());
+        self.running
+            .lock()
+            .await
+            .insert(name.to_owned(), Running { vm, id });
+        tokio::spawn(events::watch(
+            self.me.clone(),
+            name.to_owned(),
+            id,
+            endpoint,
+        ));
+        self.changed();
+    }
+
+    /// Whether instance `id` of VM `name` is still the one running.
+    async fn is_current(&self, name: &str, id: u64) -> bool {
+        self.running
+            .lock()
+            .await
+            .get(name)
+            .is_some_and(|r| r.id == id)
+    }
+
+    /// The VMM of instance `id` of VM `name` exited without being asked
+    /// to: the VM is stopped (and startable), and clients are told.
+    async fn reap(&self, name: &str, id: u64) {
+        let _op = self.lock_vm(name).await;
+        let running = {
+            let mut map = self.running.lock().await;
+            match map.get(name) {
+                Some(r) if r.id == id => map.remove(name),
+                _ => None,
+            }
+        };
+        let Some(Running { vm, .. }) = running else {
+            return;
+        };
+        self.guests.detach(name);
+        let exit = vm.exit_status().unwrap_or_default();
+        let report = vm.stop().await;
+        tracing::warn!(vm = name, exit, ?report.method, "VM exited by itself");
+        let console = nexus_vmm::console::tail(&self.console_log(name), 0, events::CONSOLE_LINES);
+        self.changed();
+        self.emit(
+            VmEvent::new(
+                name,
+                EventKind::Died,
+                format!("VM {name} exited ({exit}); it is stopped and start_vm boots it again"),
+            )
+            .with_console(&console),
+        );
+    }
+
+    pub fn guests(&self) -> &Guests {
+        &self.guests
+    }
+
+    /// What happens to VMs, as it happens.
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<VmEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: VmEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Why a VM's guest tools cannot be reached: it does not exist, or it
+    /// is not running.
+    pub async fn why_unreachable(&self, name: &str) -> DaemonError {
+        match self.known(name).await {
+            Err(e) => e,
+            Ok(()) => DaemonError::NotRunning(name.to_owned()),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn storage(&self) -> &Arc<Storage> {
@@ -269,17 +374,9 @@ impl Daemon {
                 "`workspace_gib` must be between 1 and {MAX_WORKSPACE_GIB}, got {gib}"
             )));
         }
-        let workspace = match &req.from_snapshot {
+        let workspace = match req.from_snapshot {
             None => WorkspaceSource::New { bytes: gib << 30 },
-            Some(from) => {
-                let (vm, snapshot) = from.split_once('/').ok_or_else(|| {
-                    DaemonError::Invalid(format!("`from_snapshot` {from:?} must be VM/SNAPSHOT"))
-                })?;
-                WorkspaceSource::Snapshot {
-                    vm: vm.to_owned(),
-                    snapshot: snapshot.to_owned(),
-                }
-            }
+            Some((vm, snapshot)) => WorkspaceSource::Snapshot { vm, snapshot },
         };
         if let Err(why) = &self.vmm {
             return Err(DaemonError::NoBackend(why.clone()));
@@ -337,16 +434,21 @@ impl Daemon {
         self.known(name).await?;
         self.check_not_destroying(name)?;
         let _op = self.lock_vm(name).await;
-        self.guests.lock().await.remove(name);
-        let vm = self
+        let Running { vm, .. } = self
             .running
             .lock()
             .await
             .remove(name)
             .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+        self.guests.detach(name);
         let report = vm.stop().await;
         tracing::info!(vm = name, ?report, "VM stopped");
         self.changed();
+        self.emit(VmEvent::new(
+            name,
+            EventKind::Stopped,
+            format!("VM {name} stopped ({:?})", report.method),
+        ));
         self.info(name).await
     }
 
@@ -358,16 +460,21 @@ impl Daemon {
         }
         let _op = self.lock_vm(name).await;
         let result = async {
-            self.guests.lock().await.remove(name);
             // Take the VM out first: the map must not stay locked while it stops.
-            let vm = self.running.lock().await.remove(name);
-            if let Some(vm) = vm {
+            let running = self.running.lock().await.remove(name);
+            self.guests.detach(name);
+            if let Some(Running { vm, .. }) = running {
                 vm.stop().await;
                 self.changed();
             }
             let doomed = name.to_owned();
             self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
             let _ = std::fs::remove_file(self.console_log(name));
+            self.emit(VmEvent::new(
+                name,
+                EventKind::Destroyed,
+                format!("VM {name} destroyed"),
+            ));
             Ok(())
         }
         .await;
@@ -503,51 +610,12 @@ impl Daemon {
 
     /// A session with a running VM's control channel, or None if it is stopped.
     async fn control(&self, name: &str) -> Result<Option<RunningService<RoleClient, ()>>> {
-        let endpoint = self.running.lock().await.get(name).map(Vm::endpoint);
+        let endpoint = self.running.lock().await.get(name).map(|r| r.vm.endpoint());
         let Some(endpoint) = endpoint else {
             return Ok(None);
         };
         let stream = endpoint.connect(nexus_vmm::GUEST_CONTROL_PORT).await?;
         handshake(name, ().serve(stream)).await.map(Some)
-    }
-
-    /// The guest-mcp session of a running VM, opened on first use and
-    /// opened again if it was closed (guest-mcp restarted).
-    pub async fn guest(&self, name: &str) -> Result<Arc<GuestSession>> {
-        if !self.running.lock().await.contains_key(name) {
-            // Say whether the VM is stopped or does not exist at all.
-            self.known(name).await?;
-            return Err(DaemonError::NotRunning(name.to_owned()));
-        }
-        if let Some(client) = self.guests.lock().await.get(name)
-            && !client.is_closed()
-        {
-            return Ok(client.clone());
-        }
-        // No lock is held while waiting for or talking to the guest: one
-        // slow guest must not stall every other VM's operations.
-        let endpoint = self
-            .running
-            .lock()
-            .await
-            .get(name)
-            .map(Vm::endpoint)
-            .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
-        // A guest-mcp that just restarted is back within a second or two.
-        endpoint.wait_ready(GUEST_RETURN_TIMEOUT).await;
-        let stream = endpoint.connect(nexus_vmm::GUEST_TOOLS_PORT).await?;
-        let client = Arc::new(handshake(name, GuestEvents::default().serve(stream)).await?);
-        self.guests
-            .lock()
-            .await
-            .insert(name.to_owned(), client.clone());
-        Ok(client)
-    }
-
-    /// Drops a guest session found dead and opens a new one.
-    pub async fn reconnect_guest(&self, name: &str) -> Result<Arc<GuestSession>> {
-        self.guests.lock().await.remove(name);
-        self.guest(name).await
     }
 
     /// Names of the running VMs.
@@ -589,15 +657,17 @@ impl Daemon {
             vcpus: 1,
             memory_mib: 256,
         });
+        let (from_vm, from_snapshot) = split_reference(drives.base_snapshot.as_deref());
         let running = self.running.lock().await;
-        let vm = running.get(name);
+        let vm = running.get(name).map(|r| &r.vm);
         Ok(VmInfo {
             name: name.to_owned(),
             state: if vm.is_some() { "running" } else { "stopped" }.to_owned(),
             image: drives.image,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
-            base_snapshot: drives.base_snapshot,
+            from_vm: from_vm.map(str::to_owned),
+            from_snapshot: from_snapshot.map(str::to_owned),
             cid: vm.map(Vm::cid),
             ready_ms: vm.map(|v| v.ready_after().as_millis() as u64),
         })
@@ -616,7 +686,7 @@ impl Daemon {
             .lock()
             .await
             .drain()
-            .map(|(_, vm)| vm)
+            .map(|(_, r)| r.vm)
             .collect();
         for vm in vms {
             vm.stop().await;
@@ -682,9 +752,31 @@ impl Daemon {
         ];
         spec.console_log = self.console_log(name);
         spec.ready_timeout = Duration::from_secs(120);
-        let vm = vmm.start(spec).await?;
-        self.running.lock().await.insert(name.to_owned(), vm);
-        self.changed();
+        let vm = match vmm.start(spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.emit(
+                    VmEvent::new(
+                        name,
+                        EventKind::BootFailed,
+                        format!("VM {name} did not boot: {e}"),
+                    )
+                    .with_console(&nexus_vmm::console::tail(
+                        &self.console_log(name),
+                        0,
+                        events::CONSOLE_LINES,
+                    )),
+                );
+                return Err(e.into());
+            }
+        };
+        let ready_ms = vm.ready_after().as_millis();
+        self.run(name, vm).await;
+        self.emit(VmEvent::new(
+            name,
+            EventKind::Started,
+            format!("VM {name} started, ready in {ready_ms} ms"),
+        ));
         Ok(())
     }
 }
@@ -716,23 +808,11 @@ async fn import_built_images(storage: &Arc<Storage>, dir: &std::path::Path) -> a
     Ok(())
 }
 
-/// Finishes an MCP session setup with a guest, within a bound.
-async fn handshake<S>(
-    vm: &str,
-    setup: impl std::future::Future<
-        Output = std::result::Result<S, rmcp::service::ClientInitializeError>,
-    >,
-) -> Result<S> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, setup).await {
-        Ok(Ok(session)) => Ok(session),
-        Ok(Err(e)) => Err(DaemonError::Guest {
-            vm: vm.to_owned(),
-            why: e.to_string(),
-        }),
-        Err(_) => Err(DaemonError::Guest {
-            vm: vm.to_owned(),
-            why: format!("no MCP handshake within {HANDSHAKE_TIMEOUT:?}"),
-        }),
+/// Storage's "VM/SNAPSHOT" reference as its two names.
+pub fn split_reference(reference: Option<&str>) -> (Option<&str>, Option<&str>) {
+    match reference.and_then(|r| r.split_once('/')) {
+        Some((vm, snapshot)) => (Some(vm), Some(snapshot)),
+        None => (None, None),
     }
 }
 
@@ -752,63 +832,4 @@ fn host_memory_mib() -> u64 {
                 .ok()
         })
         .map_or(0, |kb| kb / 1024)
-}
-
-/// Storage's hooks, done by a running guest over its control channel.
-struct GuestHooks {
-    handle: tokio::runtime::Handle,
-    /// The guest's control channel; `None` for a stopped VM, which has
-    /// nothing to freeze or release.
-    client: Option<RunningService<RoleClient, ()>>,
-    vm: String,
-}
-
-impl GuestHooks {
-    fn call(&self, tool: &'static str, args: serde_json::Value) -> std::result::Result<(), String> {
-        let Some(client) = &self.client else {
-            return Ok(());
-        };
-        let mut params = CallToolRequestParams::new(tool);
-        if let serde_json::Value::Object(map) = args {
-            params = params.with_arguments(map);
-        }
-        let result = self
-            .handle
-            .block_on(tokio::time::timeout(HOOK_TIMEOUT, client.call_tool(params)))
-            .map_err(|_| {
-                format!(
-                    "{tool} on VM {}: no answer within {HOOK_TIMEOUT:?}",
-                    self.vm
-                )
-            })?
-            .map_err(|e| format!("{tool} on VM {}: {e}", self.vm))?;
-        if result.is_error == Some(true) {
-            let text: Vec<String> = result
-                .content
-                .iter()
-                .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-                .collect();
-            return Err(format!("{tool} on VM {}: {}", self.vm, text.join(" ")));
-        }
-        Ok(())
-    }
-}
-
-impl Quiesce for GuestHooks {
-    fn freeze(&mut self) -> std::result::Result<(), String> {
-        // A thaw deadline: the guest thaws by itself if nexusd dies here.
-        self.call("freeze", serde_json::json!({"timeout_s": 30}))
-    }
-    fn thaw(&mut self) -> std::result::Result<(), String> {
-        self.call("thaw", serde_json::json!({}))
-    }
-}
-
-impl Reattach for GuestHooks {
-    fn release(&mut self) -> std::result::Result<(), String> {
-        self.call("unmount", serde_json::json!({"force": true}))
-    }
-    fn reattach(&mut self) -> std::result::Result<(), String> {
-        self.call("mount", serde_json::json!({}))
-    }
 }

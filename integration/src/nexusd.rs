@@ -1,0 +1,114 @@
+//! nexusd as the benchmarks run it: a release build, on a state directory
+//! of its own (its loop-mounted pool unmounted afterwards), served over
+//! HTTP on a free loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::workspace_root;
+
+/// A state directory with the default image; on drop, the pool nexusd
+/// mounted there is unmounted.
+pub struct StateDir(tempfile::TempDir);
+
+impl StateDir {
+    pub fn new(image: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("nxb").tempdir_in("/tmp")?;
+        std::fs::create_dir_all(dir.path().join("images"))?;
+        std::os::unix::fs::symlink(image, dir.path().join("images/default"))?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path().join("pool"))
+            .status();
+    }
+}
+
+/// Builds the release nexusd; returns its path.
+pub fn build_release() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-q",
+            "-p",
+            "nexus-host",
+            "--bin",
+            "nexusd",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("building nexusd failed");
+    }
+    Ok(workspace_root().join("target/release/nexusd"))
+}
+
+/// `nexusd serve` on a free loopback port; returns the process (killed on
+/// drop) and its `/mcp` URL. Its log keeps being drained.
+pub async fn serve(
+    nexusd: &Path,
+    state: &StateDir,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let mut serve = tokio::process::Command::new(nexusd)
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,rmcp=error")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(serve.stderr.take().context("no stderr")?).lines();
+    let url = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .context("nexusd exited before listening")?;
+        if let Some(at) = line.find("http://") {
+            break line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((serve, url))
+}
+
+/// Stops a served nexusd as a service manager would (SIGTERM) and waits.
+pub async fn stop(mut serve: tokio::process::Child) {
+    if let Some(pid) = serve.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(120), serve.wait()).await;
+}
+
+/// p50 and p99 of `samples`, in microseconds.
+pub fn percentiles_us(mut samples: Vec<Duration>) -> (f64, f64) {
+    if samples.is_empty() {
+        return (0.0, 0.0);
+    }
+    samples.sort();
+    let at = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
+    };
+    (at(0.50), at(0.99))
+}

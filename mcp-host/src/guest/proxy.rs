@@ -1,0 +1,131 @@
+//! Forwarding one tool call to a VM's guest-mcp: the guest's progress goes
+//! back to the caller, a cancelled call cancels the guest's work (for exec:
+//! its process group is killed), and the answer is re-expressed for the
+//! caller's protocol era.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientRequest, ContentBlock,
+    JsonObject, Request, ResultType, ServerResult,
+};
+use rmcp::service::{PeerRequestOptions, RequestContext};
+use rmcp::{ErrorData, RoleServer};
+
+use super::{GuestSession, Guests};
+
+/// How long progress still in flight may hold up a finished call's answer.
+const PROGRESS_DRAIN: Duration = Duration::from_secs(2);
+
+/// Calls `tool` with `arguments` in VM `vm`'s guest for the caller of
+/// `context`. Failures the caller can act on are tool errors; protocol
+/// errors from the guest (bad arguments) stay protocol errors.
+pub async fn call(
+    guests: &Guests,
+    vm: &str,
+    tool: &str,
+    arguments: Option<JsonObject>,
+    context: RequestContext<RoleServer>,
+) -> Result<CallToolResponse, ErrorData> {
+    let failed = |why: String| Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
+    let session = match guests.session(vm).await {
+        Ok(session) => session,
+        Err(e) => return failed(e.to_string()),
+    };
+    let mut forwarded = CallToolRequestParams::new(tool.to_owned());
+    forwarded.arguments = arguments;
+    let send = |session: Arc<GuestSession>, params: CallToolRequestParams| async move {
+        let sent = session
+            .service
+            .send_cancellable_request(
+                ClientRequest::CallToolRequest(Request::new(params)),
+                PeerRequestOptions::no_options(),
+            )
+            .await;
+        (session, sent)
+    };
+    let (mut session, mut sent) = send(session, forwarded.clone()).await;
+    if matches!(sent, Err(rmcp::ServiceError::TransportClosed)) {
+        // guest-mcp restarted under a session we had not yet seen close.
+        match guests.reopen(vm).await {
+            Ok(fresh) => (session, sent) = send(fresh, forwarded).await,
+            Err(e) => return failed(e.to_string()),
+        }
+    }
+    let mut handle = match sent {
+        Ok(handle) => handle,
+        Err(e) => return failed(format!("VM {vm:?}'s guest did not take {tool}: {e}")),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let route = session
+        .service
+        .service()
+        .route(handle.progress_token.clone(), tx);
+    let forwarder = context.meta.get_progress_token().map(|upstream| {
+        let peer = context.peer.clone();
+        tokio::spawn(async move {
+            while let Some(mut progress) = rx.recv().await {
+                progress.progress_token = upstream.clone();
+                if peer.notify_progress(progress).await.is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    let answer = tokio::select! {
+        answer = &mut handle.rx => Some(answer),
+        () = context.ct.cancelled() => None,
+    };
+    // Closing the route ends the forwarder once it has sent everything the
+    // guest reported, so all progress goes out before the result.
+    drop(route);
+    if let Some(forwarder) = forwarder {
+        let _ = tokio::time::timeout(PROGRESS_DRAIN, forwarder).await;
+    }
+    match answer {
+        None => {
+            let _ = handle
+                .cancel(Some("cancelled by nexusd's client".into()))
+                .await;
+            failed(format!("{tool} in VM {vm:?} was cancelled"))
+        }
+        Some(Ok(Ok(ServerResult::CallToolResult(result)))) => Ok(for_caller(result).into()),
+        Some(Ok(Ok(_))) => failed(format!(
+            "VM {vm:?}'s guest answered {tool} with something other than a tool result"
+        )),
+        Some(Ok(Err(rmcp::ServiceError::McpError(e)))) => Err(e),
+        Some(Ok(Err(e))) => failed(format!("VM {vm:?}'s guest did not answer {tool}: {e}")),
+        Some(Err(_)) => failed(format!("VM {vm:?}'s guest went away during {tool}")),
+    }
+}
+
+/// The guest's result as nexusd's own: the guest session may be of the
+/// older era (no `resultType`), the caller of either. A complete result
+/// carries `resultType: "complete"`, which rmcp removes again for callers
+/// of the 2025-11-25 era, so each caller gets its own era's shape.
+pub fn for_caller(mut result: CallToolResult) -> CallToolResult {
+    result.result_type = Some(ResultType::COMPLETE);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_of_the_older_era_becomes_complete_for_every_caller() {
+        let legacy: CallToolResult =
+            serde_json::from_value(serde_json::json!({"content": [], "isError": false}))
+                .expect("a 2025-11-25 tool result");
+        assert_eq!(legacy.result_type, None);
+        let mine = for_caller(legacy);
+        let wire =
+            serde_json::to_value(ServerResult::CallToolResult(mine.clone())).expect("serialisable");
+        assert_eq!(wire["resultType"], "complete");
+        let mut old = ServerResult::CallToolResult(mine);
+        old.strip_result_type_for_legacy_peer();
+        let wire = serde_json::to_value(old).expect("serialisable");
+        assert!(wire.get("resultType").is_none(), "{wire}");
+    }
+}
