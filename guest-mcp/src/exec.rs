@@ -1,10 +1,11 @@
 //! Running one command to completion, with a deadline, output caps and
 //! cancellation.
 //!
-//! Every command runs in a process group of its own. When the command ends,
-//! times out or is cancelled, the whole group is killed: background jobs an
-//! `exec` leaves behind would otherwise hold its output pipes open (and the
-//! call) forever, and a timeout that leaves processes running is no timeout.
+//! Every command runs in a process group and a process tree (cgroup) of its
+//! own. When the command ends, times out or is cancelled, the whole tree is
+//! killed, `setsid` or not: background jobs an `exec` leaves behind would
+//! otherwise hold its output pipes open (and the call) forever, and a
+//! timeout that leaves processes running is no timeout.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -22,6 +23,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::Limits;
+use crate::trees::{Tree, Trees};
 
 /// How long output is still drained after the command's group was killed.
 /// Only a process that left the group (setsid) can hold a pipe past this.
@@ -87,8 +89,10 @@ pub struct ExecResult {
     pub stdout_truncated: bool,
     /// Standard error went past `max_output_bytes`; the tail was dropped.
     pub stderr_truncated: bool,
-    /// The command ran past `timeout_s` and its process group was killed.
+    /// The command ran past `timeout_s` and everything it started was killed.
     pub timed_out: bool,
+    /// The command's process tree went past its memory limit and was killed.
+    pub oom_killed: bool,
     /// Wall time from start to exit, in milliseconds.
     pub duration_ms: u64,
 }
@@ -120,7 +124,7 @@ pub enum ExecError {
     },
     #[error("lost track of the command: {0}")]
     Wait(#[source] std::io::Error),
-    #[error("cancelled by the client; the command's process group was killed")]
+    #[error("cancelled by the client; everything the command started was killed")]
     Cancelled,
 }
 
@@ -139,6 +143,7 @@ pub type OutputObserver = tokio::sync::mpsc::UnboundedSender<(Stream, Vec<u8>)>;
 pub async fn run(
     req: ExecRequest,
     limits: &Limits,
+    trees: &Trees,
     default_cwd: Option<&Path>,
     cancel: CancellationToken,
     observer: Option<OutputObserver>,
@@ -162,13 +167,19 @@ pub async fn run(
     if let Some(cwd) = &program.cwd {
         cmd.current_dir(cwd);
     }
+    let tree = trees.tree("exec");
+    trees.enter_on_spawn(&tree, &mut cmd);
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
         program: program.argv[0].clone(),
         source,
     })?;
-    // A group id is the leader's pid; the guard kills the group however this
-    // function is left (including the future being dropped on cancellation).
-    let group = GroupGuard(child.id().map(|pid| Pid::from_raw(pid as i32)));
+    // A group id is the leader's pid; the guard kills the group and the
+    // tree however this function is left (including the future being
+    // dropped on cancellation).
+    let group = GroupGuard {
+        leader: child.id().map(|pid| Pid::from_raw(pid as i32)),
+        tree,
+    };
 
     if let (Some(input), Some(mut pipe)) = (plan.stdin, child.stdin.take()) {
         // A command that exits without reading its input is not an error.
@@ -210,6 +221,7 @@ pub async fn run(
     // The command is over: whatever it left running in its group goes too.
     group.kill();
     let duration_ms = started.elapsed().as_millis() as u64;
+    let oom_killed = group.tree.oom_killed();
     tokio::spawn({
         let stop = stop_reading.clone();
         async move {
@@ -232,6 +244,7 @@ pub async fn run(
         stdout_truncated: out_truncated,
         stderr_truncated: err_truncated,
         timed_out,
+        oom_killed,
         duration_ms,
     })
 }
@@ -341,14 +354,18 @@ fn no_nul(arg: &'static str, value: &str) -> Result<(), ExecError> {
 }
 
 /// Kills a process group when asked and when dropped.
-struct GroupGuard(Option<Pid>);
+struct GroupGuard {
+    leader: Option<Pid>,
+    tree: Tree,
+}
 
 impl GroupGuard {
     fn kill(&self) {
-        if let Some(pgid) = self.0 {
+        if let Some(pgid) = self.leader {
             // ESRCH (the group is already gone) is the expected case.
             let _ = killpg(pgid, Signal::SIGKILL);
         }
+        self.tree.kill();
     }
 }
 
@@ -411,6 +428,39 @@ async fn drain(reader: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bo
 /// UTF-8 text is returned as it is; anything else as base64, so no byte is
 /// lost. A cut at the cap may split a character: that partial character is
 /// dropped rather than forcing the whole stream into base64.
+/// Shrinks a result's output until its JSON takes at most `budget` bytes
+/// (what one MCP message may carry, less room for the rest): the longer
+/// stream is cut in half, and flagged truncated, until it fits. JSON
+/// escaping can make text up to six times its size, so the bytes kept are
+/// not enough to know.
+pub fn fit(result: &mut ExecResult, budget: usize) {
+    fn halve(text: &mut String, encoding: OutputEncoding) {
+        let mut at = text.len() / 2;
+        match encoding {
+            // Whole base64 quads only.
+            OutputEncoding::Base64 => at -= at % 4,
+            OutputEncoding::Utf8 => {
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+            }
+        }
+        text.truncate(at);
+    }
+    while serde_json::to_vec(result).map_or(0, |v| v.len()) > budget {
+        if result.stdout.is_empty() && result.stderr.is_empty() {
+            return;
+        }
+        if result.stdout.len() >= result.stderr.len() {
+            halve(&mut result.stdout, result.stdout_encoding);
+            result.stdout_truncated = true;
+        } else {
+            halve(&mut result.stderr, result.stderr_encoding);
+            result.stderr_truncated = true;
+        }
+    }
+}
+
 fn encode(bytes: Vec<u8>, truncated: bool) -> (String, OutputEncoding) {
     let (text, encoding, _) = encode_chunk(bytes, truncated);
     (text, encoding)
@@ -442,6 +492,10 @@ pub fn encode_chunk(mut bytes: Vec<u8>, cut: bool) -> (String, OutputEncoding, u
 mod tests {
     use super::*;
 
+    fn trees() -> Trees {
+        Trees::new(Default::default(), false)
+    }
+
     fn sh(command: &str) -> ExecRequest {
         ExecRequest {
             command: Some(command.to_owned()),
@@ -453,6 +507,7 @@ mod tests {
         run(
             req,
             &Limits::default(),
+            &trees(),
             None,
             CancellationToken::new(),
             None,
@@ -545,10 +600,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_process_that_leaves_the_group_does_not_hold_the_call() {
+    async fn a_process_that_leaves_the_group_does_not_hold_the_call_nor_outlive_it() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         let started = Instant::now();
+        let contained = trees().contained();
         let r = run_ok(sh(&format!(
             "setsid sh -c 'echo $$ > {}; exec sleep 300' & sleep 0.3; echo hi",
             pidfile.display()
@@ -559,13 +615,50 @@ mod tests {
             "held by the escaped process"
         );
         assert_eq!(r.stdout, "hi\n");
-        assert!(r.stdout_truncated, "output may go on past the call");
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()
             .parse()
             .unwrap();
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if contained {
+            // Its tree was killed with the command: the output is complete.
+            assert!(!r.stdout_truncated);
+            assert!(dies_soon(pid), "the setsid'd sleep {pid} outlived the exec");
+        } else {
+            eprintln!("no cgroup v2 here: only the process group is killed");
+            assert!(r.stdout_truncated, "output may go on past the call");
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_a_setsid_process_too() {
+        if !trees().contained() {
+            eprintln!("skipping: no writable cgroup v2 hierarchy here");
+            assert!(
+                !nix::unistd::Uid::effective().is_root(),
+                "as root (CI), cgroup v2 must be usable"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let mut req = sh(&format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 1000' & sleep 1000",
+            pidfile.display()
+        ));
+        req.timeout_s = Some(1);
+        let r = run_ok(req).await;
+        assert!(r.timed_out);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            dies_soon(pid),
+            "the setsid'd sleep {pid} survived the timeout"
+        );
     }
 
     #[tokio::test]
@@ -579,7 +672,7 @@ mod tests {
         ));
         let task = tokio::spawn({
             let cancel = cancel.clone();
-            async move { run(req, &Limits::default(), None, cancel, None).await }
+            async move { run(req, &Limits::default(), &trees(), None, cancel, None).await }
         });
         while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -655,7 +748,7 @@ mod tests {
             ),
         ];
         for (req, expected) in cases {
-            let err = run(req, &limits, None, CancellationToken::new(), None)
+            let err = run(req, &limits, &trees(), None, CancellationToken::new(), None)
                 .await
                 .unwrap_err()
                 .to_string();

@@ -15,8 +15,10 @@
 //!
 //! - `tools`: the agent-facing rmcp server (port 1024), one module per
 //!   tool group; handlers only translate to the modules below.
-//! - `exec`: runs one command in its own process group, with limits.
+//! - `exec`: runs one command in its own process tree, with limits.
 //! - `procs`: background processes and their output ring buffers.
+//! - `trees`: a cgroup per command, so that everything it starts can be
+//!   killed and limited (pids, memory), `setsid` or not.
 //! - `files`, `search`, `sysinfo`: files, glob/grep, the machine.
 //! - `control`: the host-only rmcp server (port 1023), with `freeze`
 //!   (FIFREEZE with a thaw deadline) and `mounts` (unmount/mount for
@@ -39,6 +41,7 @@ pub mod ready;
 pub mod search;
 pub mod sysinfo;
 pub mod tools;
+pub mod trees;
 
 /// vsock port of the agent-facing tool server.
 pub const TOOLS_PORT: u32 = 1024;

@@ -59,6 +59,15 @@ struct Args {
     /// Largest chunk one read_file returns or one write_file accepts.
     #[arg(long, default_value_t = Limits::default().max_io_bytes)]
     max_io_bytes: usize,
+    /// Most processes (and threads) one exec or background process and
+    /// everything it starts may have at once; 0 for no limit.
+    #[arg(long, default_value_t = 4096)]
+    tree_pids_max: u64,
+    /// Most memory, in bytes, one exec or background process and
+    /// everything it starts may use (its tree is killed past it); 0 for
+    /// no limit beyond the VM's.
+    #[arg(long, default_value_t = 0)]
+    tree_memory_max: u64,
 }
 
 #[tokio::main]
@@ -90,7 +99,19 @@ async fn main() -> anyhow::Result<()> {
     let workdir = args
         .workdir
         .or_else(|| Some(PathBuf::from("/workspace")).filter(|w| w.is_dir()));
-    let shared = Shared::new(limits, workdir, args.process_state);
+    let trees = nexus_guest::trees::Trees::new(
+        nexus_guest::trees::TreeLimits {
+            pids_max: (args.tree_pids_max > 0).then_some(args.tree_pids_max),
+            memory_max: (args.tree_memory_max > 0).then_some(args.tree_memory_max),
+        },
+        args.vm,
+    );
+    let shared = Shared::new(
+        limits,
+        std::sync::Arc::new(trees),
+        workdir,
+        args.process_state,
+    );
     let power = if args.vm {
         PowerAction::Poweroff
     } else {

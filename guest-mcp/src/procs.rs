@@ -5,6 +5,11 @@
 //! ask from an absolute byte offset and are told how many bytes were
 //! dropped before what they get.
 //!
+//! Each process and everything it starts live in a process tree of their
+//! own (see `trees`): signals with `group` reach all of it, `setsid` or
+//! not, and a process is reported ended only once its leader has exited
+//! and its output pipes have closed, so its output is complete.
+//!
 //! If guest-mcp itself dies, the output pipes die with it, so its processes
 //! cannot be adopted again. They are killed and reported instead: every
 //! process is recorded in a state file, and a restarted guest-mcp kills the
@@ -26,6 +31,7 @@ use tokio::process::{ChildStdin, Command};
 
 use crate::exec::{Program, encode_chunk};
 use crate::limits::Limits;
+use crate::trees::{Tree, Trees};
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -173,6 +179,10 @@ struct Entry {
     info: ProcessInfo,
     started: Instant,
     ended: Option<Instant>,
+    /// The leader has been reaped: its pid may be reused, never signal it.
+    leader_exited: bool,
+    /// Everything it started; dropping the entry kills what is left.
+    tree: Option<Arc<Tree>>,
     stdin: Option<Arc<tokio::sync::Mutex<ChildStdin>>>,
     stdout: Ring,
     stderr: Ring,
@@ -183,6 +193,7 @@ pub struct ProcessTable {
     entries: Mutex<BTreeMap<u64, Entry>>,
     next_id: Mutex<u64>,
     limits: Limits,
+    trees: Arc<Trees>,
     state_file: Option<PathBuf>,
 }
 
@@ -201,11 +212,12 @@ struct Recorded {
 impl ProcessTable {
     /// A table; with `state_file`, processes left by a previous guest-mcp
     /// are killed and listed as lost.
-    pub fn new(limits: Limits, state_file: Option<PathBuf>) -> Arc<Self> {
+    pub fn new(limits: Limits, trees: Arc<Trees>, state_file: Option<PathBuf>) -> Arc<Self> {
         let table = Arc::new(Self {
             entries: Mutex::new(BTreeMap::new()),
             next_id: Mutex::new(1),
             limits,
+            trees,
             state_file,
         });
         table.reap_previous_incarnation();
@@ -245,6 +257,8 @@ impl ProcessTable {
         if let Some(cwd) = &program.cwd {
             cmd.current_dir(cwd);
         }
+        let tree = self.trees.tree("proc");
+        self.trees.enter_on_spawn(&tree, &mut cmd);
         let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
             program: program.argv[0].clone(),
             source,
@@ -270,6 +284,8 @@ impl ProcessTable {
                 info: info.clone(),
                 started: Instant::now(),
                 ended: None,
+                leader_exited: false,
+                tree: Some(Arc::new(tree)),
                 stdin: child
                     .stdin
                     .take()
@@ -295,16 +311,20 @@ impl ProcessTable {
                 },
             };
             // The leader is reaped, its pid free for reuse: from now on it
-            // must not be signalled as running.
+            // must not be signalled by pid.
             if let Some(entry) = table.lock().get_mut(&key) {
-                entry.info.state = state;
-                entry.ended = Some(Instant::now());
+                entry.leader_exited = true;
                 entry.stdin = None;
                 entry.info.stdin_open = false;
             }
-            table.save_state();
-            // What its children still write keeps arriving until the pipes close.
+            // What its children still write keeps arriving until the pipes
+            // close; only then is its output complete and the process ended.
             let _ = tokio::join!(out, err);
+            if let Some(entry) = table.lock().get_mut(&key) {
+                entry.info.state = state;
+                entry.ended = Some(Instant::now());
+            }
+            table.save_state();
         });
         Ok(info)
     }
@@ -409,7 +429,7 @@ impl ProcessTable {
     pub fn signal(&self, id: &str, signal: &str, whole_group: bool) -> Result<(), ProcessError> {
         let signal = parse_signal(signal)?;
         let key = parse_id(id)?;
-        let pid = {
+        let (pid, leader_exited, tree) = {
             let entries = self.lock();
             let entry = entries
                 .get(&key)
@@ -417,12 +437,21 @@ impl ProcessTable {
             if entry.info.state != ProcessState::Running || entry.info.pid <= 1 {
                 return Err(ProcessError::NotRunning(id.to_owned()));
             }
-            Pid::from_raw(entry.info.pid as i32)
+            (
+                Pid::from_raw(entry.info.pid as i32),
+                entry.leader_exited,
+                entry.tree.clone(),
+            )
         };
-        let sent = if whole_group {
-            killpg(pid, signal)
-        } else {
-            kill(pid, signal)
+        // Once the leader is gone, only the tree still addresses what is left.
+        let contained =
+            (whole_group || leader_exited) && tree.as_ref().is_some_and(|t| t.signal(signal));
+        let sent = match (contained, whole_group, leader_exited) {
+            (true, _, _) => Ok(()),
+            // Without a tree, only a live leader's pid or group is safe to signal.
+            (false, _, true) => return Err(ProcessError::NotRunning(id.to_owned())),
+            (false, true, false) => killpg(pid, signal),
+            (false, false, false) => kill(pid, signal),
         };
         sent.map_err(|source| ProcessError::Signal {
             id: id.to_owned(),
@@ -513,6 +542,8 @@ impl ProcessTable {
                     },
                     started: Instant::now(),
                     ended: Some(Instant::now()),
+                    leader_exited: true,
+                    tree: None,
                     stdin: None,
                     stdout: Ring::new(0),
                     stderr: Ring::new(0),

@@ -90,35 +90,93 @@ async fn a_process_fed_through_stdin_answers_and_exits() {
 }
 
 #[tokio::test]
-async fn a_process_ends_when_its_leader_does_even_if_a_child_holds_its_output() {
+async fn a_process_has_not_ended_while_a_child_still_writes_its_output() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipping: process trees (cgroups) need root");
+        return;
+    }
     let server = Server::start(&[]).await;
     let client = server.client().await;
     let pidfile = server.dir.path().join("child");
+    // The child leaves the process group, and writes after the leader exits.
     let started = call(
         &client,
         "process_start",
-        json!({"command": format!("sleep 300 & echo $! > {}; echo bye; exit 3", pidfile.display())}),
+        json!({"command": format!(
+            "setsid sh -c 'echo $$ > {}; sleep 0.5; echo late; exec sleep 300' & echo bye; exit 3",
+            pidfile.display()
+        )}),
     )
     .await
     .ok();
     let id = started["id"].as_str().unwrap().to_owned();
-    let status = wait_ended(&client, &id).await;
+    let child = read_pid(&pidfile).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let status = call(&client, "process_status", json!({"id": id}))
+        .await
+        .ok();
     assert_eq!(
-        status["exit_code"], 3,
-        "the leader's exit is reported at once"
+        status["state"], "running",
+        "its output is not complete while the child holds it: {status}"
     );
+    let out = call(&client, "process_output", json!({"id": id}))
+        .await
+        .ok();
+    assert_eq!(out["stdout"]["data"], "bye\nlate\n");
+    // Signalling the whole of it reaches the child that left the group (its
+    // tree); once the pipes close, the process has ended with the leader's
+    // exit code and all of its output.
+    call(
+        &client,
+        "process_signal",
+        json!({"id": id, "signal": "KILL"}),
+    )
+    .await
+    .ok();
+    let status = wait_ended(&client, &id).await;
+    assert_eq!(status["exit_code"], 3, "{status}");
     let err = call(&client, "process_signal", json!({"id": id, "group": false}))
         .await
         .err();
+    assert!(err.contains("is not running"), "{err}");
     assert!(
-        err.contains("is not running"),
-        "a reaped pid is never signalled: {err}"
+        !std::path::Path::new(&format!("/proc/{child}")).exists()
+            || std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .unwrap_or_default()
+                .contains(") Z"),
+        "the child that left the group was killed"
     );
-    let child = read_pid(&pidfile).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    client.cancel().await.unwrap();
+}
+
+/// Regression: a process was reported exited before its output pumps had
+/// drained, so output read right after the exit could miss its tail.
+#[tokio::test]
+async fn exited_means_the_output_is_complete() {
+    let server = Server::start(&[]).await;
+    let client = server.client().await;
+    for round in 0..30 {
+        let started = call(
+            &client,
+            "process_start",
+            json!({"command": "head -c 300000 /dev/zero | tr '\\0' x; echo END"}),
+        )
+        .await
+        .ok();
+        let id = started["id"].as_str().unwrap().to_owned();
+        let status = wait_ended(&client, &id).await;
+        assert_eq!(status["exit_code"], 0, "round {round}: {status}");
+        assert_eq!(status["stdout_bytes"], 300_004, "round {round}: {status}");
+        let out = call(
+            &client,
+            "process_output",
+            json!({"id": id, "stdout_offset": 299_000}),
+        )
+        .await
+        .ok();
+        let data = out["stdout"]["data"].as_str().unwrap();
+        assert!(data.ends_with("xxEND\n"), "round {round}: {data:?}");
+    }
     client.cancel().await.unwrap();
 }
 

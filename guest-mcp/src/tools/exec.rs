@@ -13,6 +13,15 @@ use crate::exec::{self, ExecRequest, ExecResult, OutputEncoding, Stream};
 
 /// Progress messages are coalesced over this window.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// The most output one progress message carries, per stream; what a
+/// window holds beyond it is not shown (it is in the result).
+const PROGRESS_BYTES: usize = 64 << 10;
+/// The most of each stream the readable text repeats; the whole kept
+/// output is in the structured result, once.
+const TEXT_BYTES: usize = 64 << 10;
+/// The most a result's structured content may take: one MCP message is
+/// at most 16 MiB on every transport, and the text rendering comes too.
+const RESULT_BUDGET: usize = 15 << 20;
 
 #[tool_router(router = exec_router, vis = "pub(super)")]
 impl GuestTools {
@@ -41,12 +50,21 @@ impl GuestTools {
             }
             None => (None, None),
         };
-        let result = exec::run(req, &self.shared.limits, self.workdir(), ctx.ct, observer).await;
+        let result = exec::run(
+            req,
+            &self.shared.limits,
+            &self.shared.trees,
+            self.workdir(),
+            ctx.ct,
+            observer,
+        )
+        .await;
         if let Some(forwarder) = forwarder {
             // Every progress message goes out before the result.
             let _ = forwarder.await;
         }
-        let result = result.map_err(|e| e.to_string())?;
+        let mut result = result.map_err(|e| e.to_string())?;
+        exec::fit(&mut result, RESULT_BUDGET - 4 * TEXT_BYTES);
         done(&result, summary(&result))
     }
 }
@@ -73,7 +91,17 @@ fn summary(r: &ExecResult) -> String {
             (OutputEncoding::Utf8, true) => " (truncated)",
             (OutputEncoding::Utf8, false) => "",
         };
-        text.push_str(&format!("\n--- {name}{note} ---\n{body}"));
+        let mut shown = body.len().min(TEXT_BYTES);
+        while !body.is_char_boundary(shown) {
+            shown -= 1;
+        }
+        text.push_str(&format!("\n--- {name}{note} ---\n{}", &body[..shown]));
+        if shown < body.len() {
+            text.push_str(&format!(
+                "\n[... {} more bytes of {name} in the structured result]",
+                body.len() - shown
+            ));
+        }
     }
     text
 }
@@ -99,19 +127,25 @@ async fn forward_progress(
         }
         for stream in [Stream::Stdout, Stream::Stderr] {
             let mut bytes = Vec::new();
+            let mut hidden = 0usize;
             for (_, chunk) in pending.iter().filter(|(s, _)| *s == stream) {
-                bytes.extend_from_slice(chunk);
+                let room = PROGRESS_BYTES.saturating_sub(bytes.len());
+                bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                hidden += chunk.len().saturating_sub(room);
             }
             if bytes.is_empty() {
                 continue;
             }
-            total += bytes.len() as u64;
+            total += (bytes.len() + hidden) as u64;
             let name = if stream == Stream::Stdout {
                 "stdout"
             } else {
                 "stderr"
             };
-            let message = format!("{name}: {}", String::from_utf8_lossy(&bytes));
+            let mut message = format!("{name}: {}", String::from_utf8_lossy(&bytes));
+            if hidden > 0 {
+                message.push_str(&format!("\n[... {hidden} bytes not shown]"));
+            }
             let param =
                 ProgressNotificationParam::new(token.clone(), total as f64).with_message(message);
             if peer.notify_progress(param).await.is_err() {

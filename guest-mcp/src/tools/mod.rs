@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::limits::Limits;
 use crate::procs::ProcessTable;
+use crate::trees::Trees;
 
 /// State shared by every connection of one guest-mcp.
 pub struct Shared {
@@ -35,19 +36,23 @@ pub struct Shared {
     pub workdir: Option<PathBuf>,
     pub processes: Arc<ProcessTable>,
     pub exec_slots: Arc<Semaphore>,
+    /// Where each command's process tree is made.
+    pub trees: Arc<Trees>,
 }
 
 impl Shared {
     pub fn new(
         limits: Limits,
+        trees: Arc<Trees>,
         workdir: Option<PathBuf>,
         process_state: Option<PathBuf>,
     ) -> Arc<Self> {
         Arc::new(Self {
             exec_slots: Arc::new(Semaphore::new(limits.max_concurrent_execs)),
-            processes: ProcessTable::new(limits.clone(), process_state),
+            processes: ProcessTable::new(limits.clone(), trees.clone(), process_state),
             limits,
             workdir,
+            trees,
         })
     }
 }
