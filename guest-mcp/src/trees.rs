@@ -54,12 +54,15 @@ impl Trees {
     /// process from the OOM killer (commands are killed first).
     pub fn new(limits: TreeLimits, vm: bool) -> Self {
         let base = cgroup2_home().and_then(|home| {
-            if vm {
-                reap_previous(&home);
-            }
+            reap_previous(&home, vm);
+            // Unique even across reused pids (a leftover of an earlier
+            // process with this pid must not be taken for ours).
             static INSTANCE: AtomicU64 = AtomicU64::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
             let base = home.join(format!(
-                "guest-mcp.{}.{}",
+                "guest-mcp.{}.{nanos}-{}",
                 std::process::id(),
                 INSTANCE.fetch_add(1, Ordering::Relaxed)
             ));
@@ -175,10 +178,20 @@ impl Trees {
 
 impl Drop for Trees {
     fn drop(&mut self) {
-        if let Some(base) = &self.base {
-            // Its trees are gone by now (each removes itself when dropped).
-            let _ = std::fs::remove_dir(base);
+        let Some(base) = self.base.take() else { return };
+        if std::fs::remove_dir(&base).is_ok() {
+            return;
         }
+        // Its trees remove themselves as their processes die.
+        let _ = std::fs::write(base.join("cgroup.kill"), "1");
+        std::thread::spawn(move || {
+            for _ in 0..500 {
+                if std::fs::remove_dir(&base).is_ok() || !base.exists() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
     }
 }
 
@@ -269,18 +282,25 @@ fn cgroup2_home() -> Option<PathBuf> {
     Some(mount.join(relative.trim_start_matches('/')))
 }
 
-/// Kills and removes the trees of earlier guest-mcp instances (in a VM,
-/// only one guest-mcp runs at a time: any other instance's trees are left
-/// over from a crash).
-fn reap_previous(home: &Path) {
+/// Kills and removes the trees of earlier guest-mcp instances: in a VM
+/// (`all`) every other instance's (only one guest-mcp runs at a time, so
+/// they are left over from a crash); on a host, those whose process is
+/// gone.
+fn reap_previous(home: &Path, all: bool) {
     let Ok(entries) = std::fs::read_dir(home) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("guest-mcp.")
-            || name.starts_with(&format!("guest-mcp.{}.", std::process::id()))
-        {
+        let Some(pid) = name
+            .strip_prefix("guest-mcp.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = kill(Pid::from_raw(pid), None).is_ok();
+        if pid == std::process::id() as i32 || (!all && alive) {
             continue;
         }
         let base = entry.path();

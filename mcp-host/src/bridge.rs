@@ -9,12 +9,12 @@
 //! connection is served exactly as stdio is (one MCP session, either
 //! protocol era), so a bridged client sees what an in-process one does.
 //!
-//! A daemon that runs as `nexusd stdio` itself serves its admin socket
-//! too, and keeps running after its own client leaves until the last
-//! bridged session ends.
+//! `nexusd stdio` is always such a bridge: when no daemon runs, it starts
+//! one (see `stdio`), which exits once the last bridged session ends.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -68,6 +68,9 @@ struct BridgesInner {
     /// (open sessions, closed to new ones)
     state: Mutex<(usize, bool)>,
     idle: tokio::sync::Notify,
+    /// A front end has attached at least once.
+    ever: std::sync::atomic::AtomicBool,
+    attached: tokio::sync::Notify,
 }
 
 impl Bridges {
@@ -81,11 +84,27 @@ impl Bridges {
             return None;
         }
         state.0 += 1;
+        self.0.ever.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.attached.notify_waiters();
         Some(BridgeGuard(self.clone()))
     }
 
     pub fn open(&self) -> usize {
         self.state().0
+    }
+
+    /// Waits up to `timeout` for a first front end; whether one came.
+    pub async fn wait_first(&self, timeout: Duration) -> bool {
+        let first = async {
+            loop {
+                let notified = self.0.attached.notified();
+                if self.0.ever.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, first).await.is_ok()
     }
 
     /// Resolves once no bridged session is open, and takes no more.
@@ -210,6 +229,8 @@ pub enum BridgeError {
     Refused(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("the daemon did not answer the stdio bridge: {0}")]
+    Unreachable(String),
     #[error("the stdio bridge failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -229,7 +250,7 @@ pub async fn connect(
             })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| BridgeError::Refused(e.to_string()))?;
+        .map_err(|e| BridgeError::Unreachable(e.to_string()))?;
     tokio::spawn(connection.with_upgrades());
     let uri = match surface {
         Some(Surface::Shared) => format!("{PATH}?{}=shared", surface::SURFACE_QUERY),
@@ -245,7 +266,7 @@ pub async fn connect(
     let response = sender
         .send_request(request)
         .await
-        .map_err(|e| BridgeError::Refused(e.to_string()))?;
+        .map_err(|e| BridgeError::Unreachable(e.to_string()))?;
     if response.status() == StatusCode::SERVICE_UNAVAILABLE {
         return Err(BridgeError::ShuttingDown);
     }
@@ -259,7 +280,7 @@ pub async fn connect(
     }
     hyper::upgrade::on(response)
         .await
-        .map_err(|e| BridgeError::Refused(e.to_string()))
+        .map_err(|e| BridgeError::Unreachable(e.to_string()))
 }
 
 /// Copies stdin to the daemon and the daemon's output to stdout until the

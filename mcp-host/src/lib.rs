@@ -19,7 +19,8 @@
 //! - `metrics`: Prometheus counters and histograms for `/metrics`.
 //! - `schema`: tool schemas as JSON Schema 2020-12 validators take them.
 //! - `http`: the axum router (`/mcp`, `/healthz`, `/metrics`) and the serve loop.
-//! - `bridge`: `nexusd stdio` attached to a daemon that already runs.
+//! - `bridge`: the admin socket's `/stdio` upgrade, both ends.
+//! - `stdio`: `nexusd stdio`, a bridge to the daemon (started if none runs).
 
 pub mod bridge;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod http;
 pub mod metrics;
 pub mod schema;
 pub mod state_lock;
+pub mod stdio;
 pub mod tools;
 
 pub use config::Config;

@@ -5,24 +5,26 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use nexus_host::bridge::{self, Bridges};
+use std::time::Duration;
+
+use nexus_host::bridge::Bridges;
 use nexus_host::config::{Config, FileConfig, FlagConfig};
 use nexus_host::daemon::Daemon;
 use nexus_host::state_lock::{LockError, StateLock};
-use nexus_host::tools::{NexusTools, Surface};
-use rmcp::ServiceExt;
+use nexus_host::tools::Surface;
 
 /// nexusd gives every AI agent its own microVM and is itself an MCP server.
 ///
 /// Configuration comes in layers: built-in defaults, then the TOML file
 /// given by --config (keys: state_dir, listen, allow_non_loopback,
-/// admin_socket), then environment variables and flags, which win.
+/// admin_socket, surface, tools_page_size), then environment variables and
+/// flags, which win.
 ///
 /// State (the btrfs pool, the catalog, VM logs) lives in the state
 /// directory; images built into <state-dir>/images/<name> are imported at
 /// start. One nexusd owns a state directory: a second `serve` is refused
 /// with the first one's pid, while `stdio` attaches to the running daemon
-/// through its admin socket (and runs the daemon itself when none runs).
+/// through its admin socket (and starts one when none runs).
 /// VMs a killed nexusd left running are adopted at start.
 ///
 /// Running VMs' tools are listed per VM (VM__TOOL, the default) or, on the
@@ -59,10 +61,18 @@ enum Cmd {
         #[arg(long, env = "NEXUS_ADMIN_SOCKET", value_name = "PATH")]
         admin_socket: Option<PathBuf>,
     },
-    /// Serve MCP over standard input and output (logs go to stderr); if a
-    /// nexusd already owns the state directory, attach to it through its
-    /// admin socket instead.
+    /// Serve MCP over standard input and output: attach to the nexusd that
+    /// owns the state directory through its admin socket, starting one (in
+    /// the background, logging to <state-dir>/logs/nexusd.log, gone once
+    /// its last client leaves) if none runs.
     Stdio,
+    /// The daemon `stdio` starts: the admin socket only, until the last
+    /// front end leaves.
+    #[command(hide = true)]
+    Daemon {
+        #[arg(long, env = "NEXUS_ADMIN_SOCKET", value_name = "PATH")]
+        admin_socket: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -85,8 +95,11 @@ async fn main() -> anyhow::Result<()> {
             listen,
             admin_socket,
         } => (*listen, admin_socket.clone()),
+        Cmd::Daemon { admin_socket } => (None, admin_socket.clone()),
         Cmd::Stdio => (None, None),
     };
+    // What the flag or the file chose, handed on to a daemon a bridge reaches.
+    let surface = cli.surface.or(file.surface);
     let config = Config::merge(
         file,
         FlagConfig {
@@ -98,7 +111,23 @@ async fn main() -> anyhow::Result<()> {
     )?;
     match cli.command {
         Cmd::Serve { .. } => serve(config).await,
-        Cmd::Stdio => stdio(config, cli.surface).await,
+        Cmd::Daemon { .. } => daemon(config).await,
+        Cmd::Stdio => {
+            let attached = nexus_host::stdio::run(nexus_host::stdio::Launch {
+                config: &config,
+                config_file: cli.config.as_deref(),
+                surface,
+            })
+            .await;
+            // stdin's reader thread would hold the runtime open.
+            std::process::exit(match attached {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("nexusd stdio: {e}");
+                    1
+                }
+            });
+        }
     }
 }
 
@@ -124,114 +153,51 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long `nexusd stdio` keeps trying to reach a daemon that holds the
-/// state directory but is not answering on its admin socket yet (it may
-/// be starting: opening storage, adopting VMs).
-const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// `nexusd stdio`: the daemon itself when none owns the state directory,
-/// else a bridge to the one that does.
-async fn stdio(config: Config, surface: Option<Surface>) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let mut last_error = None;
-    while started.elapsed() < ATTACH_TIMEOUT {
-        let admin_socket = match StateLock::acquire(&config.state_dir, &config.admin_socket) {
-            Ok(lock) => return own_stdio(config, lock).await,
-            Err(LockError::Held {
-                admin_socket: Some(admin_socket),
-                ..
-            }) => admin_socket,
-            Err(LockError::Held {
-                admin_socket: None, ..
-            }) => config.admin_socket.clone(),
-            Err(e) => return Err(e.into()),
-        };
-        match bridge::connect(&admin_socket, surface).await {
-            Ok(upgraded) => {
-                tracing::debug!(admin = %admin_socket.display(), "attached to the running nexusd");
-                let piped = bridge::pipe(upgraded).await;
-                // stdin's reader thread would hold the runtime open.
-                std::process::exit(match piped {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        1
-                    }
-                });
-            }
-            Err(e @ bridge::BridgeError::Refused(_)) => return Err(e.into()),
-            Err(bridge::BridgeError::Connect { path, source })
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                anyhow::bail!(
-                    "another nexusd owns state directory {} and its admin socket {path} is owner-only: launch `nexusd stdio` as that user, or connect over HTTP",
-                    config.state_dir.display()
-                );
-            }
-            Err(e) => last_error = Some(e),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    Err(anyhow::anyhow!(
-        "another nexusd owns state directory {} but its admin socket did not answer within {ATTACH_TIMEOUT:?}: {}",
-        config.state_dir.display(),
-        last_error.map(|e| e.to_string()).unwrap_or_default()
-    ))
-}
-
-/// The daemon, serving this process's stdio and its admin socket (for
-/// other front ends); it ends once its own client and every attached one
-/// have gone.
-async fn own_stdio(config: Config, lock: StateLock) -> anyhow::Result<()> {
+/// `nexusd daemon`: the daemon a `nexusd stdio` starts when none runs. It
+/// serves the admin socket only, and ends once its last front end leaves
+/// (or when none came within a minute).
+async fn daemon(config: Config) -> anyhow::Result<()> {
     let admin = config.admin_socket.clone();
-    let options = config.tool_options();
+    let lock = acquire_patiently(&config).await?;
     let daemon = Daemon::open_locked(config, lock).await?;
     let bridges = Bridges::default();
-    let stop_admin = tokio_util::sync::CancellationToken::new();
-    let admin_server = {
-        let (daemon, bridges, stop) = (daemon.clone(), bridges.clone(), stop_admin.clone());
-        tokio::spawn(async move {
-            nexus_host::http::serve(
-                daemon,
-                None,
-                &admin,
-                bridges,
-                async move { stop.cancelled().await },
-                |_| {},
-            )
-            .await
-        })
+    let idle = {
+        let bridges = bridges.clone();
+        async move {
+            if bridges.wait_first(Duration::from_secs(60)).await {
+                bridges.close_when_idle().await;
+                tracing::info!("the last front end left");
+            } else {
+                tracing::warn!("no front end attached within a minute");
+            }
+        }
     };
-    let running = NexusTools::with_options(daemon.clone(), options)
-        .serve(rmcp::transport::stdio())
+    let shutdown = async move {
+        tokio::select! {
+            () = idle => {}
+            () = shutdown_signal() => tracing::info!("signalled"),
+        }
+    };
+    tracing::info!(admin = %admin.display(), pid = std::process::id(), "nexusd serving stdio front ends");
+    nexus_host::http::serve(daemon.clone(), None, &admin, bridges, shutdown, |_| {})
         .await
-        .context("starting MCP on stdio")?;
-    let served = async {
-        let served = running.waiting().await.context("serving MCP on stdio");
-        if bridges.open() > 0 {
-            tracing::info!(
-                open = bridges.open(),
-                "this client left; serving the attached front ends until they leave"
-            );
-        }
-        bridges.close_when_idle().await;
-        served
-    };
-    let served = tokio::select! {
-        served = served => served.map(|_| ()),
-        () = shutdown_signal() => {
-            tracing::info!("signalled: stopping VMs and leaving");
-            Ok(())
-        }
-    };
-    stop_admin.cancel();
-    match admin_server.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "the admin socket failed"),
-        Err(e) => tracing::warn!(error = %e, "the admin socket task failed"),
-        Ok(Ok(())) => {}
-    }
+        .context("serving the admin socket")?;
     daemon.shutdown().await;
-    served
+    Ok(())
+}
+
+/// The state directory's lock; a front end probing it may hold it for a
+/// moment, so a started daemon tries for a little while.
+async fn acquire_patiently(config: &Config) -> anyhow::Result<StateLock> {
+    let started = std::time::Instant::now();
+    loop {
+        match StateLock::acquire(&config.state_dir, &config.admin_socket) {
+            Err(LockError::Held { .. }) if started.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 /// SIGINT or SIGTERM (how service managers and harnesses stop a process).

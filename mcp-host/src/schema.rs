@@ -58,9 +58,21 @@ pub fn standardise(schema: &mut Map<String, Value>) {
         }
     }
     for (key, value) in schema.iter_mut() {
-        // Values, not schemas: left as they are.
-        if !matches!(key.as_str(), "default" | "const" | "enum" | "examples") {
-            standardise_value(value);
+        match key.as_str() {
+            // Values, not schemas: left as they are.
+            "default" | "const" | "enum" | "examples" => {}
+            // Maps from names to schemas: every value is a schema, whatever
+            // its name (a property may be called "default").
+            "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas" => {
+                if let Value::Object(named) = value {
+                    for schema in named.values_mut() {
+                        if let Value::Object(schema) = schema {
+                            standardise(schema);
+                        }
+                    }
+                }
+            }
+            _ => standardise_value(value),
         }
     }
 }
@@ -104,7 +116,8 @@ mod tests {
                 "offset": {"type": "integer", "format": "int32"},
                 "when": {"type": "string", "format": "date-time"},
                 "list": {"type": "array", "items": {"type": "integer", "format": "uint16"}},
-                "either": {"anyOf": [{"type": "integer", "format": "uint8"}, {"type": "null"}]}
+                "either": {"anyOf": [{"type": "integer", "format": "uint8"}, {"type": "null"}]},
+                "default": {"type": "integer", "format": "uint16", "default": {"format": "uint8"}}
             }
         });
         standardise(schema.as_object_mut().expect("an object"));
@@ -125,6 +138,10 @@ mod tests {
         assert_eq!(p["when"]["format"], "date-time");
         assert_eq!(p["list"]["items"]["maximum"], 65535);
         assert_eq!(p["either"]["anyOf"][0]["maximum"], 255);
-        assert!(!schema.to_string().contains("uint"), "{schema}");
+        // A property named like a keyword is still a schema; a default is a value.
+        assert_eq!(p["default"]["maximum"], 65535);
+        assert_eq!(p["default"]["default"], json!({"format": "uint8"}));
+        let text = schema.to_string().replace(r#"{"format":"uint8"}"#, "");
+        assert!(!text.contains("uint"), "{schema}");
     }
 }

@@ -6,6 +6,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use nix::fcntl::{Flock, FlockArg};
 
 pub struct StateLock {
@@ -47,6 +49,9 @@ impl StateLock {
             .truncate(false)
             .read(true)
             .write(true)
+            // Readable by others: a `nexusd stdio` of another user learns
+            // from it that a daemon runs, and is told to use HTTP.
+            .mode(0o644)
             .open(&path)
             .or_else(|e| match e.kind() {
                 // Another user's daemon: reading is enough to learn it holds

@@ -23,7 +23,7 @@ async fn stdio_attaches_to_a_running_serve_and_both_see_the_same_vms() {
     let (image_dir, _) = ensure_default_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
-    let (mut serve, url) = common::serve(&state).await;
+    let (serve, url) = common::serve(&state).await;
 
     // The same command line as when no daemon runs.
     let stdio = state.client().await;
@@ -109,16 +109,11 @@ async fn stdio_attaches_to_a_running_serve_and_both_see_the_same_vms() {
     }
     stdio.cancel().await.unwrap();
     http.cancel().await.unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(serve.wait().await.unwrap().success());
+    assert!(serve.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_stdio_attaches_to_the_first_which_outlives_its_own_client_for_it() {
+async fn harnesses_share_the_daemon_one_starts_and_leaving_ends_only_their_own_session() {
     if !can_run() {
         return;
     }
@@ -126,55 +121,74 @@ async fn a_second_stdio_attaches_to_the_first_which_outlives_its_own_client_for_
     let state = State::new();
     state.with_image("default", &image_dir);
 
-    // The first `nexusd stdio` runs the daemon; its stdin is ours to close.
-    let (mut first, first_client) = state.stdio_child().await;
-    let second_client = state.client().await;
+    // Two harnesses launch `nexusd stdio` the usual way (rmcp's child
+    // process transport: on leaving it closes stdin, then SIGTERM, then
+    // SIGKILL). The first starts a daemon; the second attaches to it.
+    let first = state.client().await;
+    let daemon = state
+        .daemon_pid()
+        .expect("the first front end started a daemon");
+    let second = state.client().await;
+    assert_eq!(state.daemon_pid(), Some(daemon), "one daemon for both");
 
     call(
-        &second_client,
+        &second,
         "spawn_vm",
         json!({"name": "shared", "memory_mib": 128}),
     )
     .await
     .ok();
     assert_eq!(
-        call(&first_client, "get_vm", json!({"vm": "shared"}))
-            .await
-            .ok()["state"],
+        call(&first, "get_vm", json!({"vm": "shared"})).await.ok()["state"],
         "running"
     );
-    let out = call(
-        &first_client,
-        "shared__exec",
-        json!({"command": "echo first"}),
-    )
-    .await
-    .ok();
+    let out = call(&first, "shared__exec", json!({"command": "echo first"}))
+        .await
+        .ok();
     assert_eq!(out["stdout"], "first\n");
 
-    // The first client leaves; the daemon stays for the attached one.
-    first_client.cancel().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        first.try_wait().unwrap().is_none(),
-        "the daemon waits for the attached front end"
-    );
+    // The harness that started the daemon leaves: the other one's session
+    // and VMs are untouched.
+    first.cancel().await.unwrap();
     let out = call(
-        &second_client,
+        &second,
         "shared__exec",
         json!({"command": "echo still here"}),
     )
     .await
     .ok();
     assert_eq!(out["stdout"], "still here\n");
+    assert_eq!(state.daemon_pid(), Some(daemon));
 
     // The last one leaves: the daemon stops its VMs and ends.
-    second_client.cancel().await.unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(60), first.wait())
-        .await
-        .expect("the daemon ends once no front end is left")
-        .unwrap();
-    assert!(status.success(), "{status}");
+    second.cancel().await.unwrap();
+    assert!(
+        state.wait_daemon_gone(Duration::from_secs(60)),
+        "the daemon ends once no front end is left"
+    );
     let left = processes_mentioning(state.path().to_str().unwrap());
     assert!(left.is_empty(), "processes left running: {left:?}");
+    let log = std::fs::read_to_string(state.path().join("logs/nexusd.log")).unwrap();
+    assert!(log.contains("the last front end left"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_cannot_start_is_reported_by_stdio_with_its_log() {
+    let state = State::new();
+    // A state directory whose pool cannot be made: a file where it goes.
+    std::fs::write(state.path().join("pool.img"), b"not a filesystem").unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        state.command().stdin(Stdio::null()).output(),
+    )
+    .await
+    .expect("stdio gives up on a dead daemon at once")
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the nexusd this front end started exited")
+            && stderr.contains("nexusd.log"),
+        "{stderr}"
+    );
 }

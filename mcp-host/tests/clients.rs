@@ -50,7 +50,7 @@ async fn python_client_over_http_drives_every_tool_in_both_eras_on_both_surfaces
     let (image_dir, _) = ensure_default_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
-    let (mut serve, url) = common::serve(&state).await;
+    let (serve, url) = common::serve(&state).await;
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp"),
         "{url}"
@@ -79,12 +79,7 @@ async fn python_client_over_http_drives_every_tool_in_both_eras_on_both_surfaces
     );
     client.cancel().await.unwrap();
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = serve.wait().await.unwrap();
+    let status = serve.stop().await;
     assert!(
         status.success(),
         "nexusd serve ends cleanly on SIGTERM: {status}"

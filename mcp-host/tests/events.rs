@@ -148,21 +148,39 @@ async fn guest_crashes_and_a_vm_powering_off_are_reported_and_the_vm_is_stopped(
         .ok();
     assert_eq!(out["stdout"], "again\n");
 
-    // Below the level set: nothing. Warnings only from here on.
+    // Below the level set: nothing. With warnings only, destroying (info)
+    // is not reported; a later warning is the barrier (one session's
+    // messages go out in order, each checked against the level then).
+    call(
+        &client,
+        "spawn_vm",
+        json!({"name": "ev2", "memory_mib": 128}),
+    )
+    .await
+    .ok();
+    logs.wait("ev2", "started").await;
     client
         .set_level(SetLevelRequestParams::new(LoggingLevel::Warning))
         .await
         .unwrap();
     call(&client, "destroy_vm", json!({"vm": "ev"})).await.ok();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    call(
+        &client,
+        "ev2__process_start",
+        json!({"command": "sleep 0.2; kill -9 $(pidof guest-mcp)"}),
+    )
+    .await
+    .ok();
+    logs.wait("ev2", "guest_lost").await;
     assert!(
         !logs
             .0
             .lock()
             .unwrap()
             .iter()
-            .any(|(_, d)| d["event"] == "destroyed"),
+            .any(|(_, d)| d["vm"] == "ev" && d["event"] == "destroyed"),
         "an info event passed a warning level"
     );
+    call(&client, "destroy_vm", json!({"vm": "ev2"})).await.ok();
     client.cancel().await.unwrap();
 }

@@ -44,7 +44,7 @@ async fn health_metrics_and_host_origin_checks() {
         return;
     }
     let state = State::new();
-    let (mut serve, url) = common::serve(&state).await;
+    let (serve, url) = common::serve(&state).await;
     let addr = url
         .trim_start_matches("http://")
         .trim_end_matches("/mcp")
@@ -117,12 +117,7 @@ async fn health_metrics_and_host_origin_checks() {
         "{answer}"
     );
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    assert!(serve.wait().await.unwrap().success());
+    assert!(serve.stop().await.success());
     assert!(!admin.exists(), "the admin socket is removed at shutdown");
 }
 

@@ -73,8 +73,13 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
     let dead_pids = processes_mentioning(dead_run.to_str().unwrap());
     assert!(!live_pids.is_empty() && !dead_pids.is_empty());
 
-    kill(Pid::from_raw(first.id().unwrap() as i32), Signal::SIGKILL).unwrap();
-    first.wait().await.unwrap();
+    // The daemon (which `nexusd stdio` started) dies; so does the front end.
+    let daemon = state
+        .daemon_pid()
+        .expect("a daemon holds the state directory");
+    kill(Pid::from_raw(daemon), Signal::SIGKILL).unwrap();
+    assert!(state.wait_daemon_gone(std::time::Duration::from_secs(10)));
+    let _ = first.wait().await;
     drop(client);
     assert!(
         live_pids

@@ -251,10 +251,18 @@ impl Daemon {
     /// to: the VM is stopped (and startable), and clients are told.
     async fn reap(&self, name: &str, id: u64) {
         let _op = self.lock_vm(name).await;
+        self.reap_locked(name, Some(id)).await;
+    }
+
+    /// Takes a VM whose VMM has exited (instance `id`, or whichever runs)
+    /// out of the running set; the caller holds its operation lock.
+    async fn reap_locked(&self, name: &str, id: Option<u64>) {
         let running = {
             let mut map = self.running.lock().await;
             match map.get(name) {
-                Some(r) if r.id == id => map.remove(name),
+                Some(r) if id.is_none_or(|id| r.id == id) && r.vm.exit_status().is_some() => {
+                    map.remove(name)
+                }
                 _ => None,
             }
         };
@@ -423,6 +431,8 @@ impl Daemon {
         self.check_not_destroying(name)?;
         let _op = self.lock_vm(name).await;
         self.known(name).await?;
+        // Died, and its watcher has not been able to say so yet.
+        self.reap_locked(name, None).await;
         if self.running.lock().await.contains_key(name) {
             return Err(DaemonError::Running(name.to_owned()));
         }
@@ -659,7 +669,11 @@ impl Daemon {
         });
         let (from_vm, from_snapshot) = split_reference(drives.base_snapshot.as_deref());
         let running = self.running.lock().await;
-        let vm = running.get(name).map(|r| &r.vm);
+        // A VM whose VMM has exited is stopped, even before it is reaped.
+        let vm = running
+            .get(name)
+            .map(|r| &r.vm)
+            .filter(|vm| vm.exit_status().is_none());
         Ok(VmInfo {
             name: name.to_owned(),
             state: if vm.is_some() { "running" } else { "stopped" }.to_owned(),

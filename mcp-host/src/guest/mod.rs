@@ -49,7 +49,9 @@ pub enum GuestError {
 
 /// An open session with one VM's guest-mcp, and the tools it offers.
 pub struct GuestSession {
-    service: RunningService<RoleClient, GuestEvents>,
+    service: RunningService<RoleClient, ()>,
+    /// Where progress the guest reports goes.
+    events: GuestEvents,
     tools: Vec<Tool>,
 }
 
@@ -123,23 +125,27 @@ impl Guests {
             .connect(nexus_vmm::GUEST_TOOLS_PORT)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let service =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, GuestEvents::default().serve(stream))
-                .await
-            {
-                Ok(Ok(service)) => service,
-                Ok(Err(e)) => return Err(unreachable(format!("MCP handshake failed: {e}"))),
-                Err(_) => {
-                    return Err(unreachable(format!(
-                        "no MCP handshake within {HANDSHAKE_TIMEOUT:?}"
-                    )));
-                }
-            };
+        let events = GuestEvents::default();
+        let (read, write) = tokio::io::split(stream);
+        let tapped = events::Tapped::new(read, write, events.clone());
+        let service = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ().serve(tapped)).await {
+            Ok(Ok(service)) => service,
+            Ok(Err(e)) => return Err(unreachable(format!("MCP handshake failed: {e}"))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no MCP handshake within {HANDSHAKE_TIMEOUT:?}"
+                )));
+            }
+        };
         let tools = tokio::time::timeout(LIST_TIMEOUT, list_tools(&service))
             .await
             .map_err(|_| unreachable(format!("no tool list within {LIST_TIMEOUT:?}")))?
             .map_err(unreachable)?;
-        let session = Arc::new(GuestSession { service, tools });
+        let session = Arc::new(GuestSession {
+            service,
+            events,
+            tools,
+        });
         let mut sessions = lock(&self.sessions);
         // Detached meanwhile (the VM stopped, or stopped and started again):
         // do not keep a session for a VM that is gone.
@@ -154,9 +160,19 @@ impl Guests {
         lock(&self.endpoints).contains_key(vm)
     }
 
-    /// Drops a session found dead and opens a new one.
-    pub async fn reopen(&self, vm: &str) -> Result<Arc<GuestSession>, GuestError> {
-        lock(&self.sessions).remove(vm);
+    /// Drops a session found dead (unless another caller has replaced it
+    /// already) and opens a new one.
+    pub async fn reopen(
+        &self,
+        vm: &str,
+        dead: &Arc<GuestSession>,
+    ) -> Result<Arc<GuestSession>, GuestError> {
+        {
+            let mut sessions = lock(&self.sessions);
+            if sessions.get(vm).is_some_and(|s| Arc::ptr_eq(s, dead)) {
+                sessions.remove(vm);
+            }
+        }
         self.session(vm).await
     }
 
@@ -181,9 +197,7 @@ impl Guests {
 
 /// The guest's tools, page by page, within the bounds above, with
 /// standard schemas.
-async fn list_tools(
-    service: &RunningService<RoleClient, GuestEvents>,
-) -> Result<Vec<Tool>, String> {
+async fn list_tools(service: &RunningService<RoleClient, ()>) -> Result<Vec<Tool>, String> {
     let mut tools = Vec::new();
     let mut cursor = None;
     for _ in 0..MAX_TOOL_PAGES {

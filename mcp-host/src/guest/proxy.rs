@@ -33,6 +33,16 @@ pub async fn call(
         Ok(session) => session,
         Err(e) => return failed(e.to_string()),
     };
+    if !session.has_tool(tool) {
+        let names: Vec<&str> = session.tools().iter().map(|t| t.name.as_ref()).collect();
+        return Err(ErrorData::invalid_params(
+            format!(
+                "VM {vm:?} has no tool {tool:?}; its tools are: {}",
+                names.join(", ")
+            ),
+            None,
+        ));
+    }
     let mut forwarded = CallToolRequestParams::new(tool.to_owned());
     forwarded.arguments = arguments;
     let send = |session: Arc<GuestSession>, params: CallToolRequestParams| async move {
@@ -48,7 +58,7 @@ pub async fn call(
     let (mut session, mut sent) = send(session, forwarded.clone()).await;
     if matches!(sent, Err(rmcp::ServiceError::TransportClosed)) {
         // guest-mcp restarted under a session we had not yet seen close.
-        match guests.reopen(vm).await {
+        match guests.reopen(vm, &session).await {
             Ok(fresh) => (session, sent) = send(fresh, forwarded).await,
             Err(e) => return failed(e.to_string()),
         }
@@ -57,11 +67,7 @@ pub async fn call(
         Ok(handle) => handle,
         Err(e) => return failed(format!("VM {vm:?}'s guest did not take {tool}: {e}")),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let route = session
-        .service
-        .service()
-        .route(handle.progress_token.clone(), tx);
+    let (route, mut rx) = session.events.route(handle.progress_token.clone());
     let forwarder = context.meta.get_progress_token().map(|upstream| {
         let peer = context.peer.clone();
         tokio::spawn(async move {
@@ -77,8 +83,10 @@ pub async fn call(
         answer = &mut handle.rx => Some(answer),
         () = context.ct.cancelled() => None,
     };
-    // Closing the route ends the forwarder once it has sent everything the
-    // guest reported, so all progress goes out before the result.
+    // Everything the guest reported before its answer is in the route's
+    // queue (the tap routes progress as it is read); closing the route ends
+    // the forwarder once it has sent all of it, so all progress goes out
+    // before the result.
     drop(route);
     if let Some(forwarder) = forwarder {
         let _ = tokio::time::timeout(PROGRESS_DRAIN, forwarder).await;

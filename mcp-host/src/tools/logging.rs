@@ -5,13 +5,16 @@
 //!   a boot failure or a dead VM is news a client wants unasked);
 //! - 2026-07-28 clients: on a `subscriptions/listen` stream whose request
 //!   carried `io.modelcontextprotocol/logLevel` in its `_meta` (the
-//!   era's opt-in), at or above that level.
+//!   era's opt-in), at or above that level. They are not stamped with the
+//!   subscription's id: a subscription filter has no place for log
+//!   messages, and clients (rmcp's) end a subscription that receives a
+//!   stamped notification it did not ask for; unstamped, they reach the
+//!   client's log handler.
 #![allow(deprecated)] // MCP logging is deprecated in 2026-07-28 (SEP-2577), still what clients use
 
 use std::sync::{Arc, Mutex};
 
 use rmcp::RoleServer;
-use rmcp::model::GetMeta;
 use rmcp::model::{
     LoggingLevel, LoggingMessageNotification, LoggingMessageNotificationParam, ServerNotification,
 };
@@ -90,7 +93,11 @@ pub async fn forward_to_session(
     level: SessionLevel,
 ) {
     loop {
-        match events.recv().await {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = super::session_gone(&peer) => return,
+        };
+        match event {
             Ok(event) => {
                 if let Some(note) = message(&event, level.get())
                     && peer.notify_logging_message(note.params).await.is_err()
@@ -106,8 +113,7 @@ pub async fn forward_to_session(
     }
 }
 
-/// Sends one VM event on a 2026-07-28 subscription stream, stamped with
-/// the subscription's id as every notification on that stream is.
+/// Sends one VM event on a 2026-07-28 subscription's stream.
 pub async fn send_on_subscription(
     context: &SubscriptionContext,
     event: &VmEvent,
@@ -116,14 +122,10 @@ pub async fn send_on_subscription(
     let Some(note) = message(event, min) else {
         return Ok(());
     };
-    let mut notification = ServerNotification::LoggingMessageNotification(note);
-    notification
-        .get_meta_mut()
-        .set_subscription_id(context.sink().id().clone());
     context
         .request_context()
         .peer
-        .send_notification(notification)
+        .send_notification(ServerNotification::LoggingMessageNotification(note))
         .await
 }
 

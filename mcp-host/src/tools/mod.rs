@@ -114,6 +114,12 @@ impl NexusTools {
                 .call(ToolCallContext::new(self, request, context))
                 .await;
         }
+        if let Some(new) = surface::renamed(&request.name) {
+            return Err(ErrorData::invalid_params(
+                format!("{} was renamed {new}", request.name),
+                None,
+            ));
+        }
         let (vm, tool) = match surface::target(&request.name) {
             Some(surface::Target::PerVm { vm, tool }) => (vm.to_owned(), tool.to_owned()),
             Some(surface::Target::Shared { tool }) => {
@@ -262,9 +268,18 @@ impl ServerHandler for NexusTools {
         let mut changes = self.daemon.subscribe_changes();
         let peer = context.peer.clone();
         tokio::spawn(async move {
-            while changes.recv().await.is_ok() {
-                if peer.notify_tool_list_changed().await.is_err() {
-                    break;
+            loop {
+                tokio::select! {
+                    changed = changes.recv() => match changed {
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        // Missed changes are still a change.
+                        _ => {
+                            if peer.notify_tool_list_changed().await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    () = session_gone(&peer) => return,
                 }
             }
         });
@@ -292,6 +307,17 @@ impl ServerHandler for NexusTools {
                  argument). snapshot_drive, restore_snapshot and fork_vm checkpoint, roll back \
                  and branch a VM's workspace.",
         )
+    }
+}
+
+/// Resolves once a session's transport has closed: what listens for it
+/// must not outlive it until the next event.
+pub(crate) async fn session_gone(peer: &rmcp::service::Peer<RoleServer>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        if peer.is_transport_closed() {
+            return;
+        }
     }
 }
 

@@ -105,6 +105,16 @@ pub fn target(name: &str) -> Option<Target<'_>> {
     (!vm.is_empty() && !tool.is_empty()).then_some(Target::PerVm { vm, tool })
 }
 
+/// The new name of a management tool renamed since the first release,
+/// whose old name now reads as a shared guest tool.
+pub fn renamed(name: &str) -> Option<&'static str> {
+    match name {
+        "vm_info" => Some("get_vm"),
+        "vm_console" => Some("read_console"),
+        _ => None,
+    }
+}
+
 /// Guest tool `tool` of VM `vm` on the per-VM surface.
 pub fn per_vm(vm: &str, tool: &Tool) -> Tool {
     let mut tool = tool.clone();

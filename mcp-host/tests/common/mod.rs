@@ -69,8 +69,53 @@ impl State {
     }
 }
 
+impl State {
+    /// The pid of the nexusd holding this state directory, if one does.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.path().join("nexusd.lock")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            .is_ok()
+            .then_some(pid)
+    }
+
+    /// Waits up to `timeout` for no nexusd to hold the state directory.
+    pub fn wait_daemon_gone(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.daemon_pid().is_some() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        true
+    }
+}
+
 impl Drop for State {
+    /// A daemon `nexusd stdio` started ends once its last client has left;
+    /// one that does not (a failed test) is stopped, so that its VMs and
+    /// the pool go with the test.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The daemon `nexusd stdio` started logs here, not to the test.
+            let log =
+                std::fs::read_to_string(self.path().join("logs/nexusd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            eprintln!("--- nexusd.log (last 150 lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        if !self.wait_daemon_gone(std::time::Duration::from_secs(30))
+            && let Some(pid) = self.daemon_pid()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            self.wait_daemon_gone(std::time::Duration::from_secs(60));
+        }
         let _ = StdCommand::new("umount").arg(self.pool()).status();
     }
 }
@@ -126,9 +171,37 @@ pub fn can_run() -> bool {
     ok
 }
 
+/// `nexusd serve`; dropped, it is stopped as a service manager would
+/// (SIGTERM: its VMs are stopped), not killed.
+pub struct Served(tokio::process::Child);
+
+impl Served {
+    /// SIGTERM, and its exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.0.wait().await.unwrap()
+    }
+
+    fn terminate(&self) {
+        if let Some(pid) = self.0.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // The State (dropped after) waits for it to let go of the directory.
+        self.terminate();
+    }
+}
+
 /// `nexusd serve` on a free loopback port; returns the process and its
 /// `http://127.0.0.1:PORT/mcp` URL. Its log keeps being drained.
-pub async fn serve(state: &State) -> (tokio::process::Child, String) {
+pub async fn serve(state: &State) -> (Served, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut serve = Command::new(env!("CARGO_BIN_EXE_nexusd"))
         .arg("--state-dir")
@@ -136,7 +209,6 @@ pub async fn serve(state: &State) -> (tokio::process::Child, String) {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(serve.stderr.take().unwrap()).lines();
@@ -151,7 +223,7 @@ pub async fn serve(state: &State) -> (tokio::process::Child, String) {
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (serve, url)
+    (Served(serve), url)
 }
 
 /// The Python client of the `mcp` package, in the .venv scripts/test.sh makes.
