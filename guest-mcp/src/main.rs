@@ -33,6 +33,10 @@ struct Args {
     /// Running as a VM's guest: `shutdown` powers the machine off.
     #[arg(long)]
     vm: bool,
+    /// Print the tools' definitions (JSON) and exit: image builds record
+    /// them, and nexusd lists those rather than what a guest says.
+    #[arg(long, exclusive = true)]
+    print_tools: bool,
     /// Default working directory of commands and base of relative paths
     /// [default: /workspace when it exists].
     #[arg(long, value_name = "DIR")]
@@ -81,6 +85,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+    if args.print_tools {
+        let tools = GuestTools::definitions();
+        #[allow(clippy::print_stdout)] // the output is the point
+        {
+            println!("{}", serde_json::to_string(&tools)?);
+        }
+        return Ok(());
+    }
     if args.listen.is_none() && !args.stdio {
         anyhow::bail!("nothing to serve: give --listen ADDR or --stdio");
     }

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
@@ -52,6 +53,46 @@ pub fn router(daemon: Arc<Daemon>, options: Options, shutdown: CancellationToken
         )
         .nest_service("/mcp", mcp)
         .layer(axum::middleware::from_fn(session_end_has_no_content))
+        .layer(axum::middleware::from_fn(loopback_host_only))
+}
+
+/// Every route answers only requests addressed to a loopback name (rmcp
+/// checks `/mcp` too): a web page that rebinds a DNS name to 127.0.0.1 must
+/// not read `/metrics` or reach the admin routes.
+async fn loopback_host_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    if is_loopback_host(host) {
+        next.run(request).await
+    } else {
+        (
+            axum::http::StatusCode::FORBIDDEN,
+            "Host must be a loopback name (localhost, 127.0.0.1 or [::1])\n",
+        )
+            .into_response()
+    }
+}
+
+/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        })
+    };
+    matches!(name, "localhost" | "127.0.0.1" | "::1")
 }
 
 /// rmcp answers a session's DELETE with 202 Accepted; the Python client
@@ -126,4 +167,32 @@ pub async fn serve(
     let (tcp, unix) = tokio::join!(tcp, unix);
     let _ = std::fs::remove_file(admin_socket);
     tcp.and(unix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_names_are_hosts() {
+        for ok in [
+            "localhost",
+            "localhost:7777",
+            "127.0.0.1:1",
+            "[::1]:7777",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.com",
+            "evil.com:7777",
+            "127.0.0.1.evil.com",
+            "localhost.evil:80",
+            "[::2]:1",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Prometheus metrics at `/metrics`: VMs by state, tool calls by tool and
 //! outcome, and call latency. Guest tools are counted as `guest:<tool>`
-//! (not per VM), so the number of series stays bounded.
+//! (not per VM), and names no one serves as `unknown`, so the number of
+//! series stays bounded whatever clients send.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,12 +75,10 @@ impl Metrics {
         })
     }
 
-    pub fn record_call(&self, tool: &str, outcome: Outcome, took: Duration) {
-        let tool = match crate::tools::surface::target(tool) {
-            Some(crate::tools::surface::Target::PerVm { tool, .. })
-            | Some(crate::tools::surface::Target::Shared { tool }) => format!("guest:{tool}"),
-            None => tool.to_owned(),
-        };
+    /// Counts a call under `label`: a management tool's name,
+    /// `guest:<tool>` or `unknown` (the caller decides; see `tools`).
+    pub fn record_call(&self, label: &str, outcome: Outcome, took: Duration) {
+        let tool = label.to_owned();
         let outcome = match outcome {
             Outcome::Ok => "ok",
             Outcome::ToolError => "tool_error",

@@ -83,6 +83,13 @@ async fn health_metrics_and_host_origin_checks() {
         .await
         .unwrap();
     assert_eq!(missing.is_error, Some(true));
+    // Names nobody serves are counted together: clients cannot grow the
+    // number of metric series.
+    for bogus in ["ghost__made_up_1", "vm_made_up_2", "made_up_3"] {
+        let _ = client
+            .call_tool(CallToolRequestParams::new(bogus.to_owned()))
+            .await;
+    }
     client.cancel().await.unwrap();
 
     let (status, metrics) = raw(
@@ -96,8 +103,19 @@ async fn health_metrics_and_host_origin_checks() {
         r#"nexus_tool_calls_total{tool="get_vm",outcome="tool_error"} 1"#,
         r#"nexus_vms{state="running"} 0"#,
         r#"nexus_tool_call_duration_seconds_count{tool="list_images"} 1"#,
+        r#"nexus_tool_calls_total{tool="unknown",outcome="protocol_error"} 2"#,
     ] {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+    assert!(!metrics.contains("made_up"), "{metrics}");
+    // Every route checks the Host (a rebound name cannot read metrics).
+    for path in ["/metrics", "/healthz"] {
+        let (status, _) = raw(
+            &addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(status, 403, "{path} with a foreign Host");
     }
 
     // The admin Unix socket serves the same endpoints, to its owner only.

@@ -88,6 +88,14 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
             .all(|p| process_alive(*p)),
         "VMs outlive their daemon"
     );
+    // Their CIDs stay leased (their VMMs hold the leases): no VM started
+    // meanwhile, by any nexusd on this host, can take one.
+    let cid = live["cid"].as_u64().unwrap() as u32;
+    let taken = nexus_vmm::cid::lease(std::path::Path::new("/run/nexus/cid"), cid);
+    assert!(
+        taken.is_err(),
+        "CID {cid} of a running VM was free to lease"
+    );
     // While no daemon runs, one VM's QEMU dies.
     for pid in &dead_pids {
         let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);

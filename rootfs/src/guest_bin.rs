@@ -118,6 +118,32 @@ pub fn version_of(binary: &Path) -> Result<String, BuildError> {
         })
 }
 
+/// The tool definitions a guest-mcp binary serves (`--print-tools`).
+pub fn tools_of(binary: &Path) -> Result<Vec<serde_json::Value>, BuildError> {
+    let out = Command::new(binary)
+        .arg("--print-tools")
+        .output()
+        .map_err(|source| BuildError::Spawn {
+            program: binary.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(BuildError::GuestBinary {
+            why: format!(
+                "{} --print-tools failed: {}",
+                binary.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| BuildError::GuestBinary {
+        why: format!(
+            "{} --print-tools printed no tool list: {e}",
+            binary.display()
+        ),
+    })
+}
+
 /// Strips symbols into `to`: the binary is copied into every VM's root.
 pub fn strip_into(from: &Path, to: &Path) -> Result<(), BuildError> {
     run(Command::new("strip").arg("-o").arg(to).arg(from))

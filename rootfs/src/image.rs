@@ -205,6 +205,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         kernel_config_digest: kernel.config_digest,
         kernel_source: kernel.source,
         guest_mcp_version: guest_bin::version_of(&guest)?,
+        guest_tools: Some(guest_bin::tools_of(&guest)?),
         built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         inputs_digest,
         boot,

@@ -27,6 +27,10 @@ pub struct Manifest {
     pub boot: BootHints,
     /// Each file of the image: size and sha256.
     pub files: BTreeMap<String, FileEntry>,
+    /// guest-mcp's tool definitions (`guest-mcp --print-tools`), recorded at
+    /// build time: nexusd lists these, not what a running guest says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_tools: Option<Vec<serde_json::Value>>,
 }
 
 /// How the image's kernel must be booted.

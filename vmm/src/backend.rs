@@ -33,6 +33,9 @@ pub struct LaunchPaths {
 pub struct LaunchRequest<'a> {
     pub spec: &'a VmSpec,
     pub cid: u32,
+    /// The CID lease's lock, for the VMM to inherit: the CID stays leased
+    /// for as long as the VM runs, even if the daemon dies.
+    pub cid_lock: Option<std::os::fd::RawFd>,
     pub accel: Resolved,
     pub paths: LaunchPaths,
 }

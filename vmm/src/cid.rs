@@ -22,12 +22,37 @@ pub const LAST_AUTO_CID: u32 = 65_535;
 #[derive(Debug)]
 pub struct CidLease {
     cid: u32,
-    _lock: Flock<File>,
+    /// The lock, or None where the VM's own VMM holds it (adopted VMs: the
+    /// VMM inherited the lock at launch and keeps the CID leased for as
+    /// long as it lives, whatever happens to the daemon that started it).
+    lock: Option<Flock<File>>,
 }
 
 impl CidLease {
     pub fn cid(&self) -> u32 {
         self.cid
+    }
+
+    /// The lock's file descriptor, for the VMM to inherit.
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.lock.as_ref().map(|l| l.as_raw_fd())
+    }
+
+    /// The lease of a CID whose lock process `pid` (a VM's VMM) holds.
+    pub fn held_by(dir: &Path, cid: u32, pid: u32) -> Result<Self, VmmError> {
+        let lock = dir.join(format!("{cid}.lock"));
+        let holds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == lock))
+            })
+            .unwrap_or(false);
+        if holds {
+            Ok(Self { cid, lock: None })
+        } else {
+            Err(VmmError::CidInUse(cid))
+        }
     }
 }
 
@@ -70,7 +95,10 @@ fn try_lease(dir: &Path, cid: u32) -> Result<Option<CidLease>, VmmError> {
         .open(&path)
         .map_err(|e| io(format!("open {}", path.display()), e))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(Some(CidLease { cid, _lock: lock })),
+        Ok(lock) => Ok(Some(CidLease {
+            cid,
+            lock: Some(lock),
+        })),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
         Err((_, errno)) => Err(io(format!("lock {}", path.display()), errno.into())),
     }

@@ -8,8 +8,17 @@ use rmcp::model::CallToolRequestParams;
 
 use crate::vsock;
 
-/// Asks guest-mcp to power the VM off. Returns once the guest accepted.
+/// Asks guest-mcp to power the VM off. Returns once the guest accepted,
+/// or fails when the whole exchange (connect, handshake, call) takes more
+/// than `timeout`: a guest whose guest-mcp is stopped or wedged accepts
+/// the connection in its kernel and then says nothing.
 pub async fn request_poweroff(uds: &Path, timeout: Duration) -> Result<(), String> {
+    tokio::time::timeout(timeout, exchange(uds, timeout))
+        .await
+        .map_err(|_| format!("the guest did not answer within {timeout:?}"))?
+}
+
+async fn exchange(uds: &Path, timeout: Duration) -> Result<(), String> {
     let stream = vsock::connect(uds, crate::GUEST_CONTROL_PORT, timeout)
         .await
         .map_err(|e| e.to_string())?;

@@ -160,6 +160,7 @@ impl Backend for QemuBackend {
                 &self.vhost_vsock,
                 &Self::vhost_args(&req, &vhost_socket),
                 &vhost_log,
+                None,
             )
             .map_err(|source| VmmError::Io {
                 vm: vm.clone(),
@@ -172,7 +173,12 @@ impl Backend for QemuBackend {
             }
 
             let qemu_log = run_dir.join("qemu.log");
-            let qemu = spawn_logged(&self.qemu, &Self::qemu_args(&req, &vhost_socket), &qemu_log);
+            let qemu = spawn_logged(
+                &self.qemu,
+                &Self::qemu_args(&req, &vhost_socket),
+                &qemu_log,
+                req.cid_lock,
+            );
             match qemu {
                 Ok(qemu) => Ok(Launched {
                     vmm: qemu,
@@ -193,17 +199,35 @@ impl Backend for QemuBackend {
 }
 
 /// Starts `program` in a process group of its own (so a signal meant for
-/// the caller's group does not reach it), output to `log`.
-fn spawn_logged(program: &Path, args: &[String], log: &Path) -> std::io::Result<Child> {
+/// the caller's group does not reach it), output to `log`; `inherit` is a
+/// descriptor it keeps open (the CID lock).
+fn spawn_logged(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    inherit: Option<std::os::fd::RawFd>,
+) -> std::io::Result<Child> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
-    Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
-        .process_group(0)
-        .spawn()
+        .process_group(0);
+    if let Some(fd) = inherit {
+        // SAFETY: fcntl(2) is async-signal-safe; it only clears the
+        // close-on-exec flag of a descriptor this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn()
 }
 
 async fn wait_for_socket(
@@ -289,6 +313,7 @@ mod tests {
         let req = LaunchRequest {
             spec: &spec,
             cid: 9,
+            cid_lock: None,
             accel: Resolved::Tcg,
             paths: LaunchPaths {
                 run_dir: "/run/vm1".into(),

@@ -34,6 +34,9 @@ pub struct Readiness {
 
 /// How long a connecting guest has to send its READY line.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest READY line taken (`READY guest-mcp <version>\n`); a longer
+/// one is refused, and never logged.
+pub const MAX_READY_LINE: usize = 128;
 
 impl Readiness {
     /// Listens at `path`, replacing a stale socket file left by a dead VM.
@@ -71,16 +74,28 @@ async fn accept_loop(listener: UnixListener, state: watch::Sender<GuestState>) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // The guest controls this line: read at most MAX_READY_LINE bytes.
         let mut stream = BufReader::new(stream);
-        let mut line = String::new();
-        let hello = tokio::time::timeout(HELLO_TIMEOUT, stream.read_line(&mut line)).await;
-        let Some(version) = matches!(hello, Ok(Ok(n)) if n > 0)
-            .then(|| line.trim().strip_prefix("READY ").map(str::to_owned))
+        let mut line = Vec::new();
+        let hello = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            (&mut stream)
+                .take(MAX_READY_LINE as u64)
+                .read_until(b'\n', &mut line),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&line);
+        let version = matches!(hello, Ok(Ok(n)) if n > 0 && line.ends_with(b"\n"))
+            .then(|| text.trim().strip_prefix("READY ").map(str::to_owned))
             .flatten()
-        else {
+            .filter(|v| {
+                v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-_+ ".contains(c))
+            });
+        let Some(version) = version else {
             tracing::warn!(
-                line = line.trim(),
-                "ignoring a readiness connection without a READY line"
+                bytes = line.len(),
+                "ignoring a readiness connection without a well-formed READY line"
             );
             continue;
         };

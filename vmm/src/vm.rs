@@ -29,7 +29,8 @@ pub struct VmmConfig {
     pub run_root: PathBuf,
     /// CID lock files, shared by every process that starts VMs on the host.
     pub cid_dir: PathBuf,
-    /// How long each vsock handshake may take.
+    /// How long each vsock handshake may take, and the whole power-off
+    /// request a stop makes of the guest.
     pub connect_timeout: Duration,
     /// How long a guest has to power off when asked, before SIGTERM.
     pub graceful_timeout: Duration,
@@ -42,7 +43,7 @@ impl Default for VmmConfig {
         Self {
             run_root: PathBuf::from("/run/nexus/vms"),
             cid_dir: PathBuf::from("/run/nexus/cid"),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
             graceful_timeout: Duration::from_secs(10),
             term_timeout: Duration::from_secs(3),
         }
@@ -113,6 +114,7 @@ impl Vmm {
             .launch(LaunchRequest {
                 spec: &spec,
                 cid: lease.cid(),
+                cid_lock: lease.fd(),
                 accel,
                 paths: LaunchPaths {
                     run_dir: run_dir.clone(),
@@ -285,7 +287,14 @@ impl Vmm {
         if !alive {
             return Ok(None);
         }
-        let lease = cid::lease(&self.config.cid_dir, cid)?;
+        // The VM's VMM holds its CID's lock (it inherited it at launch); a
+        // VM started before it did has none, and takes it again here.
+        let lease = match cid::lease(&self.config.cid_dir, cid) {
+            Err(VmmError::CidInUse(_)) => {
+                cid::CidLease::held_by(&self.config.cid_dir, cid, recorded[0].0)?
+            }
+            other => other?,
+        };
         let io = |action: &str| {
             let (vm, action) = (name.to_owned(), action.to_owned());
             move |source| VmmError::Io { vm, action, source }

@@ -75,6 +75,15 @@ impl GuestTools {
         }
     }
 
+    /// Every tool's definition (name, description, schemas), as listed.
+    pub fn definitions() -> Vec<rmcp::model::Tool> {
+        (Self::exec_router()
+            + Self::process_router()
+            + Self::files_router()
+            + Self::system_router())
+        .list_all()
+    }
+
     fn workdir(&self) -> Option<&std::path::Path> {
         self.shared.workdir.as_deref()
     }

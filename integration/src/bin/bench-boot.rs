@@ -140,6 +140,7 @@ async fn bare_boot(harness: &Harness, name: &str) -> anyhow::Result<Duration> {
     let req = LaunchRequest {
         spec: &spec,
         cid: lease.cid(),
+        cid_lock: None,
         accel: Accel::Auto.resolve()?,
         paths: LaunchPaths {
             run_dir: run_dir.clone(),

@@ -78,6 +78,10 @@ pub const CONSOLE_LINES: usize = 20;
 /// A guest that closes its readiness connection and whose VM exits within
 /// this is powering off, not losing guest-mcp.
 const POWER_OFF_GRACE: Duration = Duration::from_millis(500);
+/// A guest can make its readiness connection flap: at most one
+/// lost-and-back pair of events per VM in this window (the rest are
+/// counted into the next message).
+const FLAP_WINDOW: Duration = Duration::from_secs(10);
 
 /// Watches one running VM (instance `id`) until its VMM exits: reports
 /// guest-mcp going and coming back, and hands a VMM exit nexusd did not
@@ -85,6 +89,11 @@ const POWER_OFF_GRACE: Duration = Duration::from_millis(500);
 pub(super) async fn watch(daemon: Weak<Daemon>, vm: String, id: u64, endpoint: GuestEndpoint) {
     let mut states = endpoint.guest_states();
     let mut lost = false;
+    // Whether this loss was reported (and so its return will be), when the
+    // last one was, and how many went unreported since.
+    let mut reported = false;
+    let mut last_report: Option<std::time::Instant> = None;
+    let mut unreported = 0u64;
     loop {
         let changed = async {
             match states.as_mut() {
@@ -111,19 +120,31 @@ pub(super) async fn watch(daemon: Weak<Daemon>, vm: String, id: u64, endpoint: G
                             break;
                         }
                         lost = true;
+                        reported = last_report.is_none_or(|at| at.elapsed() >= FLAP_WINDOW);
+                        if !reported {
+                            unreported += 1;
+                            continue;
+                        }
+                        last_report = Some(std::time::Instant::now());
+                        let again = match std::mem::take(&mut unreported) {
+                            0 => String::new(),
+                            n => format!(" ({n} more times since the last report)"),
+                        };
                         daemon.emit(VmEvent::new(
                             &vm,
                             EventKind::GuestLost,
-                            format!("guest-mcp of VM {vm} closed its connection; the guest's init restarts it"),
+                            format!("guest-mcp of VM {vm} closed its connection{again}; the guest's init restarts it"),
                         ));
                     }
                     Some(GuestState::Ready { version }) if lost => {
                         lost = false;
-                        daemon.emit(VmEvent::new(
-                            &vm,
-                            EventKind::GuestBack,
-                            format!("guest-mcp {version} of VM {vm} is back"),
-                        ));
+                        if reported {
+                            daemon.emit(VmEvent::new(
+                                &vm,
+                                EventKind::GuestBack,
+                                format!("guest-mcp {version} of VM {vm} is back"),
+                            ));
+                        }
                     }
                     _ => {}
                 }

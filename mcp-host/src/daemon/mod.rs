@@ -81,6 +81,9 @@ pub struct VmInfo {
     pub cid: Option<u32>,
     /// Milliseconds from start to guest readiness, while running.
     pub ready_ms: Option<u64>,
+    /// While running, how its guest's tools stand: "answering",
+    /// "connecting", or "unresponsive for N s: why".
+    pub guest: Option<String>,
 }
 
 /// What `spawn_vm` asks for; every field has a default.
@@ -214,17 +217,18 @@ impl Daemon {
             _lock: lock,
         });
         for (name, vm) in running {
-            daemon.run(&name, vm).await;
+            let tools = daemon.image_tools(&name).await;
+            daemon.run(&name, vm, tools).await;
         }
         Ok(daemon)
     }
 
     /// Takes a ready VM into the running set: its guest link, a watcher
     /// for its death, and news of it for clients.
-    async fn run(&self, name: &str, vm: Vm) {
+    async fn run(&self, name: &str, vm: Vm, tools: Option<Vec<rmcp::model::Tool>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let endpoint = vm.endpoint();
-        self.guests.attach(name, endpoint.clone());
+        self.guests.attach(name, endpoint.clone(), tools);
         self.running
             .lock()
             .await
@@ -283,6 +287,21 @@ impl Daemon {
             )
             .with_console(&console),
         );
+    }
+
+    /// The tools the image of VM `name` recorded, if it did.
+    async fn image_tools(&self, name: &str) -> Option<Vec<rmcp::model::Tool>> {
+        let owned = name.to_owned();
+        let image = self
+            .blocking(move |s| {
+                let drives = s.vm_drives(&owned)?;
+                s.image(&drives.image)
+            })
+            .await
+            .ok()
+            .flatten()?;
+        let manifest: Manifest = serde_json::from_str(&image.manifest).ok()?;
+        trusted_tools(&manifest)
     }
 
     pub fn guests(&self) -> &Guests {
@@ -684,6 +703,9 @@ impl Daemon {
             from_snapshot: from_snapshot.map(str::to_owned),
             cid: vm.map(Vm::cid),
             ready_ms: vm.map(|v| v.ready_after().as_millis() as u64),
+            guest: vm
+                .and_then(|_| self.guests.health(name))
+                .map(|h| h.to_string()),
         })
     }
 
@@ -785,7 +807,7 @@ impl Daemon {
             }
         };
         let ready_ms = vm.ready_after().as_millis();
-        self.run(name, vm).await;
+        self.run(name, vm, trusted_tools(&manifest)).await;
         self.emit(VmEvent::new(
             name,
             EventKind::Started,
@@ -820,6 +842,16 @@ async fn import_built_images(storage: &Arc<Storage>, dir: &std::path::Path) -> a
         .await??;
     }
     Ok(())
+}
+
+/// The guest tools an image recorded at build time (see `guest::checks`).
+fn trusted_tools(manifest: &Manifest) -> Option<Vec<rmcp::model::Tool>> {
+    let recorded = manifest.guest_tools.as_ref()?;
+    let tools: Vec<rmcp::model::Tool> = recorded
+        .iter()
+        .filter_map(|t| serde_json::from_value(t.clone()).ok())
+        .collect();
+    (!tools.is_empty()).then_some(tools)
 }
 
 /// Storage's "VM/SNAPSHOT" reference as its two names.

@@ -2,42 +2,63 @@
 //! guest-mcp, shared by every caller, and the proxy that forwards tool
 //! calls over it.
 //!
-//! A VM is attached here once it is ready and detached when it stops; the
-//! session is opened on first use (after the guest's readiness signal),
-//! reopened when guest-mcp restarts, and the guest's tool list is fetched
-//! once per session and cached. Listing every VM's tools asks the guests
-//! concurrently, each within a deadline, so one silent guest never holds
-//! up the others.
+//! Root in a guest controls everything this module reads, and when: so
+//! every wait on a guest has a deadline, everything read from it is
+//! bounded and checked, and no caller ever waits on one guest for another.
+//!
+//! - A VM is attached once it is ready and detached when it stops. Its
+//!   session is opened by one background task at a time (callers wait for
+//!   it within their own deadline, and give up without stopping it), after
+//!   the guest's readiness signal, with a handshake and a tool listing
+//!   each bounded. A failure is remembered for a moment, so a dead guest is
+//!   not asked again by every listing; the VM shows as unresponsive.
+//! - The guest's tools are listed once per session, checked (names,
+//!   count, sizes) and cached; `tools/list` never talks to a guest that
+//!   has an open session, and waits at most [`LIST_WAIT`] for one that
+//!   does not.
+//! - Where the image recorded guest-mcp's tools at build time (trusted,
+//!   like the image), their definitions are the ones listed; a guest can
+//!   only leave tools out, not rewrite what agents read about them.
 //!
 //! # Layout
 //!
-//! - `events`: progress from the guest, routed back to the caller.
-//! - `proxy`: forwarding one tool call, its progress and its cancellation,
-//!   and re-expressing the guest's answer for the caller's protocol era.
+//! - `events`: progress from the guest, taken off its stream in order and
+//!   routed back to the caller.
+//! - `proxy`: forwarding one tool call (with its deadline), its progress
+//!   and its cancellation, and re-expressing the guest's answer for the
+//!   caller's protocol era.
+//! - `checks`: what a guest's tool list must satisfy.
 
+mod checks;
 pub mod events;
 pub mod proxy;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nexus_vmm::GuestEndpoint;
 use rmcp::model::{PaginatedRequestParams, Tool};
 use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
+use tokio::sync::watch;
 
 pub use events::GuestEvents;
 
-/// How long a call waits for a guest-mcp that is (re)starting.
-const GUEST_RETURN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an opening waits for a guest-mcp that is (re)starting.
+const READY_WAIT: Duration = Duration::from_secs(10);
 /// How long an MCP handshake with a guest may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a guest has to list its tools.
 const LIST_TIMEOUT: Duration = Duration::from_secs(5);
-/// A guest lists at most this many pages and tools; more is refused.
+/// How long `tools/list` waits for a guest whose session is not open.
+pub const LIST_WAIT: Duration = Duration::from_secs(1);
+/// How long a proxied call waits for a session.
+pub const CALL_WAIT: Duration = Duration::from_secs(15);
+/// A failed opening is not retried for this long (callers are told why).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+/// A guest lists at most this many pages.
 const MAX_TOOL_PAGES: usize = 8;
-const MAX_TOOLS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -52,11 +73,12 @@ pub struct GuestSession {
     service: RunningService<RoleClient, ()>,
     /// Where progress the guest reports goes.
     events: GuestEvents,
+    /// What is listed for this VM: the image's definitions of the tools
+    /// the guest has, or (images without them) the guest's own, checked.
     tools: Vec<Tool>,
 }
 
 impl GuestSession {
-    /// The guest's tools as it listed them when the session opened.
     pub fn tools(&self) -> &[Tool] {
         &self.tools
     }
@@ -70,48 +92,108 @@ impl GuestSession {
     }
 }
 
+/// How a VM's guest link stands.
+#[derive(Clone)]
+enum LinkState {
+    Idle,
+    Opening,
+    Open(Arc<GuestSession>),
+    Failed { at: Instant, why: String },
+}
+
+/// What `get_vm` and `list_vms` say of a running VM's guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not asked yet, or being connected to.
+    Connecting,
+    Answering,
+    /// The last attempt to reach it failed.
+    Unresponsive {
+        why: String,
+        for_s: u64,
+    },
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connecting => f.write_str("connecting"),
+            Self::Answering => f.write_str("answering"),
+            Self::Unresponsive { why, for_s } => {
+                write!(f, "unresponsive for {for_s} s: {why}")
+            }
+        }
+    }
+}
+
+/// One running VM's link.
+struct Link {
+    endpoint: GuestEndpoint,
+    /// The image's record of guest-mcp's tools, if it has one.
+    trusted: Option<Arc<Vec<Tool>>>,
+    state: watch::Sender<LinkState>,
+}
+
 /// The guest link of every running VM.
 #[derive(Default)]
 pub struct Guests {
-    /// Each running VM's endpoint, with the generation it was attached in
-    /// (a session opened for a VM since restarted must not be kept).
-    endpoints: Mutex<HashMap<String, (u64, GuestEndpoint)>>,
-    sessions: Mutex<HashMap<String, Arc<GuestSession>>>,
-    generation: std::sync::atomic::AtomicU64,
+    links: Mutex<HashMap<String, Arc<Link>>>,
 }
 
 impl Guests {
     /// A VM is running: its guest may be reached through `endpoint`.
-    pub fn attach(&self, vm: &str, endpoint: GuestEndpoint) {
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.endpoints).insert(vm.to_owned(), (generation, endpoint));
-        lock(&self.sessions).remove(vm);
+    /// `trusted` is its image's record of guest-mcp's tools, if any.
+    pub fn attach(&self, vm: &str, endpoint: GuestEndpoint, trusted: Option<Vec<Tool>>) {
+        let link = Arc::new(Link {
+            endpoint,
+            trusted: trusted.map(|tools| Arc::new(checks::trusted(tools))),
+            state: watch::channel(LinkState::Idle).0,
+        });
+        lock(&self.links).insert(vm.to_owned(), link);
     }
 
     /// The VM stopped: its session and endpoint go.
     pub fn detach(&self, vm: &str) {
-        lock(&self.endpoints).remove(vm);
-        lock(&self.sessions).remove(vm);
+        lock(&self.links).remove(vm);
     }
 
     /// Names of the attached (running) VMs, sorted.
     pub fn attached(&self) -> Vec<String> {
-        let mut names: Vec<String> = lock(&self.endpoints).keys().cloned().collect();
+        let mut names: Vec<String> = lock(&self.links).keys().cloned().collect();
         names.sort();
         names
     }
 
-    /// The VM's guest session, opened on first use and again after it closed
-    /// (guest-mcp restarted). No lock is held while waiting for the guest.
-    pub async fn session(&self, vm: &str) -> Result<Arc<GuestSession>, GuestError> {
-        if let Some(session) = lock(&self.sessions).get(vm)
-            && !session.is_closed()
-        {
-            return Ok(session.clone());
-        }
-        let (generation, endpoint) = lock(&self.endpoints)
+    /// Whether some running VM's guest (with an open session) has `tool`.
+    pub fn knows_tool(&self, tool: &str) -> bool {
+        lock(&self.links).values().any(|link| {
+            matches!(&*link.state.borrow(), LinkState::Open(session) if session.has_tool(tool))
+        })
+    }
+
+    pub fn is_attached(&self, vm: &str) -> bool {
+        lock(&self.links).contains_key(vm)
+    }
+
+    /// How the VM's guest stands, if it is attached.
+    pub fn health(&self, vm: &str) -> Option<Health> {
+        let link = lock(&self.links).get(vm).cloned()?;
+        let state = link.state.borrow().clone();
+        Some(match state {
+            LinkState::Idle | LinkState::Opening => Health::Connecting,
+            LinkState::Open(session) if !session.is_closed() => Health::Answering,
+            LinkState::Open(_) => Health::Connecting,
+            LinkState::Failed { at, why } => Health::Unresponsive {
+                why,
+                for_s: at.elapsed().as_secs(),
+            },
+        })
+    }
+
+    /// The VM's guest session, waiting at most `wait` for one to open. The
+    /// opening goes on in the background if the wait ends first.
+    pub async fn session(&self, vm: &str, wait: Duration) -> Result<Arc<GuestSession>, GuestError> {
+        let link = lock(&self.links)
             .get(vm)
             .cloned()
             .ok_or_else(|| GuestError::NotAttached(vm.to_owned()))?;
@@ -119,45 +201,40 @@ impl Guests {
             vm: vm.to_owned(),
             why,
         };
-        // A guest-mcp that just restarted is back within a second or two.
-        endpoint.wait_ready(GUEST_RETURN_TIMEOUT).await;
-        let stream = endpoint
-            .connect(nexus_vmm::GUEST_TOOLS_PORT)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let events = GuestEvents::default();
-        let (read, write) = tokio::io::split(stream);
-        let tapped = events::Tapped::new(read, write, events.clone());
-        let service = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ().serve(tapped)).await {
-            Ok(Ok(service)) => service,
-            Ok(Err(e)) => return Err(unreachable(format!("MCP handshake failed: {e}"))),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no MCP handshake within {HANDSHAKE_TIMEOUT:?}"
-                )));
+        let mut state = link.state.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let current = state.borrow_and_update().clone();
+            match current {
+                LinkState::Open(session) if !session.is_closed() => return Ok(session),
+                LinkState::Failed { at, why } if at.elapsed() < RETRY_AFTER => {
+                    return Err(unreachable(why));
+                }
+                LinkState::Opening => {}
+                // Idle, closed (guest-mcp restarted) or failed long enough ago.
+                _ => {
+                    let start = link.state.send_if_modified(|s| {
+                        let idle = !matches!(s, LinkState::Opening);
+                        if idle {
+                            *s = LinkState::Opening;
+                        }
+                        idle
+                    });
+                    if start {
+                        tokio::spawn(open(link.clone(), vm.to_owned()));
+                    }
+                }
             }
-        };
-        let tools = tokio::time::timeout(LIST_TIMEOUT, list_tools(&service))
-            .await
-            .map_err(|_| unreachable(format!("no tool list within {LIST_TIMEOUT:?}")))?
-            .map_err(unreachable)?;
-        let session = Arc::new(GuestSession {
-            service,
-            events,
-            tools,
-        });
-        let mut sessions = lock(&self.sessions);
-        // Detached meanwhile (the VM stopped, or stopped and started again):
-        // do not keep a session for a VM that is gone.
-        if lock(&self.endpoints).get(vm).map(|(g, _)| *g) != Some(generation) {
-            return Err(GuestError::NotAttached(vm.to_owned()));
+            match tokio::time::timeout_at(deadline, state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(GuestError::NotAttached(vm.to_owned())),
+                Err(_) => {
+                    return Err(unreachable(format!(
+                        "no MCP session within {wait:?} (still trying)"
+                    )));
+                }
+            }
         }
-        sessions.insert(vm.to_owned(), session.clone());
-        Ok(session)
-    }
-
-    pub fn is_attached(&self, vm: &str) -> bool {
-        lock(&self.endpoints).contains_key(vm)
     }
 
     /// Drops a session found dead (unless another caller has replaced it
@@ -166,28 +243,34 @@ impl Guests {
         &self,
         vm: &str,
         dead: &Arc<GuestSession>,
+        wait: Duration,
     ) -> Result<Arc<GuestSession>, GuestError> {
-        {
-            let mut sessions = lock(&self.sessions);
-            if sessions.get(vm).is_some_and(|s| Arc::ptr_eq(s, dead)) {
-                sessions.remove(vm);
-            }
+        if let Some(link) = lock(&self.links).get(vm) {
+            link.state.send_if_modified(|s| match s {
+                LinkState::Open(open) if Arc::ptr_eq(open, dead) => {
+                    *s = LinkState::Idle;
+                    true
+                }
+                _ => false,
+            });
         }
-        self.session(vm).await
+        self.session(vm, wait).await
     }
 
-    /// Every running VM's tools, asked of all guests at once. A guest that
-    /// does not answer is left out (and logged).
+    /// Every running VM's tools, asked of all guests at once, each within
+    /// [`LIST_WAIT`]; a guest that does not answer is left out (its VM
+    /// shows as unresponsive).
     pub async fn all_tools(&self) -> Vec<(String, Arc<GuestSession>)> {
         let names = self.attached();
-        let sessions = futures::future::join_all(names.iter().map(|vm| self.session(vm))).await;
+        let sessions =
+            futures::future::join_all(names.iter().map(|vm| self.session(vm, LIST_WAIT))).await;
         names
             .into_iter()
             .zip(sessions)
             .filter_map(|(vm, session)| match session {
                 Ok(session) => Some((vm, session)),
                 Err(e) => {
-                    tracing::warn!(vm, error = %e, "guest tools unavailable");
+                    tracing::debug!(vm, error = %e, "guest tools left out of the list");
                     None
                 }
             })
@@ -195,8 +278,56 @@ impl Guests {
     }
 }
 
-/// The guest's tools, page by page, within the bounds above, with
-/// standard schemas.
+/// Opens a VM's session (one at a time per VM) and says how it went.
+async fn open(link: Arc<Link>, vm: String) {
+    let opened = async {
+        // A guest-mcp that just restarted is back within a second or two.
+        if !link.endpoint.wait_ready(READY_WAIT).await {
+            return Err(format!(
+                "guest-mcp did not signal readiness within {READY_WAIT:?}"
+            ));
+        }
+        let stream = link
+            .endpoint
+            .connect(nexus_vmm::GUEST_TOOLS_PORT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = GuestEvents::default();
+        let (read, write) = tokio::io::split(stream);
+        let tapped = events::Tapped::new(read, write, events.clone());
+        let service = match tokio::time::timeout(HANDSHAKE_TIMEOUT, ().serve(tapped)).await {
+            Ok(Ok(service)) => service,
+            Ok(Err(e)) => return Err(format!("MCP handshake failed: {e}")),
+            Err(_) => return Err(format!("no MCP handshake within {HANDSHAKE_TIMEOUT:?}")),
+        };
+        let listed = tokio::time::timeout(LIST_TIMEOUT, list_tools(&service))
+            .await
+            .map_err(|_| format!("no tool list within {LIST_TIMEOUT:?}"))??;
+        let tools = match &link.trusted {
+            Some(trusted) => checks::available(trusted, &listed),
+            None => checks::own(&vm, listed),
+        };
+        Ok(Arc::new(GuestSession {
+            service,
+            events,
+            tools,
+        }))
+    }
+    .await;
+    let state = match opened {
+        Ok(session) => LinkState::Open(session),
+        Err(why) => {
+            tracing::warn!(vm, why, "guest tools unreachable");
+            LinkState::Failed {
+                at: Instant::now(),
+                why,
+            }
+        }
+    };
+    link.state.send_replace(state);
+}
+
+/// The guest's tools, page by page, within the bounds of `checks`.
 async fn list_tools(service: &RunningService<RoleClient, ()>) -> Result<Vec<Tool>, String> {
     let mut tools = Vec::new();
     let mut cursor = None;
@@ -205,12 +336,12 @@ async fn list_tools(service: &RunningService<RoleClient, ()>) -> Result<Vec<Tool
             .list_tools(Some(PaginatedRequestParams::default().with_cursor(cursor)))
             .await
             .map_err(|e| format!("tools/list failed: {e}"))?;
-        tools.extend(page.tools.into_iter().map(|mut tool| {
-            crate::schema::standardise_tool(&mut tool);
-            tool
-        }));
-        if tools.len() > MAX_TOOLS {
-            return Err(format!("the guest lists more than {MAX_TOOLS} tools"));
+        tools.extend(page.tools);
+        if tools.len() > checks::MAX_TOOLS {
+            return Err(format!(
+                "the guest lists more than {} tools",
+                checks::MAX_TOOLS
+            ));
         }
         match page.next_cursor {
             Some(next) => cursor = Some(next),

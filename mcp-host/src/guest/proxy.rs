@@ -17,6 +17,15 @@ use super::{GuestSession, Guests};
 
 /// How long progress still in flight may hold up a finished call's answer.
 const PROGRESS_DRAIN: Duration = Duration::from_secs(2);
+/// A call's deadline past its own (`timeout_s`, `wait_ms`), for the guest
+/// to answer; and the deadline of a call that names none.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(15);
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+/// The longest own deadline honoured (guest-mcp's longest exec timeout).
+const MAX_OWN_DEADLINE: Duration = Duration::from_secs(3600);
+/// The largest result passed on: one MCP message is at most 16 MiB on
+/// every transport clients use.
+pub const MAX_RESULT_BYTES: usize = 15 << 20;
 
 /// Calls `tool` with `arguments` in VM `vm`'s guest for the caller of
 /// `context`. Failures the caller can act on are tool errors; protocol
@@ -29,7 +38,7 @@ pub async fn call(
     context: RequestContext<RoleServer>,
 ) -> Result<CallToolResponse, ErrorData> {
     let failed = |why: String| Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
-    let session = match guests.session(vm).await {
+    let session = match guests.session(vm, super::CALL_WAIT).await {
         Ok(session) => session,
         Err(e) => return failed(e.to_string()),
     };
@@ -55,10 +64,11 @@ pub async fn call(
             .await;
         (session, sent)
     };
+    let deadline = deadline(forwarded.arguments.as_ref());
     let (mut session, mut sent) = send(session, forwarded.clone()).await;
     if matches!(sent, Err(rmcp::ServiceError::TransportClosed)) {
         // guest-mcp restarted under a session we had not yet seen close.
-        match guests.reopen(vm, &session).await {
+        match guests.reopen(vm, &session, super::CALL_WAIT).await {
             Ok(fresh) => (session, sent) = send(fresh, forwarded).await,
             Err(e) => return failed(e.to_string()),
         }
@@ -80,8 +90,9 @@ pub async fn call(
         })
     });
     let answer = tokio::select! {
-        answer = &mut handle.rx => Some(answer),
+        answer = &mut handle.rx => Some(Some(answer)),
         () = context.ct.cancelled() => None,
+        () = tokio::time::sleep(deadline) => Some(None),
     };
     // Everything the guest reported before its answer is in the route's
     // queue (the tap routes progress as it is read); closing the route ends
@@ -98,13 +109,47 @@ pub async fn call(
                 .await;
             failed(format!("{tool} in VM {vm:?} was cancelled"))
         }
-        Some(Ok(Ok(ServerResult::CallToolResult(result)))) => Ok(for_caller(result).into()),
-        Some(Ok(Ok(_))) => failed(format!(
+        Some(None) => {
+            let _ = handle
+                .cancel(Some("no answer within nexusd's deadline".into()))
+                .await;
+            failed(format!(
+                "VM {vm:?}'s guest did not answer {tool} within {deadline:?}; the call was cancelled in the guest"
+            ))
+        }
+        Some(Some(Ok(Ok(ServerResult::CallToolResult(result))))) => {
+            let size = serde_json::to_vec(&result).map_or(usize::MAX, |v| v.len());
+            if size > MAX_RESULT_BYTES {
+                return failed(format!(
+                    "VM {vm:?}'s guest answered {tool} with {size} bytes, more than the {MAX_RESULT_BYTES} one message to a client may hold: ask for less (smaller max_output_bytes, a byte range, process_output in chunks)"
+                ));
+            }
+            Ok(for_caller(result).into())
+        }
+        Some(Some(Ok(Ok(_)))) => failed(format!(
             "VM {vm:?}'s guest answered {tool} with something other than a tool result"
         )),
-        Some(Ok(Err(rmcp::ServiceError::McpError(e)))) => Err(e),
-        Some(Ok(Err(e))) => failed(format!("VM {vm:?}'s guest did not answer {tool}: {e}")),
-        Some(Err(_)) => failed(format!("VM {vm:?}'s guest went away during {tool}")),
+        Some(Some(Ok(Err(rmcp::ServiceError::McpError(e))))) => Err(e),
+        Some(Some(Ok(Err(e)))) => failed(format!("VM {vm:?}'s guest did not answer {tool}: {e}")),
+        Some(Some(Err(_))) => failed(format!("VM {vm:?}'s guest went away during {tool}")),
+    }
+}
+
+/// How long a call may take: its own deadline (an exec's `timeout_s`, a
+/// long poll's `wait_ms`) and a margin, or [`DEFAULT_DEADLINE`].
+fn deadline(arguments: Option<&JsonObject>) -> Duration {
+    let own = arguments.and_then(|args| {
+        let seconds = args.get("timeout_s").and_then(serde_json::Value::as_u64);
+        let millis = args.get("wait_ms").and_then(serde_json::Value::as_u64);
+        match (seconds, millis) {
+            (Some(s), _) => Some(Duration::from_secs(s)),
+            (None, Some(ms)) => Some(Duration::from_millis(ms)),
+            (None, None) => None,
+        }
+    });
+    match own {
+        Some(own) => own.min(MAX_OWN_DEADLINE) + DEADLINE_MARGIN,
+        None => DEFAULT_DEADLINE,
     }
 }
 

@@ -89,18 +89,41 @@ impl NexusTools {
             })
             .clone();
         let guests = self.daemon.guests().all_tools().await;
-        match surface {
-            Surface::PerVm => {
-                for (vm, session) in &guests {
-                    tools.extend(session.tools().iter().map(|t| surface::per_vm(vm, t)));
+        let mut shared = surface == Surface::Shared;
+        if surface == Surface::PerVm {
+            for (vm, session) in &guests {
+                for tool in session.tools() {
+                    match surface::per_vm(vm, tool) {
+                        Some(tool) => tools.push(tool),
+                        // Too long a name: this VM is reached through the
+                        // shared tools, listed below.
+                        None => shared = true,
+                    }
                 }
             }
-            Surface::Shared => tools.extend(surface::shared(
+        }
+        if shared {
+            tools.extend(surface::shared(
                 guests.iter().flat_map(|(_, session)| session.tools()),
-            )),
+            ));
         }
         tools.sort_by(|a, b| a.name.cmp(&b.name));
         tools
+    }
+
+    /// What a call is counted as: only names someone serves get a series.
+    fn metric_label(&self, name: &str) -> String {
+        if self.tool_router.has_route(name) {
+            return name.to_owned();
+        }
+        match surface::target(name) {
+            Some(surface::Target::PerVm { tool, .. }) | Some(surface::Target::Shared { tool })
+                if self.daemon.guests().knows_tool(tool) =>
+            {
+                format!("guest:{tool}")
+            }
+            _ => "unknown".to_owned(),
+        }
     }
 
     async fn dispatch(
@@ -192,7 +215,7 @@ impl ServerHandler for NexusTools {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let tool = request.name.clone();
+        let label = self.metric_label(&request.name);
         let started = std::time::Instant::now();
         let response = self.dispatch(request, context).await;
         let outcome = match &response {
@@ -202,7 +225,7 @@ impl ServerHandler for NexusTools {
         };
         self.daemon
             .metrics()
-            .record_call(&tool, outcome, started.elapsed());
+            .record_call(&label, outcome, started.elapsed());
         response
     }
 

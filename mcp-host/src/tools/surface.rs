@@ -24,6 +24,11 @@ use serde_json::Value;
 pub const PROXY_SEPARATOR: &str = "__";
 /// Shared guest tools are named `vm_<tool>`.
 pub const SHARED_PREFIX: &str = "vm_";
+/// The longest tool name listed: clients prefix names with their own
+/// (Claude Code: `mcp__<server>__`), and parts of Anthropic's API take at
+/// most 64 characters in all. A VM whose name is too long for
+/// `<vm>__<tool>` has its tools listed on the shared surface instead.
+pub const MAX_TOOL_NAME: usize = 48;
 /// The argument a shared guest tool takes its VM from.
 pub const VM_ARGUMENT: &str = "vm";
 /// The HTTP query parameter and header choosing a request's surface.
@@ -115,12 +120,17 @@ pub fn renamed(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Guest tool `tool` of VM `vm` on the per-VM surface.
-pub fn per_vm(vm: &str, tool: &Tool) -> Tool {
+/// Guest tool `tool` of VM `vm` on the per-VM surface; None when the name
+/// would be longer than [`MAX_TOOL_NAME`].
+pub fn per_vm(vm: &str, tool: &Tool) -> Option<Tool> {
+    let name = format!("{vm}{PROXY_SEPARATOR}{}", tool.name);
+    if name.len() > MAX_TOOL_NAME {
+        return None;
+    }
     let mut tool = tool.clone();
-    tool.name = format!("{vm}{PROXY_SEPARATOR}{}", tool.name).into();
+    tool.name = name.into();
     tool.description = tool.description.map(|d| format!("[VM {vm}] {d}").into());
-    tool
+    Some(tool)
 }
 
 /// The shared listing of the guest tools of every running VM: each name

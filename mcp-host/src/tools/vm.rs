@@ -79,8 +79,12 @@ pub struct Console {
 
 fn line(v: &VmInfo) -> String {
     let cid = v.cid.map(|c| format!(", cid {c}")).unwrap_or_default();
+    let guest = match v.guest.as_deref() {
+        Some("answering") | None => String::new(),
+        Some(other) => format!("; guest {other}"),
+    };
     format!(
-        "{}: {} (image {}, {} vCPU, {} MiB{cid})",
+        "{}: {} (image {}, {} vCPU, {} MiB{cid}){guest}",
         v.name, v.state, v.image, v.vcpus, v.memory_mib
     )
 }
