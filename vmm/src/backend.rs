@@ -26,6 +26,9 @@ pub struct LaunchPaths {
     /// The hybrid-vsock socket (Firecracker's `uds_path`).
     pub vsock_uds: PathBuf,
     pub console_log: PathBuf,
+    /// Where the VMM serves the serial console for the capture to read
+    /// (see `console`); it waits for the capture before starting the guest.
+    pub console_socket: PathBuf,
 }
 
 /// What the backend must start.

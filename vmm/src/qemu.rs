@@ -80,8 +80,8 @@ impl QemuBackend {
             "-no-reboot".into(),
             "-chardev".into(),
             format!(
-                "file,id=console,path={},append=on",
-                req.paths.console_log.display()
+                "socket,id=console,path={},server=on,wait=on",
+                req.paths.console_socket.display()
             ),
             "-serial".into(),
             "chardev:console".into(),
@@ -318,6 +318,7 @@ mod tests {
             paths: LaunchPaths {
                 run_dir: "/run/vm1".into(),
                 vsock_uds: "/run/vm1/vsock.sock".into(),
+                console_socket: "/run/vm1/console.sock".into(),
                 console_log: "/log/vm1.console".into(),
             },
         };

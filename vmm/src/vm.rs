@@ -21,6 +21,8 @@ use crate::{VmSpec, VmmError, console, control, vsock};
 const MAX_UDS_PATH: usize = 100;
 /// How many console lines boot errors carry.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// The VMM's console socket, in the run directory.
+const CONSOLE_SOCKET: &str = "console.sock";
 
 /// Where VMs keep their run-time files, and which programs run them.
 #[derive(Debug, Clone)]
@@ -36,6 +38,8 @@ pub struct VmmConfig {
     pub graceful_timeout: Duration,
     /// How long the VMM has after SIGTERM, before SIGKILL.
     pub term_timeout: Duration,
+    /// The most a VM's console log may take on disk (see `console`).
+    pub console_cap_bytes: u64,
 }
 
 impl Default for VmmConfig {
@@ -46,6 +50,7 @@ impl Default for VmmConfig {
             connect_timeout: Duration::from_secs(3),
             graceful_timeout: Duration::from_secs(10),
             term_timeout: Duration::from_secs(3),
+            console_cap_bytes: 4 << 20,
         }
     }
 }
@@ -100,7 +105,6 @@ impl Vmm {
         if let Some(parent) = spec.console_log.parent() {
             std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
         }
-        let console_from = console::offset(&spec.console_log);
 
         let mut pending = Pending {
             run_dir: run_dir.clone(),
@@ -120,9 +124,17 @@ impl Vmm {
                     run_dir: run_dir.clone(),
                     vsock_uds: vsock_uds.clone(),
                     console_log: spec.console_log.clone(),
+                    console_socket: run_dir.join(CONSOLE_SOCKET),
                 },
             })
             .await?;
+        // The VMM waits for this before it starts the guest.
+        console::capture(
+            run_dir.join(CONSOLE_SOCKET),
+            spec.console_log.clone(),
+            self.config.console_cap_bytes,
+            true,
+        );
         let vmm = Watched::new("vmm", launched.vmm);
         let helpers: Vec<Watched> = launched
             .helpers
@@ -136,9 +148,9 @@ impl Vmm {
         record_pids(&run_dir, std::iter::once(&vmm).chain(&helpers));
 
         let failure_context = |status: Option<ExitStatus>| {
-            let mut text = console::tail(&spec.console_log, console_from, CONSOLE_TAIL_LINES);
+            let mut text = console::tail(&spec.console_log, CONSOLE_TAIL_LINES, true);
             if let Some(log) = &launched.vmm_log {
-                let vmm_said = console::tail(log, 0, 5);
+                let vmm_said = console::file_tail(log, 5);
                 if !vmm_said.is_empty() {
                     text.push_str(&format!("\n(VMM output: {vmm_said})"));
                 }
@@ -164,7 +176,7 @@ impl Vmm {
                 return Err(VmmError::DiedDuringBoot {
                     vm: spec.name.clone(),
                     status,
-                    panic: console::panic_line(&spec.console_log, console_from),
+                    panic: console::panic_line(&spec.console_log),
                     console,
                 });
             }
@@ -306,6 +318,14 @@ impl Vmm {
         }
         let vmm = processes.remove(0);
         let vsock_uds = run_dir.join("vsock.sock");
+        // The console goes on where it was (the old capture ended with
+        // the daemon that ran it; meanwhile the VMM dropped the output).
+        console::capture(
+            run_dir.join(CONSOLE_SOCKET),
+            console_log.clone(),
+            self.config.console_cap_bytes,
+            false,
+        );
         let readiness = Readiness::listen(&ready_socket(&vsock_uds))
             .map_err(io("listen for the guest's readiness"))?;
         let mut state = readiness.subscribe();

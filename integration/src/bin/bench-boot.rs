@@ -146,6 +146,7 @@ async fn bare_boot(harness: &Harness, name: &str) -> anyhow::Result<Duration> {
             run_dir: run_dir.clone(),
             vsock_uds: run_dir.join("vsock.sock"),
             console_log: spec.console_log.clone(),
+            console_socket: run_dir.join("console.sock"),
         },
     };
     let vhost_socket = run_dir.join("vhost.sock");
@@ -168,6 +169,13 @@ async fn bare_boot(harness: &Harness, name: &str) -> anyhow::Result<Duration> {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
+    // QEMU serves the console on a socket and waits for its reader.
+    nexus_vmm::console::capture(
+        run_dir.join("console.sock"),
+        spec.console_log.clone(),
+        4 << 20,
+        true,
+    );
     let (conn, _) = tokio::time::timeout(Duration::from_secs(90), ready.accept())
         .await
         .context("bare boot never became ready")??;

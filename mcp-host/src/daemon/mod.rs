@@ -277,7 +277,8 @@ impl Daemon {
         let exit = vm.exit_status().unwrap_or_default();
         let report = vm.stop().await;
         tracing::warn!(vm = name, exit, ?report.method, "VM exited by itself");
-        let console = nexus_vmm::console::tail(&self.console_log(name), 0, events::CONSOLE_LINES);
+        let console =
+            nexus_vmm::console::tail(&self.console_log(name), events::CONSOLE_LINES, true);
         self.changed();
         self.emit(
             VmEvent::new(
@@ -712,7 +713,11 @@ impl Daemon {
     /// The last `lines` lines of a VM's serial console.
     pub async fn console(&self, name: &str, lines: usize) -> Result<String> {
         self.known(name).await?;
-        Ok(nexus_vmm::console::tail(&self.console_log(name), 0, lines))
+        Ok(nexus_vmm::console::tail(
+            &self.console_log(name),
+            lines,
+            false,
+        ))
     }
 
     /// Stops every running VM (daemon shutdown).
@@ -799,8 +804,8 @@ impl Daemon {
                     )
                     .with_console(&nexus_vmm::console::tail(
                         &self.console_log(name),
-                        0,
                         events::CONSOLE_LINES,
+                        true,
                     )),
                 );
                 return Err(e.into());
