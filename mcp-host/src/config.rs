@@ -37,6 +37,22 @@ pub struct FileConfig {
     pub surface: Option<Surface>,
     /// Tools per `tools/list` page (default 500; 0: no pages).
     pub tools_page_size: Option<usize>,
+    /// What the host may hold (`[limits]`).
+    pub limits: Option<Limits>,
+}
+
+/// `[limits]`: each unset one is derived from the host.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// VMs that may exist, running or stopped (default 256).
+    pub max_vms: Option<u32>,
+    /// Memory of all running VMs together, MiB (default 80 % of the host's).
+    pub max_memory_mib: Option<u64>,
+    /// vCPUs of all running VMs together (default 4 per host CPU).
+    pub max_vcpus: Option<u32>,
+    /// Snapshots one VM may keep (default 128).
+    pub max_snapshots_per_vm: Option<u32>,
 }
 
 impl FileConfig {
@@ -69,6 +85,7 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub surface: Surface,
     pub tools_page_size: usize,
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +137,7 @@ impl Config {
             admin_socket,
             surface: flags.surface.or(file.surface).unwrap_or_default(),
             tools_page_size: file.tools_page_size.unwrap_or(DEFAULT_TOOLS_PAGE_SIZE),
+            limits: file.limits.unwrap_or_default(),
         })
     }
 

@@ -17,7 +17,8 @@ use nexus_host::tools::Surface;
 ///
 /// Configuration comes in layers: built-in defaults, then the TOML file
 /// given by --config (keys: state_dir, listen, allow_non_loopback,
-/// admin_socket, surface, tools_page_size), then environment variables and
+/// admin_socket, surface, tools_page_size, and a [limits] table: max_vms,
+/// max_memory_mib, max_vcpus, max_snapshots_per_vm), then environment variables and
 /// flags, which win.
 ///
 /// State (the btrfs pool, the catalog, VM logs) lives in the state
@@ -77,6 +78,10 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Everything nexusd creates (state, sockets, logs, drives) is its own:
+    // a local user who could open a VM's vsock socket could run commands
+    // in it as root, bypassing nexusd.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

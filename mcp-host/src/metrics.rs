@@ -45,6 +45,12 @@ pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     latency: Family<ToolLabel, Histogram>,
     vms: Family<StateLabel, Gauge>,
+    pool: Family<KindLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
 }
 
 impl Metrics {
@@ -67,11 +73,18 @@ impl Metrics {
             latency.clone(),
         );
         registry.register("vms", "VMs by state", vms.clone());
+        let pool = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "pool_bytes",
+            "Storage pool size and free space",
+            pool.clone(),
+        );
         Arc::new(Self {
             registry,
             calls,
             latency,
             vms,
+            pool,
         })
     }
 
@@ -95,8 +108,15 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// The text exposition, with the VM counts as they are now.
-    pub fn render(&self, running: usize, stopped: usize) -> String {
+    /// The text exposition, with the VM counts and pool space as they are now.
+    pub fn render(&self, running: usize, stopped: usize, pool: (u64, u64)) -> String {
+        for (kind, bytes) in [("total", pool.0), ("free", pool.1)] {
+            self.pool
+                .get_or_create(&KindLabel {
+                    kind: kind.to_owned(),
+                })
+                .set(bytes as i64);
+        }
         for (state, n) in [("running", running), ("stopped", stopped)] {
             self.vms
                 .get_or_create(&StateLabel {

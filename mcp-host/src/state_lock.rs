@@ -43,6 +43,15 @@ impl StateLock {
             move |source| LockError::Io { what, path, source }
         };
         std::fs::create_dir_all(state_dir).map_err(io("create state directory", state_dir))?;
+        // Owner-only, whatever made it: it holds every VM's sockets.
+        if nix::unistd::Uid::effective().is_root()
+            || std::fs::metadata(state_dir).is_ok_and(|m| {
+                std::os::unix::fs::MetadataExt::uid(&m) == nix::unistd::Uid::effective().as_raw()
+            })
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o700));
+        }
         let path = state_dir.join("nexusd.lock");
         let file = std::fs::OpenOptions::new()
             .create(true)

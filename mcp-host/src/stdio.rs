@@ -32,7 +32,7 @@ const LOG_ROTATE_BYTES: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
     #[error(
-        "another nexusd owns state directory {state_dir} and its admin socket {socket} is owner-only: launch `nexusd stdio` as that user, or connect over HTTP"
+        "state directory {state_dir} and its admin socket {socket} are owner-only, and another user owns them: launch `nexusd stdio` as that user, or connect over HTTP"
     )]
     NotOwner { state_dir: String, socket: String },
     #[error(
@@ -118,6 +118,14 @@ pub async fn run(launch: Launch<'_>) -> Result<(), StdioError> {
                     ..
                 }) => socket,
                 Err(LockError::Held { .. }) => config.admin_socket.clone(),
+                Err(LockError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    return Err(StdioError::NotOwner {
+                        state_dir: state_dir.clone(),
+                        socket: config.admin_socket.display().to_string(),
+                    });
+                }
                 Err(e) => return Err(e.into()),
             }
         } else {

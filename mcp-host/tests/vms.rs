@@ -30,6 +30,20 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
     assert_eq!(vm["state"], "running");
     assert_eq!(vm["image"], "default");
     assert!(vm["cid"].as_u64().unwrap() >= 3);
+    no_access_for_others(state.path());
+    // The VMM runs as a user of its own, not root.
+    let run = state.path().join("run");
+    for pid in nexus_integration::processes_mentioning(run.to_str().unwrap()) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system") {
+            let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            assert!(
+                !uid.split_whitespace().skip(1).any(|u| u == "0"),
+                "QEMU runs as root: {uid}"
+            );
+        }
+    }
 
     let console = call(
         &client,
@@ -229,4 +243,39 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
         list["snapshots"].as_array().unwrap().is_empty(),
         "no snapshot was half-made"
     );
+}
+
+/// Nothing of a state directory (outside the pool's own root) is open to
+/// other users: its VMs' sockets would let them run commands in the VMs.
+fn no_access_for_others(state: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+    assert_eq!(mode(state) & 0o777, 0o700, "{}", state.display());
+    let mut stack = vec![
+        state.join("run"),
+        state.join("logs"),
+        state.join("pool/vms"),
+    ];
+    let mut checked = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.file_type().is_symlink() {
+                continue;
+            }
+            assert_eq!(
+                meta.permissions().mode() & 0o077,
+                0,
+                "{} is open to others: {:o}",
+                path.display(),
+                meta.permissions().mode()
+            );
+            checked += 1;
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    assert!(checked >= 6, "only {checked} entries checked");
 }

@@ -39,6 +39,8 @@ pub struct LaunchRequest<'a> {
     /// The CID lease's lock, for the VMM to inherit: the CID stays leased
     /// for as long as the VM runs, even if the daemon dies.
     pub cid_lock: Option<std::os::fd::RawFd>,
+    /// The uid (and gid) the VMM drops to once set up; None: it stays root.
+    pub run_as: Option<u32>,
     pub accel: Resolved,
     pub paths: LaunchPaths,
 }

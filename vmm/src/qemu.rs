@@ -97,8 +97,10 @@ impl QemuBackend {
             let ro = if drive.read_only { ",readonly=on" } else { "" };
             args.extend([
                 "-drive".into(),
+                // An I/O error (a full pool) is the guest's to see, not a
+                // reason to pause the VM silently.
                 format!(
-                    "id=drive{i},file={},format=raw,if=none,cache=none,aio=threads{ro}",
+                    "id=drive{i},file={},format=raw,if=none,cache=none,aio=threads,werror=report,rerror=report{ro}",
                     drive.path.display()
                 ),
                 "-device".into(),
@@ -110,7 +112,17 @@ impl QemuBackend {
             format!("socket,id=vsock,path={}", vhost_socket.display()),
             "-device".into(),
             "vhost-user-vsock-device,chardev=vsock".into(),
+            // A guest that breaks out of the device models finds a process
+            // that cannot run programs, use obsolete system calls or change
+            // its limits...
+            "-sandbox".into(),
+            "on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges=allow".into(),
         ]);
+        // ...and, once QEMU has opened what it needs, no root: a uid of
+        // its own per VM (set*id stays allowed above only for this drop).
+        if let Some(uid) = req.run_as {
+            args.extend(["-runas".into(), format!("{uid}:{uid}")]);
+        }
         args
     }
 
@@ -314,6 +326,7 @@ mod tests {
             spec: &spec,
             cid: 9,
             cid_lock: None,
+            run_as: Some(3_000_000_009),
             accel: Resolved::Tcg,
             paths: LaunchPaths {
                 run_dir: "/run/vm1".into(),
@@ -331,9 +344,15 @@ mod tests {
         let ws = args.find("file=/vms/vm1/workspace.ext4").unwrap();
         assert!(root < ws, "root must be vda");
         assert!(
-            args.contains("workspace.ext4,format=raw,if=none,cache=none,aio=threads,readonly=on")
+            args.contains("workspace.ext4,format=raw,if=none,cache=none,aio=threads,werror=report,rerror=report,readonly=on")
         );
         assert!(args.contains("path=/run/vm1/vhost.sock"));
+        assert!(
+            args.contains("-sandbox on,obsolete=deny,spawn=deny"),
+            "{args}"
+        );
+        assert!(args.contains("-runas 3000000009:3000000009"), "{args}");
+        assert!(args.contains("werror=report,rerror=report"), "{args}");
         let cmdline = kernel_cmdline(&spec, Resolved::Tcg);
         assert!(cmdline.starts_with("console=ttyS0 panic=-1 reboot=t root=/dev/vda rw"));
         assert!(cmdline.contains("no_timer_check"), "{cmdline}");

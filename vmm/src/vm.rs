@@ -21,6 +21,9 @@ use crate::{VmSpec, VmmError, console, control, vsock};
 const MAX_UDS_PATH: usize = 100;
 /// How many console lines boot errors carry.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// Where the VMMs' own uids start (one per VM: this plus its CID). High,
+/// to stay clear of the system's and its directory's users.
+pub const VM_UID_BASE: u32 = 3_000_000_000;
 /// The VMM's console socket, in the run directory.
 const CONSOLE_SOCKET: &str = "console.sock";
 
@@ -40,6 +43,9 @@ pub struct VmmConfig {
     pub term_timeout: Duration,
     /// The most a VM's console log may take on disk (see `console`).
     pub console_cap_bytes: u64,
+    /// VMMs run as uid (and gid) this plus their CID once set up, so that
+    /// no two VMs share a user and none is root; None keeps them root.
+    pub vm_uid_base: Option<u32>,
 }
 
 impl Default for VmmConfig {
@@ -51,6 +57,7 @@ impl Default for VmmConfig {
             graceful_timeout: Duration::from_secs(10),
             term_timeout: Duration::from_secs(3),
             console_cap_bytes: 4 << 20,
+            vm_uid_base: Some(VM_UID_BASE),
         }
     }
 }
@@ -119,6 +126,7 @@ impl Vmm {
                 spec: &spec,
                 cid: lease.cid(),
                 cid_lock: lease.fd(),
+                run_as: self.config.vm_uid_base.map(|base| base + lease.cid()),
                 accel,
                 paths: LaunchPaths {
                     run_dir: run_dir.clone(),

@@ -141,6 +141,7 @@ async fn bare_boot(harness: &Harness, name: &str) -> anyhow::Result<Duration> {
         spec: &spec,
         cid: lease.cid(),
         cid_lock: None,
+        run_as: Some(nexus_vmm::vm::VM_UID_BASE + lease.cid()),
         accel: Accel::Auto.resolve()?,
         paths: LaunchPaths {
             run_dir: run_dir.clone(),

@@ -1,6 +1,7 @@
 //! The daemon's core: VMs made of storage (drives) and vmm (processes).
 //! MCP handlers call this and only translate.
 
+pub mod admission;
 mod events;
 mod hooks;
 
@@ -53,6 +54,9 @@ pub enum DaemonError {
     Guest { vm: String, why: String },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The host's limits do not admit it.
+    #[error("{0}")]
+    Refused(String),
 }
 
 type Result<T> = std::result::Result<T, DaemonError>;
@@ -110,6 +114,8 @@ pub const MAX_WORKSPACE_GIB: u64 = 1024;
 struct Running {
     vm: Vm,
     id: u64,
+    vcpus: u32,
+    memory_mib: u64,
 }
 
 pub struct Daemon {
@@ -130,6 +136,12 @@ pub struct Daemon {
     /// What happens to VMs, for clients that listen (MCP log messages).
     events: tokio::sync::broadcast::Sender<VmEvent>,
     me: Weak<Daemon>,
+    /// What the host may hold, and the VMs booting (not yet running) that
+    /// count against it already.
+    limits: admission::Limits,
+    booting: std::sync::Mutex<HashMap<String, (u32, u64)>>,
+    /// Held while counting VMs and making a new one's drives.
+    creating: Mutex<()>,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -144,6 +156,7 @@ impl Daemon {
 
     /// [`Daemon::open`] with the state directory's lock already taken.
     pub async fn open_locked(config: Config, lock: StateLock) -> anyhow::Result<Arc<Self>> {
+        let limits = config.limits;
         let storage_config = StorageConfig::new(&config.state_dir);
         let (storage, report) =
             tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
@@ -214,25 +227,40 @@ impl Daemon {
             events: tokio::sync::broadcast::channel(256).0,
             metrics: crate::metrics::Metrics::new(),
             me: me.clone(),
+            limits: admission::Limits::resolve(&limits),
+            booting: std::sync::Mutex::default(),
+            creating: Mutex::new(()),
             _lock: lock,
         });
         for (name, vm) in running {
             let tools = daemon.image_tools(&name).await;
-            daemon.run(&name, vm, tools).await;
+            let size = daemon.size(&name).await;
+            daemon.run(&name, vm, tools, size).await;
         }
         Ok(daemon)
     }
 
     /// Takes a ready VM into the running set: its guest link, a watcher
     /// for its death, and news of it for clients.
-    async fn run(&self, name: &str, vm: Vm, tools: Option<Vec<rmcp::model::Tool>>) {
+    async fn run(
+        &self,
+        name: &str,
+        vm: Vm,
+        tools: Option<Vec<rmcp::model::Tool>>,
+        (vcpus, memory_mib): (u32, u64),
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let endpoint = vm.endpoint();
         self.guests.attach(name, endpoint.clone(), tools);
-        self.running
-            .lock()
-            .await
-            .insert(name.to_owned(), Running { vm, id });
+        self.running.lock().await.insert(
+            name.to_owned(),
+            Running {
+                vm,
+                id,
+                vcpus,
+                memory_mib,
+            },
+        );
         tokio::spawn(events::watch(
             self.me.clone(),
             name.to_owned(),
@@ -290,6 +318,61 @@ impl Daemon {
         );
     }
 
+    /// The vCPUs and memory VM `name` is configured with.
+    async fn size(&self, name: &str) -> (u32, u64) {
+        let owned = name.to_owned();
+        let config = self
+            .blocking(move |s| s.vm_config(&owned))
+            .await
+            .ok()
+            .and_then(|c| serde_json::from_str::<VmConfig>(&c).ok())
+            .unwrap_or(VmConfig {
+                vcpus: 1,
+                memory_mib: 256,
+            });
+        (config.vcpus, u64::from(config.memory_mib))
+    }
+
+    /// Whether one more VM may exist; the caller holds `creating`.
+    async fn admit_new(&self) -> Result<()> {
+        let existing = self.blocking(|s| s.list_vms()).await?.len();
+        admission::admit_new(&self.limits, existing as u32)
+    }
+
+    /// Counts a booting VM against the host's limits until it runs (or
+    /// fails), if they admit it.
+    async fn book(&self, name: &str, (vcpus, memory_mib): (u32, u64)) -> Result<Booking<'_>> {
+        // Both held at once: two bookings cannot each miss the other.
+        let running = self.running.lock().await;
+        let mut booting = lock_std(&self.booting);
+        let mut used = admission::InUse::default();
+        let sizes = running
+            .values()
+            .map(|r| (r.vcpus, r.memory_mib))
+            .chain(booting.values().copied());
+        for (vcpus, memory_mib) in sizes {
+            used.vms += 1;
+            used.vcpus += vcpus;
+            used.memory_mib += memory_mib;
+        }
+        admission::admit_start(&self.limits, used, name, vcpus, memory_mib)?;
+        booting.insert(name.to_owned(), (vcpus, memory_mib));
+        Ok(Booking {
+            daemon: self,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &admission::Limits {
+        &self.limits
+    }
+
+    /// How full the pool is.
+    pub fn pool_space(&self) -> admission::PoolSpace {
+        admission::pool_space(self.storage.pool().root())
+    }
+
     /// The tools the image of VM `name` recorded, if it did.
     async fn image_tools(&self, name: &str) -> Option<Vec<rmcp::model::Tool>> {
         let owned = name.to_owned();
@@ -343,7 +426,12 @@ impl Daemon {
     pub async fn render_metrics(&self) -> String {
         let running = self.running.lock().await.len();
         let total = self.list().await.map_or(running, |l| l.len());
-        self.metrics.render(running, total.saturating_sub(running))
+        let pool = self.pool_space();
+        self.metrics.render(
+            running,
+            total.saturating_sub(running),
+            (pool.total_bytes, pool.free_bytes),
+        )
     }
 
     /// Notified whenever VMs start or stop, so sessions can tell their
@@ -389,7 +477,7 @@ impl Daemon {
             )));
         }
         let memory_mib = req.memory_mib.unwrap_or(256);
-        let host_mib = host_memory_mib();
+        let host_mib = admission::host_memory_mib();
         if memory_mib < nexus_vmm::spec::MIN_MEMORY_MIB || memory_mib as u64 > host_mib {
             return Err(DaemonError::Invalid(format!(
                 "`memory_mib` must be between {} and this host's {host_mib}, got {memory_mib}",
@@ -403,7 +491,10 @@ impl Daemon {
             )));
         }
         let workspace = match req.from_snapshot {
-            None => WorkspaceSource::New { bytes: gib << 30 },
+            None => {
+                admission::admit_workspace(self.storage.pool().root(), gib << 30)?;
+                WorkspaceSource::New { bytes: gib << 30 }
+            }
             Some((vm, snapshot)) => WorkspaceSource::Snapshot { vm, snapshot },
         };
         if let Err(why) = &self.vmm {
@@ -417,6 +508,8 @@ impl Daemon {
             .map_err(|e| DaemonError::Internal(e.to_string()))?;
         let _op = self.lock_vm(&name).await;
         {
+            let creating = self.creating.lock().await;
+            self.admit_new().await?;
             let (name, image) = (name.clone(), image.clone());
             self.blocking(move |s| {
                 s.create_vm_drives(&name, &image, workspace)?;
@@ -427,6 +520,7 @@ impl Daemon {
                 configured
             })
             .await?;
+            drop(creating);
         }
         say(
             2.0,
@@ -549,6 +643,12 @@ impl Daemon {
         let _op = self.lock_vm(name).await;
         self.known(name).await?;
         let drive = drive.unwrap_or_else(|| nexus_storage::WORKSPACE_DRIVE.to_owned());
+        let owned = name.to_owned();
+        let existing = self
+            .blocking(move |s| s.list_snapshots(Some(&owned)))
+            .await?
+            .len();
+        admission::admit_snapshot(&self.limits, name, existing)?;
         let control = self.control(name).await?;
         let vm = name.to_owned();
         let handle = tokio::runtime::Handle::current();
@@ -623,6 +723,8 @@ impl Daemon {
             return Err(DaemonError::NoBackend(why.clone()));
         }
         let _op = self.lock_vm(&name).await;
+        let creating = self.creating.lock().await;
+        self.admit_new().await?;
         let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
         self.blocking(move |s| {
             let config = s.vm_config(&from)?;
@@ -630,6 +732,7 @@ impl Daemon {
             s.set_vm_config(&new, &config)
         })
         .await?;
+        drop(creating);
         if let Err(e) = self.boot(&name).await {
             let doomed = name.clone();
             let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
@@ -765,6 +868,8 @@ impl Daemon {
             .await?;
         let config: VmConfig = serde_json::from_str(&config)
             .map_err(|e| DaemonError::Internal(format!("VM config: {e}")))?;
+        let size = (config.vcpus, u64::from(config.memory_mib));
+        let _booking = self.book(name, size).await?;
         let image_name = drives.image.clone();
         let image = self
             .blocking(move |s| s.image(&image_name))
@@ -812,7 +917,7 @@ impl Daemon {
             }
         };
         let ready_ms = vm.ready_after().as_millis();
-        self.run(name, vm, trusted_tools(&manifest)).await;
+        self.run(name, vm, trusted_tools(&manifest), size).await;
         self.emit(VmEvent::new(
             name,
             EventKind::Started,
@@ -871,16 +976,18 @@ fn console_log_path(state_dir: &std::path::Path, name: &str) -> PathBuf {
     state_dir.join("logs").join(format!("{name}.console"))
 }
 
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kb| kb / 1024)
+/// A booting VM's hold on the host's limits; released when dropped.
+struct Booking<'a> {
+    daemon: &'a Daemon,
+    name: String,
+}
+
+impl Drop for Booking<'_> {
+    fn drop(&mut self) {
+        lock_std(&self.daemon.booting).remove(&self.name);
+    }
+}
+
+fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{NexusTools, done};
+use crate::daemon::admission::{Limits, PoolSpace};
 use crate::daemon::{SPAWN_STEPS, SpawnRequest, VmInfo};
 use rmcp::RoleServer;
 use rmcp::model::ProgressNotificationParam;
@@ -64,6 +65,10 @@ pub struct ConsoleParams {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct VmList {
     pub vms: Vec<VmInfo>,
+    /// How full the storage pool (workspaces, snapshots) is.
+    pub pool: PoolSpace,
+    /// What the host may hold.
+    pub limits: Limits,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -156,12 +161,25 @@ impl NexusTools {
     #[tool(description = "List every VM with its state and size.", output_schema = schema_for_output::<VmList>())]
     async fn list_vms(&self) -> Result<CallToolResult, String> {
         let vms = self.daemon.list().await.map_err(|e| e.to_string())?;
-        let text = if vms.is_empty() {
+        let pool = self.daemon.pool_space();
+        let mut text = if vms.is_empty() {
             "no VMs: spawn_vm makes one".to_owned()
         } else {
             vms.iter().map(line).collect::<Vec<_>>().join("\n")
         };
-        done(&VmList { vms }, text)
+        text.push_str(&format!(
+            "\npool: {:.1} GiB free of {:.1} GiB",
+            pool.free_bytes as f64 / f64::from(1 << 30),
+            pool.total_bytes as f64 / f64::from(1 << 30)
+        ));
+        done(
+            &VmList {
+                vms,
+                pool,
+                limits: *self.daemon.limits(),
+            },
+            text,
+        )
     }
 
     #[tool(description = "Show one VM: its state, image, size and where its workspace came from.", output_schema = schema_for_output::<VmInfo>())]
