@@ -260,3 +260,32 @@ pub fn median_ms(samples: &mut [Duration]) -> f64 {
         (ms(samples[mid - 1]) + ms(samples[mid])) / 2.0
     }
 }
+
+/// The hostile guest program (integration/hostile-guest), built static so
+/// it runs in a guest, for tests that attack nexusd from inside a VM.
+pub fn hostile_guest_binary() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    let target_dir = root.join("target/guest");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-q",
+            "-p",
+            "nexus-hostile-guest",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("building the hostile guest program failed ({status})");
+    }
+    Ok(target_dir.join("x86_64-unknown-linux-gnu/release/hostile-guest"))
+}

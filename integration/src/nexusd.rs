@@ -64,9 +64,22 @@ pub async fn serve(
     nexusd: &Path,
     state: &StateDir,
 ) -> anyhow::Result<(tokio::process::Child, String)> {
+    serve_with(nexusd, state, "").await
+}
+
+/// [`serve`] with a configuration file of `toml`.
+pub async fn serve_with(
+    nexusd: &Path,
+    state: &StateDir,
+    toml: &str,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let config = state.path().join("nexusd.toml");
+    std::fs::write(&config, toml)?;
     let mut serve = tokio::process::Command::new(nexusd)
         .arg("--state-dir")
         .arg(state.path())
+        .arg("--config")
+        .arg(&config)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info,rmcp=error")
         .stderr(Stdio::piped())

@@ -49,7 +49,7 @@ pub struct Limits {
     pub max_vms: Option<u32>,
     /// Memory of all running VMs together, MiB (default 80 % of the host's).
     pub max_memory_mib: Option<u64>,
-    /// vCPUs of all running VMs together (default 4 per host CPU).
+    /// vCPUs of all running VMs together (default 16 per host CPU).
     pub max_vcpus: Option<u32>,
     /// Snapshots one VM may keep (default 128).
     pub max_snapshots_per_vm: Option<u32>,

@@ -7,13 +7,16 @@
 //!
 //!   cargo run --release -p nexus-integration --bin bench-tools-list [-- --lists N --vms 1,10,50]
 //!
-//! Last line: `tools_list p50_us per_vm_1=.. shared_1=.. per_vm_10=.. ...`.
+//! At 20 VMs, one guest-mcp is then restarted and stopped (SIGSTOP): the
+//! list is timed again with one guest that never answers.
+//!
+//! Last line: `tools_list p50_us per_vm_1=.. shared_1=.. per_vm_10=.. ... wedged_20=..`.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nexus_integration::ensure_default_image;
-use nexus_integration::nexusd::{StateDir, build_release, percentiles_us, serve, stop};
+use nexus_integration::nexusd::{StateDir, build_release, percentiles_us, serve_with, stop};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -25,25 +28,29 @@ type Client = RunningService<RoleClient, ()>;
 struct Args {
     lists: usize,
     vms: Vec<usize>,
+    /// At this many VMs, wedge one and measure again.
+    wedge_at: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         lists: 40,
-        vms: vec![1, 10, 50],
+        vms: vec![1, 10, 20, 50],
+        wedge_at: 20,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--lists" => args.lists = value()?.parse()?,
+            "--wedge-at" => args.wedge_at = value()?.parse()?,
             "--vms" => {
                 args.vms = value()?
                     .split(',')
                     .map(str::parse)
                     .collect::<Result<_, _>>()?;
             }
-            other => bail!("unknown argument {other:?}: use --lists N, --vms A,B,C"),
+            other => bail!("unknown argument {other:?}: use --lists N, --vms A,B,C, --wedge-at N"),
         }
     }
     if args.lists < 5 || args.vms.is_empty() || args.vms.windows(2).any(|w| w[0] >= w[1]) {
@@ -69,13 +76,62 @@ async fn spawn(client: &Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restarts the first VM's guest-mcp and stops the new one (SIGSTOP), so
+/// that its session must be opened again and never can be; then times
+/// tools/list (one call of every few pays the wait for it; the rest skip
+/// it while its failure is remembered).
+async fn wedged(client: &Client, lists: usize) -> anyhow::Result<(f64, f64)> {
+    let result = client
+        .call_tool(
+            CallToolRequestParams::new("b01__process_start").with_arguments(
+                json!({"command": "echo $$ > /sys/fs/cgroup/cgroup.procs; kill -9 $(pidof guest-mcp); sleep 1.5; kill -STOP $(pidof guest-mcp)"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        )
+        .await?;
+    if result.is_error == Some(true) {
+        bail!("wedging b01: {:?}", result.content);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut samples = Vec::new();
+    for _ in 0..lists {
+        let started = Instant::now();
+        client.list_all_tools().await?;
+        samples.push(started.elapsed());
+    }
+    // A healthy b01 again for what follows.
+    let destroyed = client
+        .call_tool(
+            CallToolRequestParams::new("destroy_vm").with_arguments(
+                json!({"vm": "b01"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        )
+        .await?;
+    if destroyed.is_error == Some(true) {
+        bail!("destroying b01: {:?}", destroyed.content);
+    }
+    spawn(client, "b01").await?;
+    Ok(percentiles_us(samples))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let (image, _) = ensure_default_image()?;
     let nexusd = build_release()?;
     let state = StateDir::new(&image)?;
-    let (served, url) = serve(&nexusd, &state).await?;
+    // Room for the VMs this bench boots, whatever the host's defaults.
+    let (served, url) = serve_with(
+        &nexusd,
+        &state,
+        "[limits]\nmax_vms = 1000\nmax_vcpus = 1000\nmax_memory_mib = 1000000\n",
+    )
+    .await?;
     let per_vm = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await?;
     let shared = ()
         .serve(StreamableHttpClientTransport::from_uri(format!(
@@ -126,6 +182,13 @@ async fn main() -> anyhow::Result<()> {
         summary.push(format!(
             "per_vm_{running}={a50:.0} shared_{running}={b50:.0}"
         ));
+        if running == args.wedge_at {
+            let (w50, w99) = wedged(&per_vm, args.lists).await?;
+            println!(
+                "{running:>2} VMs, one wedged (guest-mcp restarted, then stopped): per-vm p50 {w50:>7.0} us p99 {w99:>7.0} us"
+            );
+            summary.push(format!("wedged_{running}={w50:.0}"));
+        }
     }
     per_vm.cancel().await?;
     shared.cancel().await?;

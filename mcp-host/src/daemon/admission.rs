@@ -24,14 +24,15 @@ pub struct Limits {
 
 impl Limits {
     /// The configured limits; unset ones from the host: 80 % of its memory
-    /// and four vCPUs per CPU for running VMs.
+    /// and sixteen vCPUs per CPU for running VMs (agents' VMs idle most of
+    /// the time).
     pub fn resolve(config: &crate::config::Limits) -> Self {
         let host_mib = host_memory_mib();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         Self {
             max_vms: config.max_vms.unwrap_or(256),
             max_memory_mib: config.max_memory_mib.unwrap_or(host_mib * 4 / 5),
-            max_vcpus: config.max_vcpus.unwrap_or(cpus * 4),
+            max_vcpus: config.max_vcpus.unwrap_or(cpus * 16),
             max_snapshots_per_vm: config.max_snapshots_per_vm.unwrap_or(128),
         }
     }

@@ -214,6 +214,7 @@ impl Daemon {
         if !stopped.is_empty() {
             tracing::warn!(vms = ?stopped, "stopped leftovers of VMs that could not be adopted");
         }
+        let changes = tokio::sync::broadcast::channel(16).0;
         let daemon = Arc::new_cyclic(|me| Self {
             config,
             storage,
@@ -222,8 +223,8 @@ impl Daemon {
             next_id: AtomicU64::new(1),
             destroying: std::sync::Mutex::default(),
             vm_locks: std::sync::Mutex::default(),
-            guests: Guests::default(),
-            changes: tokio::sync::broadcast::channel(16).0,
+            guests: Guests::new(changes.clone()),
+            changes,
             events: tokio::sync::broadcast::channel(256).0,
             metrics: crate::metrics::Metrics::new(),
             me: me.clone(),
@@ -268,6 +269,15 @@ impl Daemon {
             endpoint,
         ));
         self.changed();
+        // The guest's session opens now, not at the first listing: its
+        // tools are listable as soon as the VM is (and clients are told
+        // again when they are).
+        if let Some(me) = self.me.upgrade() {
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                let _ = me.guests.session(&name, crate::guest::CALL_WAIT).await;
+            });
+        }
     }
 
     /// Whether instance `id` of VM `name` is still the one running.
@@ -918,6 +928,11 @@ impl Daemon {
         };
         let ready_ms = vm.ready_after().as_millis();
         self.run(name, vm, trusted_tools(&manifest), size).await;
+        // Returns with the VM's tools listable (a guest that does not
+        // answer shows as unresponsive; the VM runs all the same).
+        if let Err(e) = self.guests.session(name, crate::guest::CALL_WAIT).await {
+            tracing::warn!(vm = name, error = %e, "a new VM's tools are not reachable yet");
+        }
         self.emit(VmEvent::new(
             name,
             EventKind::Started,

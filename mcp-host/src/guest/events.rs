@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rmcp::RoleClient;
-use rmcp::model::{JsonRpcMessage, ProgressNotificationParam, ProgressToken, ServerNotification};
+use rmcp::model::{
+    JsonRpcMessage, JsonRpcNotification, ProgressNotificationParam, ProgressToken,
+    ServerNotification,
+};
 use rmcp::transport::Transport;
 use rmcp::transport::async_rw::AsyncRwTransport;
 use tokio::sync::mpsc;
@@ -124,14 +127,14 @@ where
 
     async fn receive(&mut self) -> Option<rmcp::service::RxJsonRpcMessage<RoleClient>> {
         loop {
-            let message = self.inner.receive().await?;
-            if let JsonRpcMessage::Notification(note) = &message
-                && let ServerNotification::ProgressNotification(progress) = &note.notification
-            {
-                self.events.deliver(progress.params.clone());
-                continue;
+            match self.inner.receive().await? {
+                // Taken, not copied: a guest's progress message can be large.
+                JsonRpcMessage::Notification(JsonRpcNotification {
+                    notification: ServerNotification::ProgressNotification(progress),
+                    ..
+                }) => self.events.deliver(progress.params),
+                other => return Some(other),
             }
-            return Some(message);
         }
     }
 

@@ -47,10 +47,11 @@ pub use events::GuestEvents;
 
 /// How long an opening waits for a guest-mcp that is (re)starting.
 const READY_WAIT: Duration = Duration::from_secs(10);
-/// How long an MCP handshake with a guest may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an MCP handshake with a guest may take (a loaded host running
+/// many emulated guests answers slowly).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a guest has to list its tools.
-const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `tools/list` waits for a guest whose session is not open.
 pub const LIST_WAIT: Duration = Duration::from_secs(1);
 /// How long a proxied call waits for a session.
@@ -135,12 +136,21 @@ struct Link {
 }
 
 /// The guest link of every running VM.
-#[derive(Default)]
 pub struct Guests {
     links: Mutex<HashMap<String, Arc<Link>>>,
+    /// Told whenever a session opens: the VM's tools are listed from then.
+    opened: tokio::sync::broadcast::Sender<()>,
 }
 
 impl Guests {
+    /// Guest links that say on `opened` when a VM's tools become listable.
+    pub fn new(opened: tokio::sync::broadcast::Sender<()>) -> Self {
+        Self {
+            links: Mutex::default(),
+            opened,
+        }
+    }
+
     /// A VM is running: its guest may be reached through `endpoint`.
     /// `trusted` is its image's record of guest-mcp's tools, if any.
     pub fn attach(&self, vm: &str, endpoint: GuestEndpoint, trusted: Option<Vec<Tool>>) {
@@ -221,7 +231,7 @@ impl Guests {
                         idle
                     });
                     if start {
-                        tokio::spawn(open(link.clone(), vm.to_owned()));
+                        tokio::spawn(open(link.clone(), vm.to_owned(), self.opened.clone()));
                     }
                 }
             }
@@ -257,6 +267,24 @@ impl Guests {
         self.session(vm, wait).await
     }
 
+    /// A call on `session` found the guest not answering: the VM shows as
+    /// unresponsive, and the next caller opens a new session (whose own
+    /// deadlines then say whether the guest is back).
+    pub fn unresponsive(&self, vm: &str, session: &Arc<GuestSession>, why: String) {
+        if let Some(link) = lock(&self.links).get(vm) {
+            link.state.send_if_modified(|s| match s {
+                LinkState::Open(open) if Arc::ptr_eq(open, session) => {
+                    *s = LinkState::Failed {
+                        at: Instant::now(),
+                        why,
+                    };
+                    true
+                }
+                _ => false,
+            });
+        }
+    }
+
     /// Every running VM's tools, asked of all guests at once, each within
     /// [`LIST_WAIT`]; a guest that does not answer is left out (its VM
     /// shows as unresponsive).
@@ -279,8 +307,8 @@ impl Guests {
 }
 
 /// Opens a VM's session (one at a time per VM) and says how it went.
-async fn open(link: Arc<Link>, vm: String) {
-    let opened = async {
+async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sender<()>) {
+    let result = async {
         // A guest-mcp that just restarted is back within a second or two.
         if !link.endpoint.wait_ready(READY_WAIT).await {
             return Err(format!(
@@ -314,8 +342,11 @@ async fn open(link: Arc<Link>, vm: String) {
         }))
     }
     .await;
-    let state = match opened {
-        Ok(session) => LinkState::Open(session),
+    let state = match result {
+        Ok(session) => {
+            let _ = opened.send(());
+            LinkState::Open(session)
+        }
         Err(why) => {
             tracing::warn!(vm, why, "guest tools unreachable");
             LinkState::Failed {

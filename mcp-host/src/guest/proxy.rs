@@ -104,17 +104,24 @@ pub async fn call(
     }
     match answer {
         None => {
-            let _ = handle
-                .cancel(Some("cancelled by nexusd's client".into()))
-                .await;
+            // A wedged guest does not read the cancellation either.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                handle.cancel(Some("cancelled by nexusd's client".into())),
+            )
+            .await;
             failed(format!("{tool} in VM {vm:?} was cancelled"))
         }
         Some(None) => {
-            let _ = handle
-                .cancel(Some("no answer within nexusd's deadline".into()))
-                .await;
+            let why = format!("did not answer {tool} within {deadline:?}");
+            guests.unresponsive(vm, &session, why.clone());
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                handle.cancel(Some("no answer within nexusd's deadline".into())),
+            )
+            .await;
             failed(format!(
-                "VM {vm:?}'s guest did not answer {tool} within {deadline:?}; the call was cancelled in the guest"
+                "VM {vm:?}'s guest {why}; the call was cancelled in the guest"
             ))
         }
         Some(Some(Ok(Ok(ServerResult::CallToolResult(result))))) => {
