@@ -43,6 +43,13 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
                 "QEMU runs as root: {uid}"
             );
         }
+        // Each of the VM's host processes is under the VM's limits.
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let limited = cgroups
+            .lines()
+            .filter(|l| l.contains(&format!("/nexus-alpha.{}", vm["cid"])))
+            .count();
+        assert!(limited >= 1, "process {pid} is in no VM cgroup: {cgroups}");
     }
 
     let console = call(

@@ -23,10 +23,12 @@
 //! - `qemu`: the QEMU `microvm` backend and its vhost-device-vsock helper.
 //! - `spec`: [`VmSpec`], checked before anything starts.
 //! - `cid`, `readiness`, `vsock`, `console`, `process`: the shared parts.
+//! - `cgroup`: each VM's host processes under CPU, memory and task limits.
 //! - `vm`: [`Vmm`] and [`Vm`], starting, watching and stopping.
 
 pub mod accel;
 pub mod backend;
+pub mod cgroup;
 pub mod cid;
 pub mod console;
 mod control;

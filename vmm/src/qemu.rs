@@ -68,9 +68,14 @@ impl QemuBackend {
             Resolved::Kvm => {
                 args.extend(["-accel".into(), "kvm".into(), "-cpu".into(), "host".into()])
             }
-            Resolved::Tcg => {
-                args.extend(["-accel".into(), "tcg".into(), "-cpu".into(), "max".into()])
-            }
+            // The translation cache bounded: the VM's cgroup allows the
+            // VMM 512 MiB beyond the guest's memory (see `cgroup`).
+            Resolved::Tcg => args.extend([
+                "-accel".into(),
+                "tcg,tb-size=256".into(),
+                "-cpu".into(),
+                "max".into(),
+            ]),
         }
         args.extend([
             "-nodefaults".into(),
@@ -336,7 +341,7 @@ mod tests {
             },
         };
         let args = QemuBackend::qemu_args(&req, Path::new("/run/vm1/vhost.sock")).join(" ");
-        assert!(args.contains("-accel tcg -cpu max"), "{args}");
+        assert!(args.contains("-accel tcg,tb-size=256 -cpu max"), "{args}");
         assert!(args.contains("size=512M,share=on"), "{args}");
         assert!(args.contains("-smp 2"), "{args}");
         assert!(args.contains("acpi=off"), "{args}");

@@ -10,6 +10,7 @@ use tokio::net::UnixStream;
 
 use crate::accel::Resolved;
 use crate::backend::{Backend, LaunchPaths, LaunchRequest};
+use crate::cgroup::{VmCgroup, VmLimits};
 use crate::cid::{self, CidLease};
 use crate::process::{Watched, describe};
 pub use crate::readiness::GuestState;
@@ -24,6 +25,8 @@ const CONSOLE_TAIL_LINES: usize = 20;
 /// Where the VMMs' own uids start (one per VM: this plus its CID). High,
 /// to stay clear of the system's and its directory's users.
 pub const VM_UID_BASE: u32 = 3_000_000_000;
+/// The VM's size, in its run directory (for the cgroup of an adopted VM).
+const LIMITS_FILE: &str = "limits";
 /// The VMM's console socket, in the run directory.
 const CONSOLE_SOCKET: &str = "console.sock";
 
@@ -151,6 +154,23 @@ impl Vmm {
             .collect();
         pending.processes.push(vmm.pid());
         pending.processes.extend(helpers.iter().map(Watched::pid));
+        let limits = VmLimits {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+        };
+        // Kept for a daemon that adopts the VM later.
+        let _ = std::fs::write(
+            run_dir.join(LIMITS_FILE),
+            format!("{} {}\n", limits.vcpus, limits.memory_mib),
+        );
+        let cgroup = VmCgroup::create(&format!("{}.{}", spec.name, lease.cid()), limits);
+        if let Some(cgroup) = &cgroup {
+            for pid in pending.processes.iter().flatten() {
+                if let Err(e) = cgroup.add(*pid) {
+                    tracing::warn!(pid, error = %e, "could not put a VM process in its cgroup");
+                }
+            }
+        }
         // Recorded so that a process that loses track of this VM (a
         // crashed daemon) can find and stop it later: see `reap_leftovers`.
         record_pids(&run_dir, std::iter::once(&vmm).chain(&helpers));
@@ -218,6 +238,7 @@ impl Vmm {
             readiness: Some(readiness),
             ready_after,
             config: self.config.clone(),
+            cgroup,
             finished: false,
         })
     }
@@ -272,12 +293,12 @@ pub fn reap_leftovers(run_root: &Path, keep: &[PathBuf]) -> Vec<String> {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
-        if let Some((name, _cid)) = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.rsplit_once('.'))
-        {
-            found.push(name.to_owned());
+        if let Some(run_name) = dir.file_name().and_then(|n| n.to_str()) {
+            // Its cgroup goes too, once its killed processes are gone.
+            drop(VmCgroup::existing(run_name));
+            if let Some((name, _cid)) = run_name.rsplit_once('.') {
+                found.push(name.to_owned());
+            }
         }
     }
     found.sort();
@@ -346,6 +367,14 @@ impl Vmm {
         })
         .await
         .unwrap_or(false);
+        // Limits again (a VMM adopted from a dead daemon is still in its
+        // cgroup; the limits are written anew).
+        let cgroup = VmCgroup::create(&format!("{name}.{cid}"), recorded_limits(&run_dir));
+        if let Some(cgroup) = &cgroup {
+            for (pid, _) in &recorded {
+                let _ = cgroup.add(*pid);
+            }
+        }
         let vm = Vm {
             name: name.to_owned(),
             lease,
@@ -358,6 +387,7 @@ impl Vmm {
             readiness: Some(readiness),
             ready_after: Duration::ZERO,
             config: self.config.clone(),
+            cgroup,
             finished: false,
         };
         if !ready {
@@ -381,6 +411,19 @@ impl Vmm {
                 let (vm, cid) = file.to_str()?.rsplit_once('.')?;
                 (vm == name).then_some((e.path(), cid.parse().ok()?))
             })
+    }
+}
+
+/// The size a VM was started with (1 vCPU and 256 MiB if not recorded).
+fn recorded_limits(run_dir: &Path) -> VmLimits {
+    let text = std::fs::read_to_string(run_dir.join(LIMITS_FILE)).unwrap_or_default();
+    let mut fields = text.split_whitespace().map(str::parse::<u32>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(vcpus)), Some(Ok(memory_mib))) => VmLimits { vcpus, memory_mib },
+        _ => VmLimits {
+            vcpus: 1,
+            memory_mib: 256,
+        },
     }
 }
 
@@ -540,6 +583,8 @@ pub struct Vm {
     readiness: Option<Readiness>,
     ready_after: Duration,
     config: VmmConfig,
+    /// Its host processes' limits; removed with the VM.
+    cgroup: Option<VmCgroup>,
     finished: bool,
 }
 
@@ -705,6 +750,8 @@ impl Vm {
         for helper in &self.helpers {
             helper.terminate(Duration::from_secs(2)).await;
         }
+        // Empty now: it goes.
+        self.cgroup = None;
         self.readiness = None;
         let _ = std::fs::remove_dir_all(&self.run_dir);
         self.finished = true;

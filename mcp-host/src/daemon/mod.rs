@@ -192,9 +192,14 @@ impl Daemon {
                     .map(|d| d.vm)
                     .collect()
             };
-            for name in names {
-                let console = console_log_path(&config.state_dir, &name);
-                match vmm.adopt(&name, console, Duration::from_secs(15)).await {
+            // All at once: each waits (bounded) for its guest to reconnect.
+            let adopted = futures::future::join_all(names.iter().map(|name| {
+                let console = console_log_path(&config.state_dir, name);
+                vmm.adopt(name, console, Duration::from_secs(15))
+            }))
+            .await;
+            for (name, adopted) in names.into_iter().zip(adopted) {
+                match adopted {
                     Ok(Some(vm)) => {
                         running.insert(name, vm);
                     }
