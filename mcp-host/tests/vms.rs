@@ -286,3 +286,64 @@ fn no_access_for_others(state: &std::path::Path) {
     }
     assert!(checked >= 6, "only {checked} entries checked");
 }
+
+/// Every listed name is one clients accept: at most 48 characters of
+/// `[a-zA-Z0-9_-]`, so that a client's `mcp__<server>__` prefix keeps it
+/// within 64. A VM whose name is too long for `<vm>__<tool>` is reached
+/// through the shared `vm_<tool>` tools instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_name_fits_a_client_even_with_a_63_character_vm_name() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let client = state.client().await;
+    let long = "a".repeat(50) + "-0123456789ab";
+    assert_eq!(long.len(), 63);
+    call(
+        &client,
+        "spawn_vm",
+        json!({"name": long, "memory_mib": 128}),
+    )
+    .await
+    .ok();
+    call(
+        &client,
+        "spawn_vm",
+        json!({"name": "short", "memory_mib": 128}),
+    )
+    .await
+    .ok();
+    let tools = client.list_all_tools().await.unwrap();
+    for tool in &tools {
+        assert!(
+            tool.name.len() <= 48
+                && tool
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+            "{} does not fit a client",
+            tool.name
+        );
+    }
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    assert!(names.contains(&"short__exec"), "{names:?}");
+    assert!(
+        names.contains(&"vm_exec"),
+        "the long-named VM's way in: {names:?}"
+    );
+    let out = call(
+        &client,
+        "vm_exec",
+        json!({"vm": long, "command": "echo long"}),
+    )
+    .await
+    .ok();
+    assert_eq!(out["stdout"], "long\n");
+    for vm in [long.as_str(), "short"] {
+        call(&client, "destroy_vm", json!({"vm": vm})).await.ok();
+    }
+    client.cancel().await.unwrap();
+}
