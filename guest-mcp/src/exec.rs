@@ -167,7 +167,7 @@ pub async fn run(
     if let Some(cwd) = &program.cwd {
         cmd.current_dir(cwd);
     }
-    let tree = trees.tree("exec");
+    let tree = trees.tree();
     trees.enter_on_spawn(&tree, &mut cmd);
     let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
         program: program.argv[0].clone(),

@@ -257,7 +257,7 @@ impl ProcessTable {
         if let Some(cwd) = &program.cwd {
             cmd.current_dir(cwd);
         }
-        let tree = self.trees.tree("proc");
+        let tree = self.trees.tree();
         self.trees.enter_on_spawn(&tree, &mut cmd);
         let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
             program: program.argv[0].clone(),

@@ -9,7 +9,7 @@
 //! writable (guest-mcp run natively without one), trees fall back to the
 //! process group alone, and say so once.
 //!
-//! Layout: `<cgroup2 mount><guest-mcp's own cgroup>/guest-mcp.<pid>.<n>/{exec,proc}-<n>`.
+//! Layout: `<cgroup2 mount><guest-mcp own cgroup>/guest-mcp.<pid>.<n>/tree-<n>`.
 //! guest-mcp itself stays outside (a cgroup with controllers enabled for
 //! its children may hold no processes of its own).
 
@@ -17,6 +17,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -29,11 +30,25 @@ pub struct TreeLimits {
     pub memory_max: Option<u64>,
 }
 
+/// Cgroups kept for reuse: making and removing one per command costs
+/// milliseconds in an emulated guest (memcg setup, an RCU grace period).
+#[derive(Debug, Default)]
+struct Pool {
+    /// Empty, ready for a command.
+    free: Vec<PathBuf>,
+    /// Killed, emptying.
+    dying: Vec<PathBuf>,
+}
+
+/// Trees kept for reuse at most; more are removed.
+const POOL_MAX: usize = 64;
+
 /// Where trees are made.
 #[derive(Debug)]
 pub struct Trees {
     /// `guest-mcp.<pid>` under guest-mcp's own cgroup, if cgroup v2 works.
     base: Option<PathBuf>,
+    pool: Arc<Mutex<Pool>>,
     next: AtomicU64,
     limits: TreeLimits,
     /// Whether a child resets its OOM score (guest-mcp itself is shielded).
@@ -46,6 +61,10 @@ pub struct Tree {
     dir: Option<PathBuf>,
     /// `cgroup.procs`, open before the fork so the child can enter it.
     procs: Option<std::fs::File>,
+    /// Where the cgroup goes back when the tree is done.
+    pool: Option<Arc<Mutex<Pool>>>,
+    /// The cgroup's OOM kills before this tree (the count is the cgroup's).
+    oom_base: u64,
 }
 
 impl Trees {
@@ -94,6 +113,7 @@ impl Trees {
                 .is_ok();
         Self {
             base,
+            pool: Arc::default(),
             next: AtomicU64::new(1),
             limits,
             reset_oom_score,
@@ -105,16 +125,46 @@ impl Trees {
         self.base.is_some()
     }
 
-    /// A new, empty tree; `kind` names it (`exec`, `proc`).
-    pub fn tree(&self, kind: &str) -> Tree {
-        let Some(base) = &self.base else {
-            return Tree {
-                dir: None,
-                procs: None,
-            };
+    /// An empty tree (a reused cgroup, or a new one).
+    pub fn tree(&self) -> Tree {
+        let none = Tree {
+            dir: None,
+            procs: None,
+            pool: None,
+            oom_base: 0,
         };
+        let Some(base) = &self.base else {
+            return none;
+        };
+        let reused = {
+            let mut pool = lock(&self.pool);
+            let Pool { free, dying } = &mut *pool;
+            let (empty, still): (Vec<PathBuf>, Vec<PathBuf>) =
+                dying.drain(..).partition(|d| !populated(d));
+            *dying = still;
+            free.extend(empty);
+            free.pop()
+        };
+        if let Some(dir) = reused {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+            {
+                Ok(procs) => {
+                    return Tree {
+                        oom_base: oom_kills(&dir),
+                        dir: Some(dir),
+                        procs: Some(procs),
+                        pool: Some(self.pool.clone()),
+                    };
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir(&dir);
+                }
+            }
+        }
         let dir = base.join(format!(
-            "{kind}-{}",
+            "tree-{}",
             self.next.fetch_add(1, Ordering::Relaxed)
         ));
         let made = std::fs::create_dir(&dir).and_then(|()| {
@@ -134,14 +184,13 @@ impl Trees {
             Ok(procs) => Tree {
                 dir: Some(dir),
                 procs: Some(procs),
+                pool: Some(self.pool.clone()),
+                oom_base: 0,
             },
             Err(e) => {
                 tracing::warn!(path = %dir.display(), error = %e, "could not make a process tree; using the process group only");
                 let _ = std::fs::remove_dir(&dir);
-                Tree {
-                    dir: None,
-                    procs: None,
-                }
+                none
             }
         }
     }
@@ -179,6 +228,13 @@ impl Trees {
 impl Drop for Trees {
     fn drop(&mut self) {
         let Some(base) = self.base.take() else { return };
+        {
+            let mut pool = lock(&self.pool);
+            let Pool { free, dying } = &mut *pool;
+            for dir in free.drain(..).chain(dying.drain(..)) {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
         if std::fs::remove_dir(&base).is_ok() {
             return;
         }
@@ -216,18 +272,11 @@ impl Tree {
         }
     }
 
-    /// Whether the tree's memory limit killed it.
+    /// Whether the tree's memory limit killed some of it.
     pub fn oom_killed(&self) -> bool {
-        let Some(dir) = &self.dir else { return false };
-        std::fs::read_to_string(dir.join("memory.events"))
-            .ok()
-            .and_then(|events| {
-                events
-                    .lines()
-                    .find_map(|l| l.strip_prefix("oom_kill "))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-            })
-            .is_some_and(|n| n > 0)
+        self.dir
+            .as_ref()
+            .is_some_and(|dir| oom_kills(dir) > self.oom_base)
     }
 
     /// Waits up to `timeout` for the tree to hold no process.
@@ -250,8 +299,20 @@ impl Drop for Tree {
     fn drop(&mut self) {
         let Some(dir) = self.dir.take() else { return };
         self.procs = None;
-        if populated(&dir) {
+        let alive = populated(&dir);
+        if alive {
             let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        }
+        if let Some(pool) = self.pool.take() {
+            let mut pool = lock(&pool);
+            if pool.free.len() + pool.dying.len() < POOL_MAX {
+                if alive {
+                    pool.dying.push(dir);
+                } else {
+                    pool.free.push(dir);
+                }
+                return;
+            }
         }
         if std::fs::remove_dir(&dir).is_ok() {
             return;
@@ -318,6 +379,23 @@ fn reap_previous(home: &Path, all: bool) {
         let _ = std::fs::remove_dir(&base);
         tracing::warn!(cgroup = %base.display(), "killed what a previous guest-mcp left running");
     }
+}
+
+/// The OOM kills a cgroup has seen.
+fn oom_kills(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("memory.events"))
+        .ok()
+        .and_then(|events| {
+            events
+                .lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn members(dir: &Path) -> Vec<i32> {
