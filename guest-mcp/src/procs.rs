@@ -480,7 +480,9 @@ impl ProcessTable {
         let records: Vec<Recorded> = self
             .lock()
             .values()
-            .filter(|e| e.info.state == ProcessState::Running)
+            // A reaped leader's pid may be someone else's by now: such a
+            // process is never recorded for a successor to kill.
+            .filter(|e| e.info.state == ProcessState::Running && !e.leader_exited)
             .filter_map(|e| {
                 Some(Recorded {
                     id: e.info.id.clone(),

@@ -33,6 +33,7 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
     no_access_for_others(state.path());
     // The VMM runs as a user of its own, not root.
     let run = state.path().join("run");
+    let mut qemus = 0;
     for pid in nexus_integration::processes_mentioning(run.to_str().unwrap()) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -42,6 +43,7 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
                 !uid.split_whitespace().skip(1).any(|u| u == "0"),
                 "QEMU runs as root: {uid}"
             );
+            qemus += 1;
         }
         // Each of the VM's host processes is under the VM's limits.
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
@@ -51,6 +53,7 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
             .count();
         assert!(limited >= 1, "process {pid} is in no VM cgroup: {cgroups}");
     }
+    assert_eq!(qemus, 1, "the VM's QEMU was found and checked");
 
     let console = call(
         &client,

@@ -129,7 +129,15 @@ impl Vmm {
                 spec: &spec,
                 cid: lease.cid(),
                 cid_lock: lease.fd(),
-                run_as: self.config.vm_uid_base.map(|base| base + lease.cid()),
+                run_as: match self.config.vm_uid_base {
+                    None => None,
+                    Some(base) => Some(base.checked_add(lease.cid()).ok_or_else(|| {
+                        VmmError::InvalidSpec(format!(
+                            "vsock CID {} is too large for a VMM uid above {base}",
+                            lease.cid()
+                        ))
+                    })?),
+                },
                 accel,
                 paths: LaunchPaths {
                     run_dir: run_dir.clone(),

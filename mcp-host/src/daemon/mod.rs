@@ -544,7 +544,7 @@ impl Daemon {
         if let Err(e) = self.boot(&name).await {
             let doomed = name.clone();
             let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
-            let _ = std::fs::remove_file(self.console_log(&name));
+            self.remove_console(&name);
             return Err(e);
         }
         let info = self.info(&name).await?;
@@ -608,7 +608,7 @@ impl Daemon {
             }
             let doomed = name.to_owned();
             self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
-            let _ = std::fs::remove_file(self.console_log(name));
+            self.remove_console(name);
             self.emit(VmEvent::new(
                 name,
                 EventKind::Destroyed,
@@ -865,6 +865,13 @@ impl Daemon {
             .unwrap_or_else(|| "vm".into()))
     }
 
+    /// A VM's console log and its previous half.
+    fn remove_console(&self, name: &str) {
+        let log = self.console_log(name);
+        let _ = std::fs::remove_file(nexus_vmm::console::older(&log));
+        let _ = std::fs::remove_file(log);
+    }
+
     fn console_log(&self, name: &str) -> PathBuf {
         self.config
             .state_dir
@@ -884,7 +891,7 @@ impl Daemon {
         let config: VmConfig = serde_json::from_str(&config)
             .map_err(|e| DaemonError::Internal(format!("VM config: {e}")))?;
         let size = (config.vcpus, u64::from(config.memory_mib));
-        let _booking = self.book(name, size).await?;
+        let booking = self.book(name, size).await?;
         let image_name = drives.image.clone();
         let image = self
             .blocking(move |s| s.image(&image_name))
@@ -933,6 +940,8 @@ impl Daemon {
         };
         let ready_ms = vm.ready_after().as_millis();
         self.run(name, vm, trusted_tools(&manifest), size).await;
+        // Counted as running from here.
+        drop(booking);
         // Returns with the VM's tools listable (a guest that does not
         // answer shows as unresponsive; the VM runs all the same).
         if let Err(e) = self.guests.session(name, crate::guest::CALL_WAIT).await {

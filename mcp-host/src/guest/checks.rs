@@ -21,6 +21,26 @@ const MAX_TITLE: usize = 128;
 /// is left out.
 const MAX_SCHEMA_BYTES: usize = 32 << 10;
 
+/// Guest-influenced text (an error a guest sent) as nexusd keeps it and
+/// logs it: printable, at most 200 characters.
+pub fn reason(text: &str) -> String {
+    bounded_text(text, 200)
+}
+
+/// Guest-influenced text passed on to a caller: printable, at most `max`
+/// characters.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if text.chars().count() > max {
+        out.push_str("...");
+    }
+    out
+}
+
 /// Whether `name` is a tool name clients accept.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

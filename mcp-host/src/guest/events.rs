@@ -53,7 +53,9 @@ impl GuestEvents {
     }
 
     fn deliver(&self, mut params: ProgressNotificationParam) {
-        if let Some(message) = &mut params.message
+        // Only the message goes on (bounded); the guest's metadata does not.
+        params.meta = None;
+        if let Some(message) = &params.message
             && message.len() > MAX_MESSAGE_BYTES
         {
             let mut cut = MAX_MESSAGE_BYTES;
@@ -61,8 +63,11 @@ impl GuestEvents {
                 cut -= 1;
             }
             let dropped = message.len() - cut;
-            message.truncate(cut);
-            message.push_str(&format!("\n[... {dropped} bytes not shown]"));
+            // A new, small string: cutting in place keeps the large buffer.
+            params.message = Some(format!(
+                "{}\n[... {dropped} bytes not shown]",
+                &message[..cut]
+            ));
         }
         if let Some(to) = self.lock().get(&params.progress_token) {
             // Full: the caller is not keeping up; progress is best effort.
@@ -133,7 +138,11 @@ where
                     notification: ServerNotification::ProgressNotification(progress),
                     ..
                 }) => self.events.deliver(progress.params),
-                other => return Some(other),
+                // nexusd asks nothing of a guest but answers: requests from
+                // it (each would get a task and a reply it may never read)
+                // and other notifications are dropped here.
+                JsonRpcMessage::Request(_) | JsonRpcMessage::Notification(_) => {}
+                answer => return Some(answer),
             }
         }
     }

@@ -276,7 +276,7 @@ impl Guests {
                 LinkState::Open(open) if Arc::ptr_eq(open, session) => {
                     *s = LinkState::Failed {
                         at: Instant::now(),
-                        why,
+                        why: checks::reason(&why),
                     };
                     true
                 }
@@ -348,6 +348,7 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
             LinkState::Open(session)
         }
         Err(why) => {
+            let why = checks::reason(&why);
             tracing::warn!(vm, why, "guest tools unreachable");
             LinkState::Failed {
                 at: Instant::now(),

@@ -75,7 +75,12 @@ pub async fn call(
     }
     let mut handle = match sent {
         Ok(handle) => handle,
-        Err(e) => return failed(format!("VM {vm:?}'s guest did not take {tool}: {e}")),
+        Err(e) => {
+            return failed(format!(
+                "VM {vm:?}'s guest did not take {tool}: {}",
+                super::checks::reason(&e.to_string())
+            ));
+        }
     };
     let (route, mut rx) = session.events.route(handle.progress_token.clone());
     let forwarder = context.meta.get_progress_token().map(|upstream| {
@@ -136,8 +141,17 @@ pub async fn call(
         Some(Some(Ok(Ok(_)))) => failed(format!(
             "VM {vm:?}'s guest answered {tool} with something other than a tool result"
         )),
-        Some(Some(Ok(Err(rmcp::ServiceError::McpError(e))))) => Err(e),
-        Some(Some(Ok(Err(e)))) => failed(format!("VM {vm:?}'s guest did not answer {tool}: {e}")),
+        // The guest's protocol error (bad arguments), its text bounded and
+        // its data left behind.
+        Some(Some(Ok(Err(rmcp::ServiceError::McpError(e))))) => Err(ErrorData::new(
+            e.code,
+            super::checks::bounded_text(&e.message, 2000),
+            None,
+        )),
+        Some(Some(Ok(Err(e)))) => failed(format!(
+            "VM {vm:?}'s guest did not answer {tool}: {}",
+            super::checks::reason(&e.to_string())
+        )),
         Some(Some(Err(_))) => failed(format!("VM {vm:?}'s guest went away during {tool}")),
     }
 }
