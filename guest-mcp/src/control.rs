@@ -6,7 +6,7 @@
 //! and powering off.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rmcp::handler::server::common::schema_for_output;
@@ -40,6 +40,9 @@ pub struct ControlTools {
 }
 
 const WORKSPACE: &str = "/workspace";
+/// The workspace drive: the host attaches root first (vda), workspace
+/// second (vdb), and init mounts it as ext4.
+const WORKSPACE_DEVICE: &str = "/dev/vdb";
 
 fn workspace() -> String {
     WORKSPACE.into()
@@ -221,7 +224,7 @@ impl ControlTools {
     }
 
     #[tool(
-        description = "Mount again a filesystem unmounted with unmount (default /workspace).",
+        description = "Mount again a filesystem unmounted with unmount (default /workspace). Already mounted is success; /workspace is known to be /dev/vdb (ext4) even to a guest-mcp that did not unmount it.",
         output_schema = schema_for_output::<Outcome>()
     )]
     async fn mount(
@@ -229,12 +232,26 @@ impl ControlTools {
         Parameters(p): Parameters<MountParams>,
     ) -> Result<CallToolResult, String> {
         let mount = PathBuf::from(&p.mount);
+        // A host finishing a rollback a crash interrupted does not know
+        // whether the unmount happened: mounting twice is no error.
+        if let Some((device, _)) = mounts::mounted_device(&mount) {
+            return ok(format!(
+                "{} is already mounted ({})",
+                p.mount,
+                device.display()
+            ));
+        }
         let known = self
             .unmounted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&mount)
-            .cloned();
+            .cloned()
+            // Unmounted by a guest-mcp since restarted.
+            .or_else(|| {
+                (mount == Path::new(WORKSPACE))
+                    .then(|| (PathBuf::from(WORKSPACE_DEVICE), "ext4".to_owned()))
+            });
         let (device, fstype) =
             known.ok_or_else(|| mounts::MountError::NoDevice(p.mount.clone()).to_string())?;
         mounts::mount_at(&device, &mount, &fstype).map_err(|e| e.to_string())?;

@@ -162,3 +162,150 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
     assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
     client.cancel().await.unwrap();
 }
+
+/// A client on a daemon that dies (SIGKILL) at storage step `crash_at`.
+async fn client_crashing_at(
+    state: &State,
+    crash_at: &str,
+) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
+    use rmcp::ServiceExt;
+    let mut cmd = state.command();
+    cmd.env("NEXUSD_CRASH_AT", crash_at);
+    ().serve(rmcp::transport::TokioChildProcess::new(cmd).unwrap())
+        .await
+        .unwrap()
+}
+
+/// What /workspace holds once the guest has it mounted again.
+async fn mounted_content(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+) -> Option<String> {
+    let mut last = String::new();
+    for _ in 0..150 {
+        let out = call(
+            client,
+            "r__exec",
+            json!({"command": "grep -q ' /workspace ' /proc/mounts && cat /workspace/v.txt"}),
+        )
+        .await;
+        if !out.is_error && out.json["exit_code"] == 0 {
+            return out.json["stdout"].as_str().map(str::to_owned);
+        }
+        last = format!("{} {}", out.text, out.json);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("/workspace not mounted: {last}");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_a_crash_interrupted_is_finished_and_the_running_guest_gets_its_workspace_back() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+
+    let first = state.client().await;
+    let vm = call(&first, "spawn_vm", json!({"name": "r"})).await.ok();
+    call(
+        &first,
+        "r__write_file",
+        json!({"path": "v.txt", "content": "snapshot\n"}),
+    )
+    .await
+    .ok();
+    call(&first, "snapshot_drive", json!({"vm": "r", "name": "s"}))
+        .await
+        .ok();
+    let run = state.path().join("run").join(format!("r.{}", vm["cid"]));
+    let pids = processes_mentioning(run.to_str().unwrap());
+    assert!(!pids.is_empty());
+    let crash = |state: &State| {
+        let daemon = state.daemon_pid().expect("a daemon holds the state");
+        kill(Pid::from_raw(daemon), Signal::SIGKILL).unwrap();
+        assert!(state.wait_daemon_gone(Duration::from_secs(10)));
+    };
+    crash(&state);
+    drop(first);
+
+    // Before the guest lets go (it may or may not have): the drive keeps
+    // its content. After: the rollback is finished. Either way the guest
+    // has /workspace mounted again once the next nexusd has adopted it.
+    for (step, expected) in [
+        ("rollback:recorded", "changed\n"),
+        ("rollback:released", "snapshot\n"),
+        ("rollback:cloned", "snapshot\n"),
+    ] {
+        let doomed = client_crashing_at(&state, step).await;
+        call(
+            &doomed,
+            "r__write_file",
+            json!({"path": "v.txt", "content": "changed\n"}),
+        )
+        .await
+        .ok();
+        call(&doomed, "r__exec", json!({"command": "sync"}))
+            .await
+            .ok();
+        // The daemon dies inside the call.
+        let _ = doomed
+            .call_tool(
+                rmcp::model::CallToolRequestParams::new("restore_snapshot").with_arguments(
+                    json!({"vm": "r", "snapshot": "s"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                ),
+            )
+            .await;
+        assert!(
+            state.wait_daemon_gone(Duration::from_secs(30)),
+            "{step}: nexusd did not die at its crash point"
+        );
+        drop(doomed);
+        assert!(
+            pids.iter().all(|p| process_alive(*p)),
+            "{step}: the VM outlives its daemon"
+        );
+
+        let client = state.client().await;
+        assert_eq!(
+            mounted_content(&client).await.as_deref(),
+            Some(expected),
+            "{step}: /workspace mounted again, with the right content"
+        );
+        assert!(
+            pids.iter().all(|p| process_alive(*p)),
+            "{step}: the same VM, not a reboot"
+        );
+        // Nothing is left pending: a restore works as usual.
+        call(
+            &client,
+            "r__write_file",
+            json!({"path": "v.txt", "content": "again\n"}),
+        )
+        .await
+        .ok();
+        call(
+            &client,
+            "restore_snapshot",
+            json!({"vm": "r", "snapshot": "s"}),
+        )
+        .await
+        .ok();
+        assert_eq!(
+            mounted_content(&client).await.as_deref(),
+            Some("snapshot\n"),
+            "{step}: a restore after recovery"
+        );
+        crash(&state);
+        drop(client);
+    }
+
+    let client = state.client().await;
+    call(&client, "destroy_vm", json!({"vm": "r"})).await.ok();
+    assert!(processes_mentioning(run.to_str().unwrap()).is_empty());
+    client.cancel().await.unwrap();
+}

@@ -127,7 +127,8 @@ impl StorageError {
         }
     }
 
-    fn is_injected(&self) -> bool {
+    /// A crash a test asked for ([`Storage::set_failpoint`]).
+    pub fn is_injected(&self) -> bool {
         matches!(self, StorageError::Injected(_))
     }
 }

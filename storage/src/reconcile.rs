@@ -3,8 +3,10 @@
 //!
 //! The rule per operation: an interrupted creation (import, create, fork,
 //! snapshot) is undone; an interrupted deletion (destroy, snapshot or image
-//! delete) is finished; an interrupted rollback is finished (redoing the
-//! clone is idempotent, and the caller had already asked for it).
+//! delete) is finished; an interrupted rollback is finished if the guest
+//! had let go of the drive (redoing the clone is idempotent, and the
+//! caller had already asked for it), left as it was if not, and either
+//! way the VM is marked as owed its drive (`Storage::pending_reattach`).
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use crate::pool::{delete_subvolume, is_subvolume};
+use crate::snapshots::{REATTACH_OP, RELEASE_OP, ROLLBACK_OP};
 use crate::vms::drive_file;
 use crate::{ROOT_DRIVE, Result, Storage, WORKSPACE_DRIVE};
 
@@ -24,11 +27,17 @@ pub struct ReconcileReport {
     pub removed: Vec<PathBuf>,
     /// Catalog rows whose files are gone (kept, for an admin to decide).
     pub missing: Vec<String>,
+    /// VMs whose guest is owed a drive by an interrupted rollback
+    /// ([`Storage::pending_reattach`]), as `(vm, drive)`.
+    pub reattach: Vec<(String, String)>,
 }
 
 impl ReconcileReport {
     pub fn is_clean(&self) -> bool {
-        self.recovered.is_empty() && self.removed.is_empty() && self.missing.is_empty()
+        self.recovered.is_empty()
+            && self.removed.is_empty()
+            && self.missing.is_empty()
+            && self.reattach.is_empty()
     }
 }
 
@@ -45,7 +54,10 @@ impl Storage {
         for (name, op) in self.pending("SELECT name, op FROM images WHERE op IS NOT NULL")? {
             note(format!("image {name}"), &op, self.finish_image_op(&name));
         }
-        for (name, op) in self.pending("SELECT name, op FROM vms WHERE op IS NOT NULL")? {
+        // A VM owed a reattach waits for its caller (pending_reattach).
+        for (name, op) in self
+            .pending("SELECT name, op FROM vms WHERE op IS NOT NULL AND op NOT LIKE 'reattach:%'")?
+        {
             note(format!("VM {name}"), &op, self.finish_vm_op(&name));
         }
         for (key, op) in
@@ -63,6 +75,7 @@ impl Storage {
         // What could not be finished, then every other inconsistency.
         report.missing = unfinished;
         report.missing.extend(self.problems()?);
+        report.reattach = self.pending_reattach()?;
         for line in &report.recovered {
             tracing::warn!(what = %line, "recovered an interrupted storage operation");
         }
@@ -129,20 +142,26 @@ impl Storage {
                     .connection()
                     .execute("DELETE FROM vms WHERE name = ?1", params![vm])?;
             }
-            Some(op) if op.starts_with("rollback:") => {
-                let snapshot = &op["rollback:".len()..];
+            // The guest may have let go of the drive, or not: the content
+            // stays, and the guest is owed its drive.
+            Some(op) if op.starts_with(RELEASE_OP) => {
+                let snapshot = &op[RELEASE_OP.len()..];
+                let drive = self
+                    .snapshot(vm, snapshot)
+                    .map(|s| s.drive)
+                    .unwrap_or_else(|_| WORKSPACE_DRIVE.to_owned());
+                self.set_vm_op(vm, Some(&format!("{REATTACH_OP}{drive}")))?;
+            }
+            // The guest had let go: the clone is redone (idempotent).
+            Some(op) if op.starts_with(ROLLBACK_OP) => {
+                let snapshot = &op[ROLLBACK_OP.len()..];
                 match self.snapshot(vm, snapshot) {
                     Ok(snap) => {
                         self.clone_back(vm, &snap)?;
-                        self.db().connection().execute(
-                            "UPDATE vms SET op = NULL, base_snapshot = ?2 WHERE name = ?1",
-                            params![vm, format!("{vm}/{snapshot}")],
-                        )?;
+                        self.rolled_back(vm, &snap)?;
                     }
                     Err(_) => {
-                        self.db()
-                            .connection()
-                            .execute("UPDATE vms SET op = NULL WHERE name = ?1", params![vm])?;
+                        self.set_vm_op(vm, Some(&format!("{REATTACH_OP}{WORKSPACE_DRIVE}")))?;
                     }
                 }
             }
@@ -234,7 +253,8 @@ impl Storage {
         let mut problems = Vec::new();
         for (what, op) in self.pending(
             "SELECT 'image ' || name, op FROM images WHERE op IS NOT NULL
-             UNION ALL SELECT 'VM ' || name, op FROM vms WHERE op IS NOT NULL
+             UNION ALL SELECT 'VM ' || name, op FROM vms
+                 WHERE op IS NOT NULL AND op NOT LIKE 'reattach:%'
              UNION ALL SELECT 'snapshot ' || vm || '/' || name, op FROM snapshots WHERE op IS NOT NULL",
         )? {
             problems.push(format!("{what} is still marked {op}"));

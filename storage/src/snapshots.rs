@@ -13,6 +13,10 @@ use crate::{
 pub const SNAPSHOT_STEPS: &[&str] = &["snapshot:recorded", "snapshot:taken"];
 /// Steps of `rollback_drive`, in order.
 pub const ROLLBACK_STEPS: &[&str] = &["rollback:recorded", "rollback:released", "rollback:cloned"];
+/// A rollback's records in a VM's `op` (see [`Storage::rollback_drive`]).
+pub(crate) const RELEASE_OP: &str = "release:";
+pub(crate) const ROLLBACK_OP: &str = "rollback:";
+pub(crate) const REATTACH_OP: &str = "reattach:";
 /// Steps of `delete_snapshot`, in order.
 pub const DELETE_STEPS: &[&str] = &["snapshot-delete:recorded"];
 
@@ -141,6 +145,15 @@ impl Storage {
     /// snapshot's content again, in place: the drive file keeps its inode,
     /// so a running VMM keeps a valid open file. `hooks` lets the guest
     /// release the drive first and attach it again afterwards.
+    ///
+    /// Three records, so that a crash anywhere is finished correctly
+    /// whether the VM survived it or not: `release:` while the guest may
+    /// be letting go (nothing on disk changes yet), `rollback:` only once
+    /// it has (recovery may redo the clone under no mounted filesystem),
+    /// `reattach:` once the drive holds the snapshot. After a crash a VM
+    /// left in `release:` or `rollback:` moves to `reattach:`, which stays
+    /// until the caller has had the guest attach the drive again
+    /// ([`Storage::pending_reattach`], [`Storage::reattached`]).
     pub fn rollback_drive(
         &self,
         vm: &str,
@@ -149,38 +162,86 @@ impl Storage {
     ) -> Result<SnapshotInfo> {
         let snap = self.snapshot(vm, snapshot)?;
         self.vm_drives(vm)?;
-        self.claim_vm(vm, &format!("rollback:{snapshot}"))?;
-        // Only an injected crash stops here; recovery finishes the rollback.
+        self.claim_vm(vm, &format!("{RELEASE_OP}{snapshot}"))?;
+        // Only an injected crash stops here.
         self.step("rollback:recorded")?;
         if let Err(why) = hooks.release() {
-            // Nothing changed: the VM is free again.
-            self.db()
-                .connection()
-                .execute("UPDATE vms SET op = NULL WHERE name = ?1", params![vm])?;
+            // The guest did not let go: nothing changed, the VM is free.
+            self.set_vm_op(vm, None)?;
             return Err(StorageError::Release {
                 drive: snap.drive.clone(),
                 why,
             });
         }
         let result: Result<()> = (|| {
+            self.set_vm_op(vm, Some(&format!("{ROLLBACK_OP}{snapshot}")))?;
             self.step("rollback:released")?;
             self.clone_back(vm, &snap)?;
+            self.rolled_back(vm, &snap)?;
             self.step("rollback:cloned")?;
-            self.db().connection().execute(
-                "UPDATE vms SET op = NULL, base_snapshot = ?2 WHERE name = ?1",
-                params![vm, format!("{vm}/{snapshot}")],
-            )?;
             Ok(())
         })();
         if let Err(e) = result {
             if !e.is_injected() {
+                // Finished as recovery would, then the guest gets its
+                // drive back whatever it holds.
                 let _ = self.finish_vm_op(vm);
                 let _ = hooks.reattach();
+                let _ = self.set_vm_op(vm, None);
             }
             return Err(e);
         }
-        hooks.reattach().map_err(StorageError::Reattach)?;
+        let reattached = hooks.reattach();
+        // Done either way: a guest that could not mount again gets its
+        // drive at its next boot, and the caller is told.
+        self.set_vm_op(vm, None)?;
+        reattached.map_err(StorageError::Reattach)?;
         Ok(snap)
+    }
+
+    /// VMs whose guest may have let go of a drive when a rollback was
+    /// interrupted, and that drive: each running one needs it attached
+    /// again (a stopped one attaches it when it boots); then
+    /// [`Storage::reattached`].
+    pub fn pending_reattach(&self) -> Result<Vec<(String, String)>> {
+        let db = self.db();
+        let mut stmt = db.connection().prepare(
+            "SELECT name, substr(op, length(?1) + 1) FROM vms WHERE op LIKE ?1 || '%' ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map(params![REATTACH_OP], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// The guest of VM `vm` has its drive again (or the VM is stopped):
+    /// the interrupted rollback is over.
+    pub fn reattached(&self, vm: &str) -> Result<()> {
+        self.db().connection().execute(
+            "UPDATE vms SET op = NULL WHERE name = ?1 AND op LIKE ?2 || '%'",
+            params![vm, REATTACH_OP],
+        )?;
+        Ok(())
+    }
+
+    /// The drive holds the snapshot: recorded, and the guest is owed it.
+    pub(crate) fn rolled_back(&self, vm: &str, snap: &SnapshotInfo) -> Result<()> {
+        self.db().connection().execute(
+            "UPDATE vms SET op = ?3, base_snapshot = ?2 WHERE name = ?1",
+            params![
+                vm,
+                format!("{vm}/{}", snap.name),
+                format!("{REATTACH_OP}{}", snap.drive)
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn set_vm_op(&self, vm: &str, op: Option<&str>) -> Result<()> {
+        self.db()
+            .connection()
+            .execute("UPDATE vms SET op = ?2 WHERE name = ?1", params![vm, op])?;
+        Ok(())
     }
 
     /// The file work of a rollback; idempotent, so recovery can redo it.

@@ -3,6 +3,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use crate::pool::{self, create_subvolume, delete_subvolume, snapshot_subvolume};
+use crate::snapshots::REATTACH_OP;
 use crate::{
     MAX_WORKSPACE_BYTES, ROOT_DRIVE, Result, Storage, StorageError, Usage, VmDrives,
     WORKSPACE_DRIVE, WorkspaceSource, names::validate_name, now,
@@ -114,6 +115,10 @@ impl Storage {
         match self.claim_vm(vm, "destroy") {
             // A destroy that failed midway may be tried again.
             Err(StorageError::Busy { op, .. }) if op == "destroy" => {}
+            // A drive owed to a guest that is going away.
+            Err(StorageError::Busy { op, .. }) if op.starts_with(REATTACH_OP) => {
+                self.set_vm_op(vm, Some("destroy"))?;
+            }
             other => other?,
         }
         let result = self.step("destroy:recorded");

@@ -25,6 +25,7 @@ use tokio::sync::Mutex;
 
 pub use events::{EventKind, Severity, VmEvent};
 use hooks::{GuestHooks, handshake};
+use nexus_storage::Reattach;
 
 use crate::Config;
 use crate::guest::Guests;
@@ -163,6 +164,11 @@ impl Daemon {
         if !report.is_clean() {
             tracing::warn!(?report, "storage recovered from an interrupted run");
         }
+        // Testing only: die at this storage step (crash-recovery tests).
+        if let Ok(step) = std::env::var("NEXUSD_CRASH_AT") {
+            tracing::warn!(step, "NEXUSD_CRASH_AT is set: nexusd dies there");
+            storage.set_failpoint(Some(&step));
+        }
         let storage = Arc::new(storage);
         import_built_images(&storage, &config.images_dir()).await?;
         let vmm = QemuBackend::locate(None, None)
@@ -243,7 +249,54 @@ impl Daemon {
             let size = daemon.size(&name).await;
             daemon.run(&name, vm, tools, size).await;
         }
+        for (name, drive) in report.reattach {
+            let daemon = daemon.clone();
+            tokio::spawn(async move { daemon.give_back_drive(&name, &drive).await });
+        }
         Ok(daemon)
+    }
+
+    /// Finishes a rollback a crash interrupted: the guest of a VM that
+    /// survived gets its drive back (it may have unmounted it); a stopped
+    /// VM mounts it at its next boot.
+    async fn give_back_drive(&self, name: &str, drive: &str) {
+        let _op = self.lock_vm(name).await;
+        if self.running.lock().await.contains_key(name) {
+            let handle = tokio::runtime::Handle::current();
+            let control = self.control(name).await;
+            let vm = name.to_owned();
+            let outcome = match control {
+                Ok(control) => tokio::task::spawn_blocking(move || {
+                    GuestHooks {
+                        handle,
+                        client: control,
+                        vm,
+                    }
+                    .reattach()
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(()) => tracing::info!(
+                    vm = name,
+                    drive,
+                    "attached again the drive an interrupted rollback took"
+                ),
+                // The VM runs on without it; a restart mounts it.
+                Err(why) => tracing::error!(
+                    vm = name,
+                    drive,
+                    why,
+                    "could not attach again the drive an interrupted rollback took: restart the VM"
+                ),
+            }
+        }
+        let vm = name.to_owned();
+        if let Err(e) = self.blocking(move |s| s.reattached(&vm)).await {
+            tracing::error!(vm = name, error = %e, "could not record a drive given back");
+        }
     }
 
     /// Takes a ready VM into the running set: its guest link, a watcher
@@ -464,10 +517,20 @@ impl Daemon {
         f: impl FnOnce(&Storage) -> std::result::Result<T, StorageError> + Send + 'static,
     ) -> Result<T> {
         let storage = self.storage.clone();
-        tokio::task::spawn_blocking(move || f(&storage))
-            .await
-            .map_err(|e| DaemonError::Internal(e.to_string()))?
-            .map_err(DaemonError::from)
+        tokio::task::spawn_blocking(move || {
+            let result = f(&storage);
+            if let Err(e) = &result
+                && e.is_injected()
+            {
+                // NEXUSD_CRASH_AT: the crash a test asked for, as a crash.
+                tracing::error!(error = %e, "dying at the injected crash point");
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+            result
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?
+        .map_err(DaemonError::from)
     }
 
     /// Creates a VM's drives and boots it; returns once its guest is ready.
