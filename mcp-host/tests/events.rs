@@ -1,7 +1,7 @@
 //! What happens to a VM reaches clients as MCP log messages, and nexusd
 //! knows the truth about it: a guest-mcp that crashes and comes back, a
-//! VM that powers off from inside (it becomes stopped, its tools leave the
-//! list, start_vm boots it again).
+//! VM that powers off from inside or loses its vsock helper (it becomes
+//! stopped, its tools leave the list, start_vm boots it again).
 
 #![allow(clippy::unwrap_used, deprecated)] // test code; MCP logging is deprecated in 2026-07-28
 
@@ -34,14 +34,17 @@ impl ClientHandler for Logs {
 impl Logs {
     /// Waits for an event `event` of VM `vm`; returns its data.
     async fn wait(&self, vm: &str, event: &str) -> (LoggingLevel, Value) {
+        self.wait_for(vm, event, "").await
+    }
+
+    /// Waits for an event `event` of VM `vm` whose message contains `text`.
+    async fn wait_for(&self, vm: &str, event: &str, text: &str) -> (LoggingLevel, Value) {
         for _ in 0..600 {
-            if let Some(found) = self
-                .0
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, d)| d["vm"] == vm && d["event"] == event)
-            {
+            if let Some(found) = self.0.lock().unwrap().iter().find(|(_, d)| {
+                d["vm"] == vm
+                    && d["event"] == event
+                    && d["message"].as_str().is_some_and(|m| m.contains(text))
+            }) {
                 return found.clone();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -117,6 +120,11 @@ async fn guest_crashes_and_a_vm_powering_off_are_reported_and_the_vm_is_stopped(
     .ok();
     let (level, died) = logs.wait("ev", "died").await;
     assert_eq!(level, LoggingLevel::Error);
+    // Its vsock helper ends with it: not the cause.
+    assert!(
+        !died["message"].as_str().unwrap().contains("cut it off"),
+        "{died}"
+    );
     let console: Vec<&str> = died["console"]
         .as_array()
         .unwrap()
@@ -147,6 +155,44 @@ async fn guest_crashes_and_a_vm_powering_off_are_reported_and_the_vm_is_stopped(
         .await
         .ok();
     assert_eq!(out["stdout"], "again\n");
+
+    // Its vsock helper dies (outside the guest): the VM can never reach
+    // its guest again, so nexusd kills it; it shows stopped, and boots.
+    let run = state.path().join("run").join(format!("ev.{}", info["cid"]));
+    let helper = nexus_integration::processes_mentioning(run.to_str().unwrap())
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .contains("vhost-device-vsock")
+        })
+        .expect("the VM's vsock helper");
+    let killed = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helper as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (_, died) = logs.wait_for("ev", "died", "cut it off").await;
+    eprintln!(
+        "a dead vsock helper seen, the VM stopped, in {:?}",
+        killed.elapsed()
+    );
+    assert!(
+        died["message"]
+            .as_str()
+            .unwrap()
+            .contains("vhost-device-vsock"),
+        "{died}"
+    );
+    let info = call(&client, "get_vm", json!({"vm": "ev"})).await.ok();
+    assert_eq!(info["state"], "stopped", "{info}");
+    let info = call(&client, "start_vm", json!({"vm": "ev"})).await.ok();
+    assert_eq!(info["state"], "running");
+    let out = call(&client, "ev__exec", json!({"command": "echo third"}))
+        .await
+        .ok();
+    assert_eq!(out["stdout"], "third\n");
 
     // Below the level set: nothing. With warnings only, destroying (info)
     // is not reported; a later warning is the barrier (one session's

@@ -234,7 +234,7 @@ impl Vmm {
             "VM ready"
         );
         pending.disarm();
-        Ok(Vm {
+        Ok(Vm::guarded(Vm {
             name: spec.name,
             lease,
             accel,
@@ -247,8 +247,9 @@ impl Vmm {
             ready_after,
             config: self.config.clone(),
             cgroup,
+            cut_off: Arc::default(),
             finished: false,
-        })
+        }))
     }
 }
 
@@ -396,6 +397,7 @@ impl Vmm {
             ready_after: Duration::ZERO,
             config: self.config.clone(),
             cgroup,
+            cut_off: Arc::default(),
             finished: false,
         };
         if !ready {
@@ -407,7 +409,7 @@ impl Vmm {
             return Ok(None);
         }
         tracing::info!(vm = name, cid, "adopted a running VM");
-        Ok(Some(vm))
+        Ok(Some(Vm::guarded(vm)))
     }
 
     fn find_run_dir(&self, name: &str) -> Option<(PathBuf, u32)> {
@@ -593,6 +595,8 @@ pub struct Vm {
     config: VmmConfig,
     /// Its host processes' limits; removed with the VM.
     cgroup: Option<VmCgroup>,
+    /// Set when a helper's death made nexusd kill the VMM: why.
+    cut_off: Arc<std::sync::OnceLock<String>>,
     finished: bool,
 }
 
@@ -607,6 +611,51 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
+    /// A VM whose vsock helper dies can never reach its guest again: its
+    /// VMM is killed then, so that the VM exits (and is reaped, reported
+    /// and startable) like one that died by itself.
+    fn guarded(vm: Vm) -> Vm {
+        for helper in &vm.helpers {
+            let (role, mut gone) = (helper.name, helper.exit_watch());
+            let mut vmm_exit = vm.vmm.exit_watch();
+            let vmm_pid = vm.vmm.pid();
+            let cut_off = vm.cut_off.clone();
+            let name = vm.name.clone();
+            tokio::spawn(async move {
+                let helper_first = tokio::select! {
+                    r = vmm_exit.wait_for(Option::is_some) => { drop(r); false }
+                    r = gone.wait_for(Option::is_some) => { drop(r); true }
+                };
+                if !helper_first {
+                    return;
+                }
+                // A helper ends by itself when its VMM does: the VMM may
+                // be exiting already.
+                let grace = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    vmm_exit.wait_for(Option::is_some),
+                )
+                .await
+                .is_ok();
+                if grace {
+                    return;
+                }
+                let why = format!(
+                    "its {role} process ended, which cut it off from its guest; nexusd killed its VMM"
+                );
+                tracing::warn!(vm = name, why, "VM cut off from its guest");
+                let _ = cut_off.set(why);
+                if let Some(pid) = vmm_pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        Signal::SIGKILL,
+                    );
+                }
+            });
+        }
+        vm
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -665,7 +714,11 @@ impl Vm {
 
     /// Why the VMM exited, if it has.
     pub fn exit_status(&self) -> Option<String> {
-        self.vmm.exit_description()
+        let status = self.vmm.exit_description()?;
+        Some(match self.cut_off.get() {
+            Some(why) => why.clone(),
+            None => status,
+        })
     }
 
     /// Resolves when the VMM exits, with how it exited.
