@@ -185,22 +185,42 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
         .await
         .ok();
     upload_helper(&client, "h").await;
+    // A process out of guest-mcp's reach (its own session, the root
+    // cgroup) kills guest-mcp and floods the readiness port while init
+    // starts guest-mcp again.
     call(
         &client,
-        "h__process_start",
-        json!({"command": "/workspace/hg flood-ready > /workspace/flood.out 2>&1"}),
+        "h__exec",
+        json!({"command": "setsid sh -c 'echo $$ > /sys/fs/cgroup/cgroup.procs; sleep 0.3; kill -9 $(pidof guest-mcp); exec /workspace/hg flood-ready > /workspace/flood.out 2>&1' > /dev/null 2>&1 & sleep 0.1"}),
     )
     .await
     .ok();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let out = call(&client, "h__exec", json!({"command": "echo still here"}))
-        .await
-        .ok();
-    assert_eq!(out["stdout"], "still here\n");
+    let flooded = Instant::now();
+    let mut back = None;
+    while flooded.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let out = call(
+            &client,
+            "h__exec",
+            json!({"command": "cat /workspace/flood.out; pidof hg"}),
+        )
+        .await;
+        if !out.is_error && flooded.elapsed() > Duration::from_secs(1) {
+            back = Some((
+                flooded.elapsed(),
+                out.json["stdout"].as_str().unwrap_or("").to_owned(),
+            ));
+            break;
+        }
+    }
+    let (after, flood_report) =
+        back.expect("guest-mcp answers again while its readiness port is flooded");
     eprintln!(
-        "readiness flood: nexusd RSS now {} MiB",
+        "guest-mcp killed and readiness flooded: tools answer again after {after:?} (flooder: {flood_report:?}); nexusd RSS now {} MiB",
         rss_kib(nexusd) >> 10
     );
+    managed(&client, "list_vms", json!({})).await;
+    tools_list_within(&client, MANAGEMENT_BOUND).await;
     // Root replaces guest-mcp; init starts the fake in its place. Its tool
     // list never ends at first; then its calls answer with endless 10 MiB
     // progress notifications.
