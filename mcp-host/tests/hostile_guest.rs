@@ -339,11 +339,12 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
     .ok();
     assert_eq!(out["stdout"], "freed\n");
 
-    // 4. It powers off: nexusd sees it at once.
+    // 4. It powers off: nexusd sees it at once. (It sabotages its next
+    // boot first: guest-mcp will never start.)
     call(
         &client,
         "h__process_start",
-        json!({"command": "sleep 0.2; reboot -f"}),
+        json!({"command": "echo 'exec sleep 1000000' > /etc/nexus/guest-mcp.sh; sync; sleep 0.2; reboot -f"}),
     )
     .await
     .ok();
@@ -375,9 +376,32 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
     );
     assert!(peak < RSS_BOUND_KIB, "nexusd RSS peaked at {peak} KiB");
 
-    for vm in ["h", "bystander"] {
-        call(&client, "destroy_vm", json!({"vm": vm})).await.ok();
-    }
+    // 5. Its boot never gets ready (nexusd would wait 120 s): a destroy
+    // ends the boot at once.
+    let peer = client.peer().clone();
+    let booting = tokio::spawn(async move {
+        peer.call_tool(
+            rmcp::model::CallToolRequestParams::new("start_vm")
+                .with_arguments(json!({"vm": "h"}).as_object().unwrap().clone()),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    call(&client, "destroy_vm", json!({"vm": "h"})).await.ok();
+    let destroy = started.elapsed();
+    let boot = booting.await.unwrap().unwrap();
+    assert_eq!(boot.is_error, Some(true), "{boot:?}");
+    assert!(format!("{boot:?}").contains("being destroyed"), "{boot:?}");
+    assert!(
+        destroy < STOP_BOUND,
+        "destroying a VM mid-boot took {destroy:?}"
+    );
+    eprintln!("destroying a VM whose boot never gets ready took {destroy:?}");
+
+    call(&client, "destroy_vm", json!({"vm": "bystander"}))
+        .await
+        .ok();
     client.cancel().await.unwrap();
     assert!(serve.stop().await.success());
     let left = processes_mentioning(state.path().to_str().unwrap());

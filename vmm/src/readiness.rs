@@ -68,7 +68,13 @@ impl Drop for Readiness {
     }
 }
 
+/// A guest can connect badly in a loop: one warning per this, counting
+/// the rest, so that it cannot fill the host's log.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(listener: UnixListener, state: watch::Sender<GuestState>) {
+    let mut last_warn: Option<std::time::Instant> = None;
+    let mut unwarned = 0u64;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -93,10 +99,16 @@ async fn accept_loop(listener: UnixListener, state: watch::Sender<GuestState>) {
                     .all(|c| c.is_ascii_alphanumeric() || ".-_+ ".contains(c))
             });
         let Some(version) = version else {
-            tracing::warn!(
-                bytes = line.len(),
-                "ignoring a readiness connection without a well-formed READY line"
-            );
+            if last_warn.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                last_warn = Some(std::time::Instant::now());
+                tracing::warn!(
+                    bytes = line.len(),
+                    more_since_last = std::mem::take(&mut unwarned),
+                    "ignoring a readiness connection without a well-formed READY line"
+                );
+            } else {
+                unwarned += 1;
+            }
             continue;
         };
         tracing::debug!(version, "guest ready");

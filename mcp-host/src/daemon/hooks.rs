@@ -1,6 +1,7 @@
 //! Storage's hooks (freeze and thaw, release and reattach), done by a
 //! running guest over its control channel, each within a deadline.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use nexus_storage::{Quiesce, Reattach};
@@ -41,6 +42,36 @@ pub(super) struct GuestHooks {
     /// nothing to freeze or release.
     pub client: Option<RunningService<RoleClient, ()>>,
     pub vm: String,
+    /// A destroy of the VM ends a hook's wait on its guest.
+    pub abandon: Abandon,
+}
+
+/// Resolves once a destroy of one VM is asked for.
+pub(super) struct Abandon {
+    destroying: tokio::sync::watch::Receiver<HashSet<String>>,
+    vm: String,
+}
+
+impl Abandon {
+    pub fn new(destroying: tokio::sync::watch::Receiver<HashSet<String>>, vm: &str) -> Self {
+        Self {
+            destroying,
+            vm: vm.to_owned(),
+        }
+    }
+
+    pub async fn wait(mut self) {
+        let vm = self.vm;
+        if self
+            .destroying
+            .wait_for(|set| set.contains(&vm))
+            .await
+            .is_err()
+        {
+            // The daemon is going away: nothing to wait for.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl GuestHooks {
@@ -52,14 +83,20 @@ impl GuestHooks {
         if let serde_json::Value::Object(map) = args {
             params = params.with_arguments(map);
         }
+        let abandon = Abandon::new(self.abandon.destroying.clone(), &self.vm);
         let result = self
             .handle
-            .block_on(tokio::time::timeout(HOOK_TIMEOUT, client.call_tool(params)))
-            .map_err(|_| {
-                format!(
-                    "{tool} on VM {}: no answer within {HOOK_TIMEOUT:?}",
-                    self.vm
-                )
+            .block_on(async {
+                tokio::select! {
+                    answer = tokio::time::timeout(HOOK_TIMEOUT, client.call_tool(params)) => {
+                        answer.map_err(|_| {
+                            format!("{tool} on VM {}: no answer within {HOOK_TIMEOUT:?}", self.vm)
+                        })
+                    }
+                    () = abandon.wait() => {
+                        Err(format!("{tool} on VM {}: given up, the VM is being destroyed", self.vm))
+                    }
+                }
             })?
             .map_err(|e| format!("{tool} on VM {}: {e}", self.vm))?;
         if result.is_error == Some(true) {

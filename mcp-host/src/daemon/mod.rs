@@ -126,7 +126,9 @@ pub struct Daemon {
     running: Mutex<HashMap<String, Running>>,
     next_id: AtomicU64,
     /// VMs whose destruction is under way: nothing else may start on them.
-    destroying: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// VMs a destroy_vm is under way for; what runs on one (a boot, a
+    /// guest hook) gives up when it appears here.
+    destroying: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -232,7 +234,7 @@ impl Daemon {
             vmm,
             running: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            destroying: std::sync::Mutex::default(),
+            destroying: tokio::sync::watch::Sender::default(),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,
@@ -265,12 +267,14 @@ impl Daemon {
             let handle = tokio::runtime::Handle::current();
             let control = self.control(name).await;
             let vm = name.to_owned();
+            let abandon = self.destroy_asked(name);
             let outcome = match control {
                 Ok(control) => tokio::task::spawn_blocking(move || {
                     GuestHooks {
                         handle,
                         client: control,
                         vm,
+                        abandon,
                     }
                     .reattach()
                 })
@@ -657,7 +661,10 @@ impl Daemon {
     /// Stops the VM if it runs, then removes its drives, snapshots and log.
     pub async fn destroy(&self, name: &str) -> Result<()> {
         self.known(name).await?;
-        if !self.lock_destroying().insert(name.to_owned()) {
+        if !self
+            .destroying
+            .send_if_modified(|set| set.insert(name.to_owned()))
+        {
             return Err(DaemonError::Destroying(name.to_owned()));
         }
         let _op = self.lock_vm(name).await;
@@ -680,7 +687,9 @@ impl Daemon {
             Ok(())
         }
         .await;
-        self.lock_destroying().remove(name);
+        self.destroying.send_modify(|set| {
+            set.remove(name);
+        });
         result
     }
 
@@ -696,12 +705,13 @@ impl Daemon {
         lock.lock_owned().await
     }
 
-    fn lock_destroying(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.destroying.lock().unwrap_or_else(|e| e.into_inner())
+    /// Resolves once a destroy of VM `name` is asked for.
+    fn destroy_asked(&self, name: &str) -> hooks::Abandon {
+        hooks::Abandon::new(self.destroying.subscribe(), name)
     }
 
     fn check_not_destroying(&self, name: &str) -> Result<()> {
-        if self.lock_destroying().contains(name) {
+        if self.destroying.borrow().contains(name) {
             Err(DaemonError::Destroying(name.to_owned()))
         } else {
             Ok(())
@@ -730,11 +740,13 @@ impl Daemon {
         let control = self.control(name).await?;
         let vm = name.to_owned();
         let handle = tokio::runtime::Handle::current();
+        let abandon = self.destroy_asked(name);
         self.blocking(move |s| {
             let mut hooks = GuestHooks {
                 handle,
                 client: control,
                 vm: vm.clone(),
+                abandon,
             };
             s.snapshot_drive(&vm, &drive, snapshot.as_deref(), &mut hooks)
         })
@@ -774,11 +786,13 @@ impl Daemon {
         let control = self.control(name).await?;
         let (vm, snap) = (name.to_owned(), snapshot.to_owned());
         let handle = tokio::runtime::Handle::current();
+        let abandon = self.destroy_asked(name);
         self.blocking(move |s| {
             let mut hooks = GuestHooks {
                 handle,
                 client: control,
                 vm: vm.clone(),
+                abandon,
             };
             s.rollback_drive(&vm, &snap, &mut hooks)
         })
@@ -983,7 +997,15 @@ impl Daemon {
         ];
         spec.console_log = self.console_log(name);
         spec.ready_timeout = Duration::from_secs(120);
-        let vm = match vmm.start(spec).await {
+        // A destroy asked for meanwhile ends the boot (the start future,
+        // dropped, kills what it launched).
+        let started = tokio::select! {
+            started = vmm.start(spec) => started,
+            () = self.destroy_asked(name).wait() => {
+                return Err(DaemonError::Destroying(name.to_owned()));
+            }
+        };
+        let vm = match started {
             Ok(vm) => vm,
             Err(e) => {
                 self.emit(

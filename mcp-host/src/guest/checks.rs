@@ -51,17 +51,19 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// A guest's own tool list (no image record), checked: what fails a check
-/// is left out, and logged once per session.
+/// is left out, and logged in one line per session (a guest restarting
+/// guest-mcp in a loop must not fill the host's log).
 pub fn own(vm: &str, listed: Vec<Tool>) -> Vec<Tool> {
     let mut seen = HashSet::new();
     let mut tools = Vec::new();
+    let mut left_out = 0usize;
+    let mut first_why = None;
     for tool in listed.into_iter().take(MAX_TOOLS) {
         if !valid_name(&tool.name) {
-            tracing::warn!(
-                vm,
-                bytes = tool.name.len(),
-                "a guest tool with a name clients refuse is left out"
-            );
+            left_out += 1;
+            first_why.get_or_insert_with(|| {
+                format!("a name clients refuse ({} bytes)", tool.name.len())
+            });
             continue;
         }
         if !seen.insert(tool.name.to_string()) {
@@ -69,8 +71,14 @@ pub fn own(vm: &str, listed: Vec<Tool>) -> Vec<Tool> {
         }
         match bounded(tool) {
             Ok(tool) => tools.push(tool),
-            Err(why) => tracing::warn!(vm, why, "a guest tool is left out"),
+            Err(why) => {
+                left_out += 1;
+                first_why.get_or_insert(why);
+            }
         }
+    }
+    if let Some(why) = first_why {
+        tracing::warn!(vm, left_out, first = why, "guest tools left out");
     }
     tools
 }
