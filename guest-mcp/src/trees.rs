@@ -40,6 +40,9 @@ struct Pool {
     dying: Vec<PathBuf>,
 }
 
+/// A free tree charged with more memory than this (page cache its last
+/// command left) is removed rather than reused.
+const REUSE_MAX_CHARGE: u64 = 4 << 20;
 /// Trees kept for reuse at most; more are removed.
 const POOL_MAX: usize = 64;
 
@@ -145,6 +148,19 @@ impl Trees {
             free.extend(empty);
             free.pop()
         };
+        // A cgroup still charged with its last command's page cache would
+        // count that against the next command's memory limit: not reused.
+        let reused = reused.filter(|dir| {
+            let charged = std::fs::read_to_string(dir.join("memory.current"))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let fit = charged <= REUSE_MAX_CHARGE;
+            if !fit {
+                let _ = std::fs::remove_dir(dir);
+            }
+            fit
+        });
         if let Some(dir) = reused {
             match std::fs::OpenOptions::new()
                 .write(true)

@@ -208,7 +208,25 @@ async fn unmount_then_mount_shows_content_the_host_put_on_the_drive() {
         "from the snapshot",
         "the guest sees the drive's new content, not its page cache"
     );
-    let err = call(&control, "mount", json!({"mount": mount})).await.err();
+    // Mounted already: success (a host finishing an interrupted rollback
+    // does not know whether the unmount happened).
+    let again = call(&control, "mount", json!({"mount": mount})).await.ok();
+    assert!(
+        again["detail"]
+            .as_str()
+            .unwrap()
+            .contains("already mounted"),
+        "{again}"
+    );
+    // Not mounted, never unmounted here, not /workspace: no device known.
+    let elsewhere = fs.mount.with_extension("elsewhere");
+    let err = call(
+        &control,
+        "mount",
+        json!({"mount": elsewhere.display().to_string()}),
+    )
+    .await
+    .err();
     assert!(err.contains("no device known"), "{err}");
     let r = call(&control, "remount", json!({"mount": mount}))
         .await

@@ -77,6 +77,19 @@ pub struct GuestSession {
     /// What is listed for this VM: the image's definitions of the tools
     /// the guest has, or (images without them) the guest's own, checked.
     tools: Vec<Tool>,
+    /// The connection, to shut down when the session goes: a write the
+    /// guest never reads would otherwise keep the session's task (and
+    /// what it was writing) forever.
+    socket: std::os::fd::OwnedFd,
+}
+
+impl Drop for GuestSession {
+    fn drop(&mut self) {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+            nix::sys::socket::Shutdown::Both,
+        );
+    }
 }
 
 impl GuestSession {
@@ -223,12 +236,19 @@ impl Guests {
                 LinkState::Opening => {}
                 // Idle, closed (guest-mcp restarted) or failed long enough ago.
                 _ => {
+                    // Checked again under the lock: another caller may
+                    // have opened a session since (never overwritten).
                     let start = link.state.send_if_modified(|s| {
-                        let idle = !matches!(s, LinkState::Opening);
-                        if idle {
+                        let stale = match s {
+                            LinkState::Idle => true,
+                            LinkState::Opening => false,
+                            LinkState::Open(session) => session.is_closed(),
+                            LinkState::Failed { at, .. } => at.elapsed() >= RETRY_AFTER,
+                        };
+                        if stale {
                             *s = LinkState::Opening;
                         }
-                        idle
+                        stale
                     });
                     if start {
                         tokio::spawn(open(link.clone(), vm.to_owned(), self.opened.clone()));
@@ -320,6 +340,9 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
             .connect(nexus_vmm::GUEST_TOOLS_PORT)
             .await
             .map_err(|e| e.to_string())?;
+        let socket = std::os::fd::AsFd::as_fd(&stream)
+            .try_clone_to_owned()
+            .map_err(|e| format!("guest connection: {e}"))?;
         let events = GuestEvents::default();
         let (read, write) = tokio::io::split(stream);
         let tapped = events::Tapped::new(read, write, events.clone());
@@ -339,6 +362,7 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
             service,
             events,
             tools,
+            socket,
         }))
     }
     .await;
