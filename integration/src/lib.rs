@@ -202,7 +202,8 @@ pub fn process_alive(pid: u32) -> bool {
     })
 }
 
-/// Processes whose command line mentions `needle` (a VM's run directory).
+/// Processes whose command line or working directory mentions `needle`
+/// (a VM's run directory).
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -210,9 +211,13 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        // By its command line, or by its working directory (a VM's vsock
+        // helper runs in its run directory, its sockets elsewhere).
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+                || std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.to_string_lossy().contains(needle))
         })
         .filter(|pid| process_alive(*pid))
         .collect()

@@ -31,19 +31,27 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
     assert_eq!(vm["image"], "default");
     assert!(vm["cid"].as_u64().unwrap() >= 3);
     no_access_for_others(state.path());
-    // The VMM runs as a user of its own, not root.
+    // The VMM and its vsock helper run as a user of the VM's own, not root.
     let run = state.path().join("run");
-    let mut qemus = 0;
+    let (mut qemus, mut helpers) = (0, 0);
+    let vm_uid = (nexus_vmm::vm::VM_UID_BASE + vm["cid"].as_u64().unwrap() as u32).to_string();
     for pid in nexus_integration::processes_mentioning(run.to_str().unwrap()) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+        let own_user = uid.split_whitespace().skip(1).all(|u| u == vm_uid)
+            && groups.split_whitespace().skip(1).all(|g| g == vm_uid);
         if cmdline.starts_with("qemu-system") || cmdline.contains("/qemu-system") {
-            let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-            assert!(
-                !uid.split_whitespace().skip(1).any(|u| u == "0"),
-                "QEMU runs as root: {uid}"
-            );
+            assert!(own_user, "QEMU runs as {uid} {groups}, not {vm_uid}");
             qemus += 1;
+        }
+        if cmdline.contains("vhost-device-vsock") {
+            assert!(
+                own_user,
+                "the vsock helper runs as {uid} {groups}, not {vm_uid}"
+            );
+            helpers += 1;
         }
         // Each of the VM's host processes is under the VM's limits.
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
@@ -54,6 +62,17 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
         assert!(limited >= 1, "process {pid} is in no VM cgroup: {cgroups}");
     }
     assert_eq!(qemus, 1, "the VM's QEMU was found and checked");
+    assert_eq!(helpers, 1, "the VM's vsock helper was found and checked");
+    // Its sockets are in a directory of that user's alone.
+    let vsock_dir = std::path::Path::new("/run/nexus/vsock").join(vm["cid"].to_string());
+    let meta = std::fs::metadata(&vsock_dir).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta).to_string(),
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+        ),
+        (vm_uid.clone(), 0o700)
+    );
 
     let console = call(
         &client,
@@ -105,6 +124,7 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
         "no run directory is left"
     );
     assert!(!state.path().join("logs/alpha.console").exists());
+    assert!(!vsock_dir.exists(), "no vsock directory is left");
     client.cancel().await.unwrap();
 }
 

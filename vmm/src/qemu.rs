@@ -131,6 +131,12 @@ impl QemuBackend {
         args
     }
 
+    /// Where vhost-device-vsock serves QEMU: beside the vsock socket, in
+    /// the directory the helper's uid owns.
+    pub fn vhost_socket(req: &LaunchRequest<'_>) -> PathBuf {
+        req.paths.vsock_uds.with_file_name("vhost.sock")
+    }
+
     /// The vhost-device-vsock arguments for a request.
     pub fn vhost_args(req: &LaunchRequest<'_>, vhost_socket: &Path) -> Vec<String> {
         vec![
@@ -171,13 +177,20 @@ impl Backend for QemuBackend {
         Box::pin(async move {
             let vm = req.spec.name.clone();
             let run_dir = req.paths.run_dir.clone();
-            let vhost_socket = run_dir.join("vhost.sock");
+            let vhost_socket = Self::vhost_socket(&req);
             let vhost_log = run_dir.join("vhost-device-vsock.log");
+            // The helper parses what the guest puts on the virtqueues: it
+            // runs as the VM's uid, which owns the vsock directory and the
+            // host listeners there. Its working directory is the run
+            // directory (it can do nothing there; `ps` and tests see whose
+            // helper it is).
             let mut vhost = spawn_logged(
                 &self.vhost_vsock,
                 &Self::vhost_args(&req, &vhost_socket),
                 &vhost_log,
                 None,
+                Some(&run_dir),
+                req.run_as,
             )
             .map_err(|source| VmmError::Io {
                 vm: vm.clone(),
@@ -195,6 +208,8 @@ impl Backend for QemuBackend {
                 &Self::qemu_args(&req, &vhost_socket),
                 &qemu_log,
                 req.cid_lock,
+                None,
+                None,
             );
             match qemu {
                 Ok(qemu) => Ok(Launched {
@@ -217,12 +232,15 @@ impl Backend for QemuBackend {
 
 /// Starts `program` in a process group of its own (so a signal meant for
 /// the caller's group does not reach it), output to `log`; `inherit` is a
-/// descriptor it keeps open (the CID lock).
+/// descriptor it keeps open (the CID lock); in `cwd` (entered as root),
+/// then as uid and gid `run_as` with no supplementary groups.
 fn spawn_logged(
     program: &Path,
     args: &[String],
     log: &Path,
     inherit: Option<std::os::fd::RawFd>,
+    cwd: Option<&Path>,
+    run_as: Option<u32>,
 ) -> std::io::Result<Child> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
@@ -244,7 +262,102 @@ fn spawn_logged(
             });
         }
     }
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some(uid) = run_as {
+        // The program is opened here, as root, and executed from that
+        // descriptor: where it is installed (say /root/.cargo/bin) need
+        // not be reachable by the uid it runs as.
+        let exe = std::fs::File::open(program)?;
+        let exec = ExecFrom::new(&exe, program, args)?;
+        // SAFETY: between fork and exec this only makes async-signal-safe
+        // system calls (setgroups, setgid, setuid, execveat) on memory
+        // prepared before the fork; pre_exec runs after the working
+        // directory is entered, so root enters it first.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) == -1
+                    || libc::setgid(uid) == -1
+                    || libc::setuid(uid) == -1
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                exec.exec();
+                Err(std::io::Error::last_os_error())
+            });
+        }
+        let child = cmd.spawn();
+        drop(exe);
+        return child;
+    }
     cmd.spawn()
+}
+
+/// A program to execute from an open descriptor, its argument and
+/// environment vectors built before the fork.
+struct ExecFrom {
+    fd: std::os::fd::RawFd,
+    _strings: Vec<std::ffi::CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned by the same value and
+// never changed; the child only reads them.
+unsafe impl Send for ExecFrom {}
+// SAFETY: as for Send: nothing is ever written through the pointers.
+unsafe impl Sync for ExecFrom {}
+
+impl ExecFrom {
+    fn new(exe: &std::fs::File, program: &Path, args: &[String]) -> std::io::Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |bytes: &[u8]| {
+            std::ffi::CString::new(bytes).map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let name = program.file_name().unwrap_or(program.as_os_str());
+        let mut strings = vec![c(name.as_bytes())?];
+        for arg in args {
+            strings.push(c(arg.as_bytes())?);
+        }
+        let argc = strings.len();
+        for (key, value) in std::env::vars_os() {
+            let mut entry = key.as_bytes().to_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            strings.push(c(&entry)?);
+        }
+        let ptrs = |range: &[std::ffi::CString]| {
+            range
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        let (argv, envp) = (ptrs(&strings[..argc]), ptrs(&strings[argc..]));
+        Ok(Self {
+            fd: std::os::fd::AsRawFd::as_raw_fd(exe),
+            _strings: strings,
+            argv,
+            envp,
+        })
+    }
+
+    /// Replaces the calling process; returns only on failure (errno set).
+    fn exec(&self) {
+        // SAFETY: execveat with AT_EMPTY_PATH on an open descriptor and
+        // NULL-terminated vectors of valid C strings.
+        unsafe {
+            libc::syscall(
+                libc::SYS_execveat,
+                self.fd,
+                c"".as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+        }
+    }
 }
 
 async fn wait_for_socket(

@@ -29,6 +29,8 @@ pub const VM_UID_BASE: u32 = 3_000_000_000;
 const LIMITS_FILE: &str = "limits";
 /// The VMM's console socket, in the run directory.
 const CONSOLE_SOCKET: &str = "console.sock";
+/// The hybrid-vsock socket, in the VM's vsock directory.
+const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// Where VMs keep their run-time files, and which programs run them.
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub struct VmmConfig {
     /// VMMs run as uid (and gid) this plus their CID once set up, so that
     /// no two VMs share a user and none is root; None keeps them root.
     pub vm_uid_base: Option<u32>,
+    /// The vsock sockets of each VM, in `<vsock_root>/<cid>/`: outside the
+    /// state directory (owner-only), so that a vsock helper running as the
+    /// VM's uid reaches them; the directory is that uid's alone.
+    pub vsock_root: PathBuf,
 }
 
 impl Default for VmmConfig {
@@ -61,6 +67,7 @@ impl Default for VmmConfig {
             term_timeout: Duration::from_secs(3),
             console_cap_bytes: 4 << 20,
             vm_uid_base: Some(VM_UID_BASE),
+            vsock_root: PathBuf::from("/run/nexus/vsock"),
         }
     }
 }
@@ -79,6 +86,36 @@ impl Vmm {
 
     pub fn config(&self) -> &VmmConfig {
         &self.config
+    }
+
+    /// The uid VM `cid`'s processes run as, if not root.
+    fn run_as(&self, cid: u32) -> Result<Option<u32>, VmmError> {
+        match self.config.vm_uid_base {
+            None => Ok(None),
+            Some(base) => base.checked_add(cid).map(Some).ok_or_else(|| {
+                VmmError::InvalidSpec(format!(
+                    "vsock CID {cid} is too large for a VMM uid above {base}"
+                ))
+            }),
+        }
+    }
+
+    /// A new, empty `<vsock_root>/<cid>`, owned by `run_as`. The CID is
+    /// leased by the caller, so what is there is a dead VM's.
+    fn vsock_dir(&self, cid: u32, run_as: Option<u32>) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = &self.config.vsock_root;
+        std::fs::create_dir_all(root)?;
+        // Others may pass through, not list.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))?;
+        let dir = root.join(cid.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(uid) = run_as {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(uid))?;
+        }
+        Ok(dir)
     }
 
     /// Starts a VM and returns once its guest-mcp has signalled readiness.
@@ -102,14 +139,18 @@ impl Vmm {
             .config
             .run_root
             .join(format!("{}.{}", spec.name, lease.cid()));
-        let vsock_uds = run_dir.join("vsock.sock");
-        if vsock_uds.as_os_str().len() > MAX_UDS_PATH {
+        if run_dir.join(CONSOLE_SOCKET).as_os_str().len() > MAX_UDS_PATH {
             return Err(VmmError::InvalidSpec(format!(
                 "run directory {} is too long for Unix sockets: keep run_root under {} bytes",
                 run_dir.display(),
                 MAX_UDS_PATH - 30
             )));
         }
+        let run_as = self.run_as(lease.cid())?;
+        let vsock_uds = self
+            .vsock_dir(lease.cid(), run_as)
+            .map_err(io("create the VM's vsock directory".into()))?
+            .join(VSOCK_SOCKET);
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).map_err(io(format!("create {}", run_dir.display())))?;
         if let Some(parent) = spec.console_log.parent() {
@@ -118,9 +159,10 @@ impl Vmm {
 
         let mut pending = Pending {
             run_dir: run_dir.clone(),
+            vsock_dir: vsock_uds.parent().map(Path::to_path_buf),
             processes: Vec::new(),
         };
-        let readiness = Readiness::listen(&ready_socket(&vsock_uds))
+        let readiness = listen_ready(&vsock_uds, run_as)
             .map_err(io("listen for the guest's readiness".into()))?;
         let started = Instant::now();
         let launched = self
@@ -129,15 +171,7 @@ impl Vmm {
                 spec: &spec,
                 cid: lease.cid(),
                 cid_lock: lease.fd(),
-                run_as: match self.config.vm_uid_base {
-                    None => None,
-                    Some(base) => Some(base.checked_add(lease.cid()).ok_or_else(|| {
-                        VmmError::InvalidSpec(format!(
-                            "vsock CID {} is too large for a VMM uid above {base}",
-                            lease.cid()
-                        ))
-                    })?),
-                },
+                run_as,
                 accel,
                 paths: LaunchPaths {
                     run_dir: run_dir.clone(),
@@ -355,7 +389,17 @@ impl Vmm {
             processes.push(Watched::adopt(role, *pid).map_err(io("watch its processes"))?);
         }
         let vmm = processes.remove(0);
-        let vsock_uds = run_dir.join("vsock.sock");
+        let run_as = self.run_as(cid)?;
+        // VMs started before the sockets moved out of the run directory
+        // keep them there.
+        let vsock_uds = Some(run_dir.join(VSOCK_SOCKET))
+            .filter(|legacy| legacy.exists())
+            .unwrap_or_else(|| {
+                self.config
+                    .vsock_root
+                    .join(cid.to_string())
+                    .join(VSOCK_SOCKET)
+            });
         // The console goes on where it was (the old capture ended with
         // the daemon that ran it; meanwhile the VMM dropped the output).
         console::capture(
@@ -364,8 +408,8 @@ impl Vmm {
             self.config.console_cap_bytes,
             false,
         );
-        let readiness = Readiness::listen(&ready_socket(&vsock_uds))
-            .map_err(io("listen for the guest's readiness"))?;
+        let readiness =
+            listen_ready(&vsock_uds, run_as).map_err(io("listen for the guest's readiness"))?;
         let mut state = readiness.subscribe();
         let mut exit = vmm.exit_watch();
         let ready = tokio::time::timeout(ready_timeout, async {
@@ -449,6 +493,16 @@ fn read_pids(run_dir: &Path) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// The readiness listener, connectable by the vsock helper's uid.
+fn listen_ready(vsock_uds: &Path, run_as: Option<u32>) -> std::io::Result<Readiness> {
+    let path = ready_socket(vsock_uds);
+    let readiness = Readiness::listen(&path)?;
+    if let Some(uid) = run_as {
+        std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+    }
+    Ok(readiness)
+}
+
 /// Hybrid vsock delivers guest connections to host port P on `<uds>_P`.
 fn ready_socket(vsock_uds: &Path) -> PathBuf {
     let mut path = vsock_uds.as_os_str().to_owned();
@@ -459,6 +513,7 @@ fn ready_socket(vsock_uds: &Path) -> PathBuf {
 /// Cleans up a start that did not finish.
 struct Pending {
     run_dir: PathBuf,
+    vsock_dir: Option<PathBuf>,
     processes: Vec<Option<u32>>,
 }
 
@@ -471,11 +526,15 @@ impl Pending {
         }
         self.processes.clear();
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        if let Some(dir) = self.vsock_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     fn disarm(&mut self) {
         self.processes.clear();
         self.run_dir = PathBuf::new();
+        self.vsock_dir = None;
     }
 }
 
@@ -487,6 +546,9 @@ impl Drop for Pending {
         }
         if !self.run_dir.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.run_dir);
+        }
+        if let Some(dir) = self.vsock_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -807,6 +869,16 @@ impl Vm {
         }
     }
 
+    /// The VM's vsock directory (not a legacy one in the run directory,
+    /// which goes with it).
+    fn remove_vsock_dir(&self) {
+        if let Some(dir) = self.vsock_uds.parent()
+            && dir.starts_with(&self.config.vsock_root)
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     async fn cleanup(&mut self) {
         for helper in &self.helpers {
             helper.terminate(Duration::from_secs(2)).await;
@@ -815,6 +887,7 @@ impl Vm {
         self.cgroup = None;
         self.readiness = None;
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        self.remove_vsock_dir();
         self.finished = true;
     }
 }
@@ -831,5 +904,6 @@ impl Drop for Vm {
         }
         self.readiness = None;
         let _ = std::fs::remove_dir_all(&self.run_dir);
+        self.remove_vsock_dir();
     }
 }
