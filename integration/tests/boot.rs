@@ -31,7 +31,8 @@ async fn default_image_boots_and_exec_reports_the_manifest_kernel() {
 
     let pids = vm.pids();
     let run_dir = vm.run_dir().to_path_buf();
-    assert!(run_dir.join("vsock.sock").exists());
+    let vsock = vm.vsock_uds().to_path_buf();
+    assert!(vsock.exists());
     let console = vm.console_log().to_path_buf();
     let ready_after = vm.ready_after();
     let report = vm.stop().await;
@@ -46,6 +47,11 @@ async fn default_image_boots_and_exec_reports_the_manifest_kernel() {
         assert!(!process_alive(pid), "process {pid} outlived the VM");
     }
     assert!(!run_dir.exists(), "{} was left behind", run_dir.display());
+    assert!(
+        !vsock.parent().unwrap().exists(),
+        "{} was left behind",
+        vsock.display()
+    );
     let strays = processes_mentioning(run_dir.to_str().unwrap());
     assert!(strays.is_empty(), "processes left behind: {strays:?}");
 }
