@@ -9,5 +9,6 @@ state_dir="${NEXUS_STATE_DIR:-/var/lib/nexus}"
 scripts/install-deps.sh
 scripts/build-image.sh "$state_dir/images/default"
 printf '==> building and starting nexusd\n' >&2
+printf '==> HTTP clients: Authorization: Bearer $(cat %s/admin.token) (written at the first start)\n' "$state_dir" >&2
 cargo build --release --locked -q -p nexus-host --bin nexusd
 exec target/release/nexusd serve --state-dir "$state_dir" "$@"

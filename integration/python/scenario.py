@@ -4,13 +4,13 @@ exec with streamed progress, every guest tool, snapshot, change, restore
 in place, fork, stop and start, destroy.
 
     scenario.py stdio MODE SURFACE PREFIX NEXUSD STATE_DIR
-    scenario.py http MODE SURFACE PREFIX URL
+    scenario.py http MODE SURFACE PREFIX URL [TOKEN]
 
 MODE is the client's protocol negotiation: "legacy" (2025-11-25 initialize
 handshake) or "auto" (2026-07-28 discovery). SURFACE is how guest tools
 are listed: "per-vm" (VM__TOOL) or "shared" (vm_TOOL with a `vm`
 argument). PREFIX starts the names of the VMs made, so runs can share a
-daemon. Also checks the era's log messages and tool list notifications.
+daemon. TOKEN is sent as `Authorization: Bearer TOKEN`. Also checks the era's log messages and tool list notifications.
 Prints one JSON line describing what it saw; exits non-zero (with the
 failed assertion) on any surprise.
 """
@@ -21,8 +21,10 @@ import json
 import sys
 import time
 
+import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
 GUEST_TOOLS = [
     "exec", "process_start", "process_list", "process_status", "process_output",
@@ -32,7 +34,7 @@ GUEST_TOOLS = [
 MANAGEMENT_TOOLS = [
     "spawn_vm", "list_vms", "get_vm", "start_vm", "stop_vm", "destroy_vm", "read_console",
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
-    "fork_vm",
+    "fork_vm", "create_token", "list_tokens", "revoke_token",
 ]
 
 
@@ -112,6 +114,16 @@ async def run(s, prefix, mode):
         assert tool in names, f"{tool} missing from {names}"
     images = await s.ok("list_images")
     assert "default" in [i["name"] for i in images["images"]], images
+
+    # Tokens (this client is an admin: root over stdio, the admin token
+    # over HTTP): the secret once, never in the list, revoked for good.
+    made = await s.ok("create_token", {"name": f"{prefix}-t", "expires_in_s": 3600})
+    assert made["token"].startswith("nexus_") and made["role"] == "user", made
+    tokens = await s.ok("list_tokens")
+    assert f"{prefix}-t" in [t["name"] for t in tokens["tokens"]], tokens
+    assert made["token"] not in json.dumps(tokens), tokens
+    gone = await s.ok("revoke_token", {"name": f"{prefix}-t"})
+    assert gone["state"] == "revoked", gone
 
     steps = []
 
@@ -255,7 +267,12 @@ async def main():
             args += ["--surface", "shared"]
         target = StdioServerParameters(command=sys.argv[5], args=args)
     else:
-        target = sys.argv[5] + ("?surface=shared" if surface == "shared" else "")
+        url = sys.argv[5] + ("?surface=shared" if surface == "shared" else "")
+        headers = {"Authorization": f"Bearer {sys.argv[6]}"} if len(sys.argv) > 6 else {}
+        # The client's own HTTP client, with the header; the mcp package's
+        # default timeouts.
+        http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300))
+        target = streamable_http_client(url, http_client=http)
     async with Client(
         target,
         mode=mode,

@@ -125,3 +125,24 @@ pub fn percentiles_us(mut samples: Vec<Duration>) -> (f64, f64) {
     };
     (at(0.50), at(0.99))
 }
+
+/// The admin's API token the first start of a nexusd wrote into its
+/// state directory.
+pub fn admin_token(state: &Path) -> anyhow::Result<String> {
+    let path = state.join("admin.token");
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+/// rmcp's HTTP client transport to `url`, sending `token`.
+pub fn http(
+    url: impl Into<std::sync::Arc<str>>,
+    token: impl Into<String>,
+) -> impl rmcp::transport::Transport<rmcp::RoleClient> + 'static {
+    rmcp::transport::StreamableHttpClientTransport::from_config(
+        rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(url)
+            .auth_header(token),
+    )
+}

@@ -178,6 +178,14 @@ async fn upgrade(
             Err(why) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
         }
     }
+    let Some(uid) = peer.uid else {
+        return (
+            StatusCode::FORBIDDEN,
+            "nexusd could not tell which user is connecting\n",
+        )
+            .into_response();
+    };
+    let identity = crate::identity::Identity::local(uid, &bridge.daemon.config().admin_uids);
     let Some(guard) = bridge.bridges.enter() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -197,7 +205,7 @@ async fn upgrade(
         };
         tracing::info!(uid = ?peer.uid, pid = ?peer.pid, "stdio front end attached through the admin socket");
         let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-        let tools = NexusTools::with_options(bridge.daemon, options);
+        let tools = NexusTools::new(bridge.daemon, options, Some(identity));
         match tools
             .serve_with_ct((read, write), bridge.shutdown.child_token())
             .await

@@ -26,9 +26,15 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// Where streamable HTTP listens.
     pub listen: Option<SocketAddr>,
-    /// Allow `listen` on a non-loopback address (there is no authentication
-    /// yet: only do this behind something that adds it).
+    /// Allow `listen` on a non-loopback address (nexusd speaks plain
+    /// HTTP: only do this behind something that adds TLS).
     pub allow_non_loopback: Option<bool>,
+    /// Require a bearer token on the TCP port (default true). false is for
+    /// local tools that cannot send one, and only on loopback.
+    pub http_auth: Option<bool>,
+    /// Local users (besides root) who are admins on the admin socket and
+    /// through `nexusd stdio`.
+    pub admin_uids: Option<Vec<u32>>,
     /// The admin Unix socket (default `<state_dir>/nexusd.sock`).
     pub admin_socket: Option<PathBuf>,
     /// How guest tools are listed when a connection does not choose:
@@ -86,6 +92,8 @@ pub struct Config {
     pub surface: Surface,
     pub tools_page_size: usize,
     pub limits: Limits,
+    pub http_auth: bool,
+    pub admin_uids: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,9 +103,13 @@ pub enum ConfigError {
     #[error("config file {path} is invalid: {why}")]
     Parse { path: PathBuf, why: String },
     #[error(
-        "listen address {0} is not loopback: nexusd has no authentication yet; set allow_non_loopback = true in the config file only behind a proxy that adds it"
+        "listen address {0} is not loopback: nexusd speaks plain HTTP; set allow_non_loopback = true in the config file only behind a proxy that adds TLS"
     )]
     NotLoopback(SocketAddr),
+    #[error(
+        "http_auth = false needs a loopback listen address, not {0}: anyone who reaches the port would drive every VM"
+    )]
+    OpenNotLoopback(SocketAddr),
     #[error("{what} {path:?} must be an absolute path")]
     Relative { what: &'static str, path: PathBuf },
 }
@@ -120,6 +132,10 @@ impl Config {
         if !listen.ip().is_loopback() && file.allow_non_loopback != Some(true) {
             return Err(ConfigError::NotLoopback(listen));
         }
+        let http_auth = file.http_auth.unwrap_or(true);
+        if !http_auth && !listen.ip().is_loopback() {
+            return Err(ConfigError::OpenNotLoopback(listen));
+        }
         for (what, path) in [
             ("state directory", &state_dir),
             ("admin socket", &admin_socket),
@@ -138,6 +154,8 @@ impl Config {
             surface: flags.surface.or(file.surface).unwrap_or_default(),
             tools_page_size: file.tools_page_size.unwrap_or(DEFAULT_TOOLS_PAGE_SIZE),
             limits: file.limits.unwrap_or_default(),
+            http_auth,
+            admin_uids: file.admin_uids.unwrap_or_default(),
         })
     }
 
@@ -225,7 +243,11 @@ mod tests {
             err.contains("is not loopback") && err.contains("allow_non_loopback"),
             "{err}"
         );
-        assert!(Config::merge(file("allow_non_loopback = true"), open).is_ok());
+        assert!(Config::merge(file("allow_non_loopback = true"), open.clone()).is_ok());
+        let err = Config::merge(file("allow_non_loopback = true\nhttp_auth = false"), open)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http_auth = false needs a loopback"), "{err}");
         let err = Config::with_state_dir("relative".into())
             .unwrap_err()
             .to_string();

@@ -24,22 +24,37 @@ use crate::tools::{NexusTools, Options};
 pub const LOOPBACK_ORIGINS: [&str; 3] =
     ["http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*"];
 
-pub fn router(daemon: Arc<Daemon>, options: Options, shutdown: CancellationToken) -> Router {
+/// How a listener learns who calls.
+#[derive(Debug, Clone, Copy)]
+pub enum Callers {
+    /// TCP: a bearer token (unless `http_auth = false`).
+    Token,
+    /// The admin socket: the peer's uid.
+    Peer,
+}
+
+pub fn router(
+    daemon: Arc<Daemon>,
+    options: Options,
+    shutdown: CancellationToken,
+    callers: Callers,
+) -> Router {
     let tools_daemon = daemon.clone();
     let mcp = StreamableHttpService::new(
-        move || Ok(NexusTools::with_options(tools_daemon.clone(), options)),
+        move || Ok(NexusTools::new(tools_daemon.clone(), options, None)),
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default()
             .with_allowed_origins(LOOPBACK_ORIGINS)
             .enforce_origin_validation()
             .with_cancellation_token(shutdown),
     );
-    Router::new()
+    let metrics_daemon = daemon.clone();
+    let routes = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
             get(move || {
-                let daemon = daemon.clone();
+                let daemon = metrics_daemon.clone();
                 async move {
                     (
                         [(
@@ -51,7 +66,19 @@ pub fn router(daemon: Arc<Daemon>, options: Options, shutdown: CancellationToken
                 }
             }),
         )
-        .nest_service("/mcp", mcp)
+        .nest_service("/mcp", mcp);
+    // Host first, then who calls.
+    let routes = match callers {
+        Callers::Token => routes.layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            token_identity,
+        )),
+        Callers::Peer => routes.layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            peer_identity,
+        )),
+    };
+    routes
         .layer(axum::middleware::from_fn(session_end_has_no_content))
         .layer(axum::middleware::from_fn(loopback_host_only))
 }
@@ -77,6 +104,90 @@ async fn loopback_host_only(
         )
             .into_response()
     }
+}
+
+/// TCP requests prove who makes them with a bearer token (`/healthz`
+/// excepted). Any refusal is a bare 401 with `WWW-Authenticate: Bearer`
+/// and no OAuth metadata (nexusd has none to offer).
+async fn token_identity(
+    axum::extract::State(daemon): axum::extract::State<Arc<Daemon>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    // Liveness, and the OAuth discovery paths clients probe (a clean 404:
+    // nexusd offers no OAuth).
+    let path = request.uri().path();
+    if path == "/healthz" || path.starts_with("/.well-known/") {
+        return next.run(request).await;
+    }
+    if !daemon.config().http_auth {
+        request
+            .extensions_mut()
+            .insert(crate::identity::Identity::anonymous());
+        return next.run(request).await;
+    }
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    match daemon.authenticate(header) {
+        Ok(identity) => {
+            request.extensions_mut().insert(identity);
+            next.run(request).await
+        }
+        Err(refusal) => {
+            warn_rated(&refusal);
+            let challenge = match refusal {
+                crate::identity::Refusal::Missing => "Bearer",
+                _ => "Bearer error=\"invalid_token\"",
+            };
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                [(axum::http::header::WWW_AUTHENTICATE, challenge)],
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A refused token is logged with what to do, at most every 10 s (anyone
+/// who reaches the port can send them).
+fn warn_rated(refusal: &crate::identity::Refusal) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
+        *last = Some(std::time::Instant::now());
+        tracing::warn!(
+            why = %refusal,
+            "refused an HTTP request: send `Authorization: Bearer <token>` (the first start wrote one to <state>/admin.token; create_token makes more)"
+        );
+    }
+}
+
+/// Admin socket requests are made by the peer's uid.
+async fn peer_identity(
+    axum::extract::State(daemon): axum::extract::State<Arc<Daemon>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let uid = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<bridge::AdminPeer>>()
+        .and_then(|peer| peer.0.uid);
+    let Some(uid) = uid else {
+        return (
+            axum::http::StatusCode::FORBIDDEN,
+            "nexusd could not tell which user is connecting\n",
+        )
+            .into_response();
+    };
+    request
+        .extensions_mut()
+        .insert(crate::identity::Identity::local(
+            uid,
+            &daemon.config().admin_uids,
+        ));
+    next.run(request).await
 }
 
 /// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
@@ -140,9 +251,14 @@ pub async fn serve(
         None => None,
     });
     let cancel = CancellationToken::new();
-    let app = router(daemon.clone(), options, cancel.child_token());
-    let admin_app = app
-        .clone()
+    // Who calls: a bearer token on TCP, the peer's uid on the admin socket.
+    let app = router(
+        daemon.clone(),
+        options,
+        cancel.child_token(),
+        Callers::Token,
+    );
+    let admin_app = router(daemon.clone(), options, cancel.child_token(), Callers::Peer)
         .merge(bridge::routes(daemon, bridges, cancel.child_token()));
     let (tcp_stop, unix_stop) = (cancel.clone(), cancel.clone());
     let tcp = async move {

@@ -13,6 +13,8 @@
 //! - `daemon`: VM lifecycle on storage + vmm, and the events of it.
 //! - `guest`: the guest link (one session per VM, its cached tool list,
 //!   deadlines) and the proxy that forwards tool calls over it.
+//! - `identity`: who calls (bearer tokens over TCP, the peer's uid on the
+//!   admin socket and stdio bridges) and roles.
 //! - `state_lock`: one daemon per state directory.
 //! - `tools`: the MCP tools (handlers only translate), the two guest tool
 //!   surfaces, standard schemas, log messages.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod guest;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod schema;
 pub mod state_lock;

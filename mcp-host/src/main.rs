@@ -17,6 +17,7 @@ use nexus_host::tools::Surface;
 ///
 /// Configuration comes in layers: built-in defaults, then the TOML file
 /// given by --config (keys: state_dir, listen, allow_non_loopback,
+/// http_auth (default true: a bearer token on TCP), admin_uids,
 /// admin_socket, surface, tools_page_size, and a [limits] table: max_vms,
 /// max_memory_mib, max_vcpus, max_snapshots_per_vm), then environment variables and
 /// flags, which win.

@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::{State, call, can_run, python_scenario};
 use nexus_integration::{ensure_default_image, processes_mentioning};
 use rmcp::ServiceExt;
-use rmcp::transport::StreamableHttpClientTransport;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +26,7 @@ async fn stdio_attaches_to_a_running_serve_and_both_see_the_same_vms() {
 
     // The same command line as when no daemon runs.
     let stdio = state.client().await;
-    let http = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
+    let http = ().serve(state.http(url.clone())).await.unwrap();
 
     call(
         &stdio,

@@ -13,7 +13,6 @@ use common::{State, can_run, python_scenario};
 use nexus_integration::ensure_default_image;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
-use rmcp::transport::StreamableHttpClientTransport;
 
 const RUNS: [(&str, &str); 4] = [
     ("legacy", "per-vm"),
@@ -58,17 +57,17 @@ async fn python_client_over_http_drives_every_tool_in_both_eras_on_both_surfaces
 
     // All four at once, on one daemon.
     let runs = RUNS.map(|(mode, surface)| {
-        let url = url.clone();
+        let (url, token) = (url.clone(), state.admin_token());
         tokio::spawn(async move {
             let prefix = format!("h-{mode}-{surface}");
-            python_scenario(&["http", mode, surface, &prefix, &url]).await
+            python_scenario(&["http", mode, surface, &prefix, &url, &token]).await
         })
     });
     for run in runs {
         run.await.unwrap();
     }
 
-    let client = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
+    let client = ().serve(state.http(url.clone())).await.unwrap();
     let result = client
         .call_tool(CallToolRequestParams::new("list_images"))
         .await

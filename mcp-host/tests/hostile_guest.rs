@@ -19,7 +19,6 @@ use base64::Engine as _;
 use common::{State, call, can_run};
 use nexus_integration::{ensure_default_image, hostile_guest_binary, processes_mentioning};
 use rmcp::service::RunningService;
-use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
@@ -90,7 +89,7 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
     state.with_image("default", &image_dir);
     let (serve, url) = common::serve(&state).await;
     let nexusd = state.daemon_pid().unwrap();
-    let client = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
+    let client = ().serve(state.http(url.clone())).await.unwrap();
     client
         .set_response_cache_config(rmcp::ClientCacheConfig::disabled())
         .await;
@@ -107,14 +106,15 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
     let worst_ms = Arc::new(AtomicU64::new(0));
     let peak_rss = Arc::new(AtomicU64::new(0));
     let bystander = {
-        let (url, done, worst_ms, peak_rss) = (
+        let (url, token, done, worst_ms, peak_rss) = (
             url.clone(),
+            state.admin_token(),
             done.clone(),
             worst_ms.clone(),
             peak_rss.clone(),
         );
         tokio::spawn(async move {
-            let client = ().serve(StreamableHttpClientTransport::from_uri(url)).await.unwrap();
+            let client = ().serve(nexus_integration::nexusd::http(url, token)).await.unwrap();
             let mut calls = 0u64;
             while !done.load(Ordering::SeqCst) {
                 let started = Instant::now();

@@ -13,7 +13,6 @@ use common::{Outcome, State, call, can_run};
 use nexus_integration::{ensure_default_image, processes_mentioning};
 use rmcp::model::ProtocolVersion;
 use rmcp::service::RunningService;
-use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{ClientLifecycleMode, ClientServiceExt, RoleClient};
 use serde_json::{Value, json};
 
@@ -41,7 +40,7 @@ async fn snapshot_restore_in_place_fork_and_diverge_in_the_2026_era_shared() {
     let (_serve, url) = common::serve(&state).await;
     let client = ()
         .serve_with_lifecycle(
-            StreamableHttpClientTransport::from_uri(format!("{url}?surface=shared")),
+            state.http(format!("{url}?surface=shared")),
             ClientLifecycleMode::Discover {
                 preferred_versions: vec![ProtocolVersion::V_2026_07_28],
             },

@@ -49,6 +49,15 @@ const MIGRATIONS: &[&str] = &[
     // 3: what the caller wants kept with a VM (nexusd: vCPUs, memory),
     // opaque to storage.
     "ALTER TABLE vms ADD COLUMN config TEXT NOT NULL DEFAULT '{}';",
+    // 4: API tokens, kept only as digests (the caller hashes).
+    "CREATE TABLE tokens (
+        name       TEXT PRIMARY KEY,
+        digest     BLOB NOT NULL UNIQUE,
+        role       TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT,
+        revoked_at TEXT
+     ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -38,6 +38,7 @@ pub mod names;
 pub mod pool;
 mod reconcile;
 mod snapshots;
+mod tokens;
 mod vms;
 
 use std::path::{Path, PathBuf};
@@ -57,6 +58,7 @@ pub use names::{NameError, validate_name};
 pub use pool::{Pool, PoolConfig, PoolKind};
 pub use reconcile::ReconcileReport;
 use serde::Serialize;
+pub use tokens::TokenRecord;
 
 /// The drive file names a VM has.
 pub const ROOT_DRIVE: &str = "root";
@@ -111,6 +113,10 @@ pub enum StorageError {
     Release { drive: String, why: String },
     #[error("the drive was rolled back, but the guest could not attach it again: {0}")]
     Reattach(String),
+    #[error("a token named {0:?} exists already (revoke_token frees no name: pick another)")]
+    TokenExists(String),
+    #[error("no token named {0:?} (list_tokens shows them)")]
+    NoToken(String),
     #[error("injected failure at {0} (test)")]
     Injected(&'static str),
 }

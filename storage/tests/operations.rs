@@ -607,3 +607,40 @@ fn a_pool_directory_already_on_btrfs_is_used_as_it_is() {
     drop(storage);
     let _ = std::process::Command::new("umount").arg(&mount).status();
 }
+
+#[test]
+fn tokens_are_kept_by_digest_named_once_and_revoked_for_good() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    let digest = [7u8; 32];
+    let added = storage
+        .add_token("ci", &digest, "admin", Some("2030-01-01T00:00:00Z"))
+        .unwrap();
+    assert_eq!(added.digest, digest);
+    assert_eq!(added.expires_at.as_deref(), Some("2030-01-01T00:00:00Z"));
+    assert!(matches!(
+        storage.add_token("ci", &[8u8; 32], "user", None),
+        Err(StorageError::TokenExists(_))
+    ));
+    assert!(matches!(
+        storage.add_token("Bad Name", &[9u8; 32], "user", None),
+        Err(StorageError::Name(_))
+    ));
+    // The same digest twice would make a token two identities.
+    assert!(storage.add_token("other", &digest, "user", None).is_err());
+    let revoked = storage.revoke_token("ci").unwrap();
+    let at = revoked.revoked_at.clone().unwrap();
+    assert_eq!(storage.revoke_token("ci").unwrap().revoked_at, Some(at));
+    assert!(matches!(
+        storage.revoke_token("nope"),
+        Err(StorageError::NoToken(_))
+    ));
+    drop(storage);
+    let storage = fx.open();
+    let all = storage.tokens().unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(all[0].revoked_at.is_some(), "revocation survives a restart");
+}

@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nexus_integration::ensure_default_image;
-use nexus_integration::nexusd::{StateDir, build_release, percentiles_us, serve, stop};
+use nexus_integration::nexusd::{
+    StateDir, admin_token, build_release, http as nexus_http, percentiles_us, serve, stop,
+};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
-use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::transport::TokioChildProcess;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
@@ -139,7 +141,8 @@ async fn main() -> anyhow::Result<()> {
     // HTTP: list latency, then many sessions at once.
     let http_state = StateDir::new(&image)?;
     let (serve, url) = serve(&nexusd, &http_state).await?;
-    let http = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await?;
+    let token = admin_token(http_state.path())?;
+    let http = ().serve(nexus_http(url.clone(), token.clone())).await?;
     let (http_p50, http_p99) = time_calls(&http, "list_vms", &json!({}), args.calls).await?;
     println!("list_vms over HTTP: p50 {http_p50:.0} us, p99 {http_p99:.0} us");
     http.cancel().await?;
@@ -149,9 +152,10 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut tasks = Vec::new();
     for i in 0..args.sessions {
-        let (url, errors, calls) = (url.clone(), errors.clone(), calls.clone());
+        let (url, token, errors, calls) =
+            (url.clone(), token.clone(), errors.clone(), calls.clone());
         tasks.push(tokio::spawn(async move {
-            let client = match ().serve(StreamableHttpClientTransport::from_uri(url)).await {
+            let client = match ().serve(nexus_http(url, token)).await {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("session {i}: {e}");

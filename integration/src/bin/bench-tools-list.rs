@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use nexus_integration::ensure_default_image;
-use nexus_integration::nexusd::{StateDir, build_release, percentiles_us, serve_with, stop};
+use nexus_integration::nexusd::{
+    StateDir, admin_token, build_release, http, percentiles_us, serve_with, stop,
+};
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
-use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{ClientCacheConfig, RoleClient, ServiceExt};
 use serde_json::json;
 
@@ -132,12 +133,9 @@ async fn main() -> anyhow::Result<()> {
         "[limits]\nmax_vms = 1000\nmax_vcpus = 1000\nmax_memory_mib = 1000000\n",
     )
     .await?;
-    let per_vm = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await?;
-    let shared = ()
-        .serve(StreamableHttpClientTransport::from_uri(format!(
-            "{url}?surface=shared"
-        )))
-        .await?;
+    let token = admin_token(state.path())?;
+    let per_vm = ().serve(http(url.clone(), token.clone())).await?;
+    let shared = ().serve(http(format!("{url}?surface=shared"), token)).await?;
 
     // rmcp's client would answer from its cache for the list's TTL.
     for client in [&per_vm, &shared] {

@@ -4,6 +4,7 @@
 pub mod admission;
 mod events;
 mod hooks;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -129,6 +130,8 @@ pub struct Daemon {
     /// VMs a destroy_vm is under way for; what runs on one (a boot, a
     /// guest hook) gives up when it appears here.
     destroying: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
+    /// The API tokens, as the catalog has them.
+    tokens: crate::identity::Tokens,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -235,6 +238,7 @@ impl Daemon {
             running: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             destroying: tokio::sync::watch::Sender::default(),
+            tokens: crate::identity::Tokens::default(),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,
@@ -250,6 +254,20 @@ impl Daemon {
             let tools = daemon.image_tools(&name).await;
             let size = daemon.size(&name).await;
             daemon.run(&name, vm, tools, size).await;
+        }
+        daemon
+            .reload_tokens()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading API tokens: {e}"))?;
+        if let Some(path) = daemon
+            .first_admin_token()
+            .await
+            .map_err(|e| anyhow::anyhow!("making the first admin token: {e}"))?
+        {
+            tracing::info!(
+                path = %path.display(),
+                "made the admin's API token (send it as `Authorization: Bearer <token>`)"
+            );
         }
         for (name, drive) in report.reattach {
             let daemon = daemon.clone();

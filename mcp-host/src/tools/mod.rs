@@ -12,6 +12,7 @@ mod image;
 mod logging;
 mod snapshot;
 pub mod surface;
+mod token;
 mod vm;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use serde_json::Value;
 
 use crate::daemon::Daemon;
 use crate::guest::proxy;
+use crate::identity::Identity;
 use crate::metrics::Outcome;
 pub use surface::{PROXY_SEPARATOR, SHARED_PREFIX, Surface};
 
@@ -62,20 +64,40 @@ pub struct NexusTools {
     options: Options,
     /// The level a 2025-11-25 client set with `logging/setLevel`.
     log_level: logging::SessionLevel,
+    /// Who is at the other end of a stdio bridge; an HTTP request carries
+    /// its own (see `caller`).
+    identity: Option<Identity>,
 }
 
 impl NexusTools {
-    pub fn new(daemon: Arc<Daemon>) -> Self {
-        Self::with_options(daemon, Options::default())
-    }
-
-    pub fn with_options(daemon: Arc<Daemon>, options: Options) -> Self {
+    /// Tools for one connection: `identity` is its caller's (a stdio
+    /// bridge), or None where each request brings one (HTTP).
+    pub fn new(daemon: Arc<Daemon>, options: Options, identity: Option<Identity>) -> Self {
         Self {
             daemon,
-            tool_router: Self::vm_router() + Self::snapshot_router() + Self::image_router(),
+            tool_router: Self::vm_router()
+                + Self::snapshot_router()
+                + Self::image_router()
+                + Self::token_router(),
             options,
             log_level: logging::SessionLevel::default(),
+            identity,
         }
+    }
+
+    /// Who makes a request: the identity the HTTP layer proved for it, or
+    /// the connection's. None is an error: nothing runs for nobody.
+    pub fn caller(&self, context: &RequestContext<RoleServer>) -> Result<Identity, String> {
+        if let Some(parts) = context.extensions.get::<axum::http::request::Parts>() {
+            return parts
+                .extensions
+                .get::<Identity>()
+                .cloned()
+                .ok_or_else(|| "this request carries no identity".to_owned());
+        }
+        self.identity
+            .clone()
+            .ok_or_else(|| "this connection has no identity".to_owned())
     }
 
     /// Every tool on `surface`, sorted by name, with standard schemas.
@@ -131,6 +153,9 @@ impl NexusTools {
         mut request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        // Nothing runs for a request nobody is known to have made.
+        self.caller(&context)
+            .map_err(|why| ErrorData::invalid_request(why, None))?;
         if self.tool_router.has_route(&request.name) {
             return self
                 .tool_router

@@ -70,6 +70,19 @@ impl State {
 }
 
 impl State {
+    /// The admin token nexusd's first start wrote here.
+    pub fn admin_token(&self) -> String {
+        nexus_integration::nexusd::admin_token(self.path()).unwrap()
+    }
+
+    /// rmcp's HTTP client transport to `url`, as the admin.
+    pub fn http(
+        &self,
+        url: impl Into<std::sync::Arc<str>>,
+    ) -> impl rmcp::transport::Transport<RoleClient> + 'static {
+        nexus_integration::nexusd::http(url, self.admin_token())
+    }
+
     /// The pid of the nexusd holding this state directory, if one does.
     pub fn daemon_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.path().join("nexusd.lock")).ok()?;
@@ -202,10 +215,19 @@ impl Drop for Served {
 /// `nexusd serve` on a free loopback port; returns the process and its
 /// `http://127.0.0.1:PORT/mcp` URL. Its log keeps being drained.
 pub async fn serve(state: &State) -> (Served, String) {
+    serve_with(state, "").await
+}
+
+/// [`serve`] with a configuration file of `toml`.
+pub async fn serve_with(state: &State, toml: &str) -> (Served, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
+    let config = state.path().join("nexusd.toml");
+    std::fs::write(&config, toml).unwrap();
     let mut serve = Command::new(env!("CARGO_BIN_EXE_nexusd"))
         .arg("--state-dir")
         .arg(state.path())
+        .arg("--config")
+        .arg(&config)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())

@@ -1,0 +1,101 @@
+//! API tokens: made, listed and revoked through storage, checked from the
+//! in-memory set (`identity::Tokens`), which every change replaces.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use nexus_storage::TokenRecord;
+
+use super::{Daemon, DaemonError, Result};
+use crate::identity::{self, Identity, Refusal, Role};
+
+/// Where the first start leaves the admin's token (0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The longest expiry a token may be given (ten years).
+const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+impl Daemon {
+    /// The identity a request's `Authorization` header proves.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> std::result::Result<Identity, Refusal> {
+        self.tokens.check(authorization)
+    }
+
+    pub async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        expires_in_s: Option<u64>,
+    ) -> Result<(TokenRecord, String)> {
+        let expires_at = match expires_in_s {
+            None => None,
+            Some(0) => {
+                return Err(DaemonError::Invalid(
+                    "`expires_in_s` must be at least 1 (leave it out for no expiry)".into(),
+                ));
+            }
+            Some(s) if Duration::from_secs(s) > MAX_EXPIRY => {
+                return Err(DaemonError::Invalid(format!(
+                    "`expires_in_s` may be at most {} (ten years), got {s}",
+                    MAX_EXPIRY.as_secs()
+                )));
+            }
+            Some(s) => Some(
+                humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(s))
+                    .to_string(),
+            ),
+        };
+        let secret = identity::new_secret().map_err(DaemonError::Internal)?;
+        let digest = identity::digest(&secret);
+        let name = name.to_owned();
+        let record = self
+            .blocking(move |s| s.add_token(&name, &digest, role.as_str(), expires_at.as_deref()))
+            .await?;
+        self.reload_tokens().await?;
+        tracing::info!(token = record.name, role = record.role, "token created");
+        Ok((record, secret))
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.blocking(|s| s.tokens()).await
+    }
+
+    pub async fn revoke_token(&self, name: &str) -> Result<TokenRecord> {
+        let name = name.to_owned();
+        let record = self.blocking(move |s| s.revoke_token(&name)).await?;
+        self.reload_tokens().await?;
+        tracing::info!(token = record.name, "token revoked");
+        Ok(record)
+    }
+
+    pub(super) async fn reload_tokens(&self) -> Result<()> {
+        let records = self.blocking(|s| s.tokens()).await?;
+        self.tokens.replace(records);
+        Ok(())
+    }
+
+    /// On the first start (no token exists) an admin token is made and
+    /// written, owner-only, into the state directory.
+    pub(super) async fn first_admin_token(&self) -> Result<Option<PathBuf>> {
+        if !self.tokens().await?.is_empty() {
+            return Ok(None);
+        }
+        let (_, secret) = self.create_token("admin", Role::Admin, None).await?;
+        let path = self.config.state_dir.join(ADMIN_TOKEN_FILE);
+        let _ = std::fs::remove_file(&path);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{secret}\n").as_bytes()));
+        written.map_err(|e| {
+            DaemonError::Internal(format!("could not write {}: {e}", path.display()))
+        })?;
+        Ok(Some(path))
+    }
+}

@@ -1,0 +1,241 @@
+//! Who is calling. Over TCP HTTP, a bearer token (`nexus_` and 64 hex
+//! digits, made here, kept only as its SHA-256 digest); over the admin
+//! socket and through `nexusd stdio`, the peer's uid (SO_PEERCRED). Every
+//! tool handler reads the caller's [`Identity`]; roles decide what it may
+//! do (today: token management is the admin's).
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use nexus_storage::TokenRecord;
+use sha2::{Digest, Sha256};
+
+/// Every token starts so (secret scanners and people recognise it).
+pub const TOKEN_PREFIX: &str = "nexus_";
+
+/// What an identity may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything, token management included.
+    Admin,
+    /// VMs, snapshots and images; not tokens.
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "user" => Ok(Role::User),
+            other => Err(format!(
+                "unknown role {other:?}: the roles are \"admin\" and \"user\""
+            )),
+        }
+    }
+}
+
+/// How a caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// A bearer token, by name.
+    Token(String),
+    /// A local user on the admin socket or a stdio bridge.
+    Uid(u32),
+    /// Nothing: HTTP authentication is off in the configuration.
+    None,
+}
+
+/// The caller of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `token:NAME`, `uid:N` or `anonymous`.
+    pub name: String,
+    pub role: Role,
+    pub proof: Proof,
+}
+
+impl Identity {
+    /// A local user: root and the configured admin uids are admins.
+    pub fn local(uid: u32, admin_uids: &[u32]) -> Self {
+        Self {
+            name: format!("uid:{uid}"),
+            role: if uid == 0 || admin_uids.contains(&uid) {
+                Role::Admin
+            } else {
+                Role::User
+            },
+            proof: Proof::Uid(uid),
+        }
+    }
+
+    /// Who calls when HTTP authentication is configured off.
+    pub fn anonymous() -> Self {
+        Self {
+            name: "anonymous".into(),
+            role: Role::Admin,
+            proof: Proof::None,
+        }
+    }
+
+    /// Refuses unless the caller is an admin; `what` names the action.
+    pub fn require_admin(&self, what: &str) -> Result<(), String> {
+        match self.role {
+            Role::Admin => Ok(()),
+            Role::User => Err(format!(
+                "{what} needs the admin role; the caller ({}) has role {:?}",
+                self.name,
+                self.role.as_str()
+            )),
+        }
+    }
+}
+
+/// Why a request's token was refused (the HTTP answer is the same 401
+/// for all; the log says which).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no bearer token")]
+    Missing,
+    #[error("a token nexusd does not know")]
+    Unknown,
+    #[error("token {0:?} was revoked")]
+    Revoked(String),
+    #[error("token {0:?} has expired")]
+    Expired(String),
+}
+
+/// A new secret: the prefix and 32 random bytes in hex.
+pub fn new_secret() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a token: {e}"))?;
+    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(bytes)))
+}
+
+/// What the catalog keeps of a secret.
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The known tokens by digest, as the catalog has them; nexusd replaces
+/// the whole set whenever one is made or revoked.
+#[derive(Default)]
+pub struct Tokens {
+    by_digest: RwLock<HashMap<[u8; 32], TokenRecord>>,
+}
+
+impl Tokens {
+    pub fn replace(&self, records: Vec<TokenRecord>) {
+        let map = records
+            .into_iter()
+            .filter_map(|r| Some((<[u8; 32]>::try_from(r.digest.as_slice()).ok()?, r)))
+            .collect();
+        *self.by_digest.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// The identity a request's `Authorization` header value proves.
+    /// A lookup by digest: the secret is never compared byte by byte.
+    pub fn check(&self, authorization: Option<&str>) -> Result<Identity, Refusal> {
+        let secret = authorization
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or(Refusal::Missing)?;
+        let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());
+        let record = map.get(&digest(secret)).ok_or(Refusal::Unknown)?;
+        if record.revoked_at.is_some() {
+            return Err(Refusal::Revoked(record.name.clone()));
+        }
+        if let Some(expires) = &record.expires_at {
+            let past = humantime::parse_rfc3339(expires).map_or(true, |at| at <= SystemTime::now());
+            if past {
+                return Err(Refusal::Expired(record.name.clone()));
+            }
+        }
+        Ok(Identity {
+            name: format!("token:{}", record.name),
+            // A role the catalog holds that this nexusd does not know
+            // grants nothing beyond a user's.
+            role: record.role.parse().unwrap_or(Role::User),
+            proof: Proof::Token(record.name.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, secret: &str, role: &str) -> TokenRecord {
+        TokenRecord {
+            name: name.into(),
+            digest: digest(secret).to_vec(),
+            role: role.into(),
+            created_at: "2026-11-29T00:00:00Z".into(),
+            expires_at: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn a_token_proves_its_identity_until_revoked_or_expired() {
+        let tokens = Tokens::default();
+        let (a, b, c) = (
+            new_secret().unwrap(),
+            new_secret().unwrap(),
+            new_secret().unwrap(),
+        );
+        assert!(a.starts_with(TOKEN_PREFIX) && a.len() == TOKEN_PREFIX.len() + 64);
+        assert_ne!(a, b);
+        let mut revoked = record("old", &b, "admin");
+        revoked.revoked_at = Some("2026-11-29T01:00:00Z".into());
+        let mut expired = record("late", &c, "admin");
+        expired.expires_at = Some("2026-01-01T00:00:00Z".into());
+        tokens.replace(vec![record("ci", &a, "user"), revoked, expired]);
+
+        let who = tokens.check(Some(&format!("Bearer {a}"))).unwrap();
+        assert_eq!(who.name, "token:ci");
+        assert_eq!(who.role, Role::User);
+        assert_eq!(
+            tokens.check(Some(&format!("bearer  {a} "))).unwrap().name,
+            "token:ci"
+        );
+        assert_eq!(tokens.check(None), Err(Refusal::Missing));
+        assert_eq!(tokens.check(Some("Basic abc")), Err(Refusal::Missing));
+        assert_eq!(tokens.check(Some("Bearer ")), Err(Refusal::Missing));
+        assert_eq!(
+            tokens.check(Some("Bearer nexus_0000")),
+            Err(Refusal::Unknown)
+        );
+        assert_eq!(
+            tokens.check(Some(&format!("Bearer {b}"))),
+            Err(Refusal::Revoked("old".into()))
+        );
+        assert_eq!(
+            tokens.check(Some(&format!("Bearer {c}"))),
+            Err(Refusal::Expired("late".into()))
+        );
+    }
+
+    #[test]
+    fn root_and_configured_uids_are_admins() {
+        assert_eq!(Identity::local(0, &[]).role, Role::Admin);
+        assert_eq!(Identity::local(1000, &[1000]).role, Role::Admin);
+        let user = Identity::local(1001, &[1000]);
+        assert_eq!(user.role, Role::User);
+        let err = user.require_admin("create_token").unwrap_err();
+        assert!(err.contains("uid:1001") && err.contains("admin"), "{err}");
+    }
+}
