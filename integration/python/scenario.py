@@ -261,6 +261,7 @@ async def run(s, prefix, mode):
 async def main():
     transport, mode, surface, prefix = sys.argv[1:5]
     seen = Seen()
+    http = None
     if transport == "stdio":
         args = ["--state-dir", sys.argv[6], "stdio"]
         if surface == "shared":
@@ -298,6 +299,9 @@ async def main():
                     result = await run(s, prefix, mode)
                 finally:
                     counter.cancel()
+    if http is not None:
+        # The package leaves a client it was given to its owner.
+        await http.aclose()
     print(json.dumps(result))
 
 

@@ -70,7 +70,10 @@ pub fn router(
     // Host first, then who calls.
     let routes = match callers {
         Callers::Token => routes.layer(axum::middleware::from_fn_with_state(
-            daemon.clone(),
+            Gate {
+                daemon: daemon.clone(),
+                owners: Arc::default(),
+            },
             token_identity,
         )),
         Callers::Peer => routes.layer(axum::middleware::from_fn_with_state(
@@ -110,10 +113,11 @@ async fn loopback_host_only(
 /// excepted). Any refusal is a bare 401 with `WWW-Authenticate: Bearer`
 /// and no OAuth metadata (nexusd has none to offer).
 async fn token_identity(
-    axum::extract::State(daemon): axum::extract::State<Arc<Daemon>>,
+    axum::extract::State(gate): axum::extract::State<Gate>,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let daemon = gate.daemon.clone();
     // Liveness, and the OAuth discovery paths clients probe (a clean 404:
     // nexusd offers no OAuth).
     let path = request.uri().path();
@@ -132,8 +136,43 @@ async fn token_identity(
         .and_then(|h| h.to_str().ok());
     match daemon.authenticate(header) {
         Ok(identity) => {
+            let token = match &identity.proof {
+                crate::identity::Proof::Token(name) => Some(name.clone()),
+                _ => None,
+            };
+            let session = request
+                .headers()
+                .get(SESSION_HEADER)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned);
+            // A session is its opener's: another token that learned its id
+            // finds no such session.
+            if let Some(id) = &session
+                && gate.owner(id).is_some_and(|owner| owner != identity.name)
+            {
+                return (
+                    axum::http::StatusCode::NOT_FOUND,
+                    "no such session for this token\n",
+                )
+                    .into_response();
+            }
+            let deleting = request.method() == axum::http::Method::DELETE;
+            let name = identity.name.clone();
             request.extensions_mut().insert(identity);
-            next.run(request).await
+            let response = next.run(request).await;
+            match (&session, response.headers().get(SESSION_HEADER)) {
+                (None, Some(opened)) => {
+                    if let Ok(opened) = opened.to_str() {
+                        gate.own(opened, name);
+                    }
+                }
+                (Some(id), _) if deleting && response.status().is_success() => gate.disown(id),
+                _ => {}
+            }
+            match token {
+                Some(name) => cut_off_when_ended(response, daemon, name),
+                None => response,
+            }
         }
         Err(refusal) => {
             warn_rated(&refusal);
@@ -148,6 +187,76 @@ async fn token_identity(
                 .into_response()
         }
     }
+}
+
+/// The header rmcp names a session with.
+const SESSION_HEADER: &str = "mcp-session-id";
+/// Sessions whose owner is remembered at most (the oldest are forgotten).
+const MAX_OWNED_SESSIONS: usize = 65_536;
+
+/// The TCP listener's gate: the daemon (tokens) and who opened which
+/// session.
+#[derive(Clone)]
+struct Gate {
+    daemon: Arc<Daemon>,
+    owners: Arc<std::sync::Mutex<SessionOwners>>,
+}
+
+#[derive(Default)]
+struct SessionOwners {
+    by_id: std::collections::HashMap<String, String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionOwners> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn owner(&self, session: &str) -> Option<String> {
+        self.lock().by_id.get(session).cloned()
+    }
+
+    fn own(&self, session: &str, identity: String) {
+        let mut owners = self.lock();
+        if owners.order.len() >= MAX_OWNED_SESSIONS
+            && let Some(oldest) = owners.order.pop_front()
+        {
+            owners.by_id.remove(&oldest);
+        }
+        owners.order.push_back(session.to_owned());
+        owners.by_id.insert(session.to_owned(), identity);
+    }
+
+    fn disown(&self, session: &str) {
+        let mut owners = self.lock();
+        owners.by_id.remove(session);
+        owners.order.retain(|s| s != session);
+    }
+}
+
+/// A response (an event stream, a long call) ends when the token that
+/// asked for it is revoked or expires, not when the client next asks.
+fn cut_off_when_ended(
+    response: axum::response::Response,
+    daemon: Arc<Daemon>,
+    token: String,
+) -> axum::response::Response {
+    use futures::StreamExt;
+    response.map(|body| {
+        let ended: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
+            Box::pin(async move { daemon.token_ended(&token).await });
+        let data = body.into_data_stream();
+        axum::body::Body::from_stream(futures::stream::unfold(
+            (data, ended),
+            |(mut data, mut ended)| async move {
+                tokio::select! {
+                    item = data.next() => item.map(|item| (item, (data, ended))),
+                    () = &mut ended => None,
+                }
+            },
+        ))
+    })
 }
 
 /// A refused token is logged with what to do, at most every 10 s (anyone

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use nexus_storage::TokenRecord;
 use sha2::{Digest, Sha256};
@@ -66,11 +66,13 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// A local user: root and the configured admin uids are admins.
+    /// A local user: root, nexusd's own user and the configured admin
+    /// uids are admins.
     pub fn local(uid: u32, admin_uids: &[u32]) -> Self {
+        let own = nix::unistd::geteuid().as_raw();
         Self {
             name: format!("uid:{uid}"),
-            role: if uid == 0 || admin_uids.contains(&uid) {
+            role: if uid == 0 || uid == own || admin_uids.contains(&uid) {
                 Role::Admin
             } else {
                 Role::User
@@ -79,11 +81,12 @@ impl Identity {
         }
     }
 
-    /// Who calls when HTTP authentication is configured off.
+    /// Who calls when HTTP authentication is configured off: a user (no
+    /// token management: tokens made so would outlive the setting).
     pub fn anonymous() -> Self {
         Self {
             name: "anonymous".into(),
-            role: Role::Admin,
+            role: Role::User,
             proof: Proof::None,
         }
     }
@@ -132,6 +135,8 @@ pub fn digest(secret: &str) -> [u8; 32] {
 #[derive(Default)]
 pub struct Tokens {
     by_digest: RwLock<HashMap<[u8; 32], TokenRecord>>,
+    /// Bumped at every replacement, for what waits on a token's end.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Tokens {
@@ -141,6 +146,45 @@ impl Tokens {
             .filter_map(|r| Some((<[u8; 32]>::try_from(r.digest.as_slice()).ok()?, r)))
             .collect();
         *self.by_digest.write().unwrap_or_else(|e| e.into_inner()) = map;
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Token `name`'s expiry if it is valid now; None if it is not.
+    fn valid_until(&self, name: &str) -> Option<Option<SystemTime>> {
+        let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());
+        let record = map.values().find(|r| r.name == name)?;
+        if record.revoked_at.is_some() {
+            return None;
+        }
+        match &record.expires_at {
+            None => Some(None),
+            Some(at) => {
+                let at = humantime::parse_rfc3339(at).ok()?;
+                (at > SystemTime::now()).then_some(Some(at))
+            }
+        }
+    }
+
+    /// Resolves once token `name` is revoked or expires: a response
+    /// stream it opened (events, a long call) ends then.
+    pub async fn ended(&self, name: &str) {
+        let mut changes = self.generation.subscribe();
+        loop {
+            let Some(until) = self.valid_until(name) else {
+                return;
+            };
+            let expiry = until.map_or(Duration::from_secs(86_400), |at| {
+                at.duration_since(SystemTime::now()).unwrap_or_default()
+            });
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                () = tokio::time::sleep(expiry) => {}
+            }
+        }
     }
 
     /// The identity a request's `Authorization` header value proves.

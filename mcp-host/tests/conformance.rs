@@ -47,6 +47,12 @@ async fn the_official_conformance_suite_passes() {
     // off, which the configuration allows on loopback only.
     let (_serve, url) = common::serve_with(&state, "http_auth = false\n").await;
     let client = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
+    // Without authentication every caller is a user: no tokens can be
+    // made that would outlive the setting.
+    let refused = call(&client, "create_token", json!({"name": "sneaky"}))
+        .await
+        .err();
+    assert!(refused.contains("needs the admin role"), "{refused}");
     call(
         &client,
         "spawn_vm",

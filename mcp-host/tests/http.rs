@@ -11,6 +11,18 @@ use rmcp::model::CallToolRequestParams;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// [`raw`] with the head too: status, head (lowercased), body.
+async fn raw_full(addr: &str, request: &str) -> (u16, String, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_lowercase(), body.to_owned())
+}
+
 /// One raw HTTP/1.1 exchange (the test needs to send headers a well-behaved
 /// client would not); returns the status code and the body.
 async fn raw(addr: &str, request: &str) -> (u16, String) {
@@ -341,13 +353,50 @@ async fn tokens_decide_who_calls_and_every_refusal_is_a_bare_401() {
         );
     }
 
+    // A session is its opener's: the same id with another token is no
+    // session at all.
+    let (status, head, _) = raw_full(&addr, &initialize(&addr, None, Some(&user))).await;
+    assert_eq!(status, 200);
+    let session = head
+        .lines()
+        .find_map(|l| l.strip_prefix("mcp-session-id:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let stream_request = |token: &str| {
+        format!(
+            "GET /mcp HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nMcp-Session-Id: {session}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let (status, _) = raw(&addr, &stream_request(&admin)).await;
+    assert_eq!(status, 404, "another token used the session");
+    // The session's own event stream stays open until the token ends.
+    let open = tokio::spawn({
+        let (addr, request) = (addr.clone(), stream_request(&user));
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(20), raw(&addr, &request)).await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!open.is_finished(), "the event stream did not stay open");
+
     // Revoked: refused at once, on its open session and any new one.
+    let revoking = std::time::Instant::now();
     let (failed, revoked, text) = tool(&root, "revoke_token", json!({"name": "ci"})).await;
     assert!(!failed && revoked["state"] == "revoked", "{text}");
     let after = ci.call_tool(CallToolRequestParams::new("list_vms")).await;
     assert!(
         after.is_err(),
         "a revoked token's session still works: {after:?}"
+    );
+    let (status, _) = open
+        .await
+        .unwrap()
+        .expect("a revoked token's event stream stayed open");
+    assert_eq!(status, 200);
+    eprintln!(
+        "a revoked token's open event stream ended {:?} after revoke_token was called",
+        revoking.elapsed()
     );
     let (status, head, _) = raw_with(&addr, "POST /mcp", Some(&user)).await;
     assert_eq!(status, 401);
@@ -359,13 +408,13 @@ async fn tokens_decide_who_calls_and_every_refusal_is_a_bare_401() {
     let (_, short, _) = tool(
         &root,
         "create_token",
-        json!({"name": "brief", "expires_in_s": 1}),
+        json!({"name": "brief", "expires_in_s": 2}),
     )
     .await;
     let brief = short["token"].as_str().unwrap().to_owned();
     let (status, _, _) = raw_with(&addr, "GET /metrics", Some(&brief)).await;
     assert_eq!(status, 200, "valid until it expires");
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
     let (status, _, _) = raw_with(&addr, "GET /metrics", Some(&brief)).await;
     assert_eq!(status, 401, "expired");
 

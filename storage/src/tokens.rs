@@ -45,7 +45,7 @@ impl Storage {
         validate_name("token", name)?;
         let added = self.db().connection().execute(
             "INSERT INTO tokens (name, digest, role, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
             params![name, digest, role, now(), expires_at],
         )?;
         if added == 0 {

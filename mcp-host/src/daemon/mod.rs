@@ -132,6 +132,7 @@ pub struct Daemon {
     destroying: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
     /// The API tokens, as the catalog has them.
     tokens: crate::identity::Tokens,
+    token_reload: Mutex<()>,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -239,6 +240,7 @@ impl Daemon {
             next_id: AtomicU64::new(1),
             destroying: tokio::sync::watch::Sender::default(),
             tokens: crate::identity::Tokens::default(),
+            token_reload: Mutex::new(()),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,

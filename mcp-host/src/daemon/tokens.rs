@@ -25,6 +25,11 @@ impl Daemon {
         self.tokens.check(authorization)
     }
 
+    /// Resolves once token `name` is revoked or expires.
+    pub async fn token_ended(&self, name: &str) {
+        self.tokens.ended(name).await
+    }
+
     pub async fn create_token(
         &self,
         name: &str,
@@ -45,7 +50,7 @@ impl Daemon {
                 )));
             }
             Some(s) => Some(
-                humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(s))
+                humantime::format_rfc3339_millis(SystemTime::now() + Duration::from_secs(s))
                     .to_string(),
             ),
         };
@@ -72,7 +77,10 @@ impl Daemon {
         Ok(record)
     }
 
+    /// The in-memory set from the catalog. One reload at a time: a slow
+    /// one must not put back a set read before a revocation.
     pub(super) async fn reload_tokens(&self) -> Result<()> {
+        let _one = self.token_reload.lock().await;
         let records = self.blocking(|s| s.tokens()).await?;
         self.tokens.replace(records);
         Ok(())
@@ -80,21 +88,45 @@ impl Daemon {
 
     /// On the first start (no token exists) an admin token is made and
     /// written, owner-only, into the state directory.
+    ///
+    /// The secret is on disk (synced) before the catalog knows the token,
+    /// so a failure or crash between the two never leaves an admin token
+    /// nobody has: the next start tries again.
     pub(super) async fn first_admin_token(&self) -> Result<Option<PathBuf>> {
         if !self.tokens().await?.is_empty() {
             return Ok(None);
         }
-        let (_, secret) = self.create_token("admin", Role::Admin, None).await?;
         let path = self.config.state_dir.join(ADMIN_TOKEN_FILE);
-        let _ = std::fs::remove_file(&path);
+        let partial = path.with_extension("token.partial");
+        let secret = identity::new_secret().map_err(DaemonError::Internal)?;
+        let _ = std::fs::remove_file(&partial);
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(format!("{secret}\n").as_bytes()));
+            .open(&partial)
+            .and_then(|mut f| {
+                f.write_all(format!("{secret}\n").as_bytes())?;
+                f.sync_all()
+            });
         written.map_err(|e| {
-            DaemonError::Internal(format!("could not write {}: {e}", path.display()))
+            DaemonError::Internal(format!("could not write {}: {e}", partial.display()))
+        })?;
+        let digest = identity::digest(&secret);
+        let added = self
+            .blocking(move |s| s.add_token("admin", &digest, Role::Admin.as_str(), None))
+            .await;
+        if let Err(e) = added {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        self.reload_tokens().await?;
+        std::fs::rename(&partial, &path).map_err(|e| {
+            DaemonError::Internal(format!(
+                "could not move {} to {}: {e} (the admin token is in the former)",
+                partial.display(),
+                path.display()
+            ))
         })?;
         Ok(Some(path))
     }

@@ -224,6 +224,8 @@ impl ServerHandler for NexusTools {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        self.caller(&context)
+            .map_err(|why| ErrorData::invalid_request(why, None))?;
         let surface = surface::requested(self.options.surface, &context)?;
         let tools = self.all_tools(surface).await;
         let cursor = request.as_ref().and_then(|r| r.cursor.as_deref());
