@@ -58,6 +58,9 @@ const MIGRATIONS: &[&str] = &[
         expires_at TEXT,
         revoked_at TEXT
      ) STRICT;",
+    // 5: who a VM belongs to (nexusd's identity name; NULL: no one, so
+    // only admins reach it). Its snapshots are its owner's.
+    "ALTER TABLE vms ADD COLUMN owner TEXT;",
 ];
 
 #[derive(Debug, thiserror::Error)]

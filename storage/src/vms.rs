@@ -193,6 +193,38 @@ impl Storage {
     }
 
     /// What `set_vm_config` kept (`{}` when nothing was).
+    /// Gives VM `vm` to `owner` (None: to no one).
+    pub fn set_vm_owner(&self, vm: &str, owner: Option<&str>) -> Result<()> {
+        self.vm_drives(vm)?;
+        self.db().connection().execute(
+            "UPDATE vms SET owner = ?2 WHERE name = ?1",
+            params![vm, owner],
+        )?;
+        Ok(())
+    }
+
+    /// Every VM with drives and who it belongs to.
+    pub fn vm_owners(&self) -> Result<Vec<(String, Option<String>)>> {
+        let db = self.db();
+        let mut stmt = db.connection().prepare(
+            "SELECT name, owner FROM vms WHERE op IS NULL OR op != 'create' ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Who VM `vm` belongs to, if anyone.
+    pub fn vm_owner(&self, vm: &str) -> Result<Option<String>> {
+        self.vm_drives(vm)?;
+        Ok(self.db().connection().query_row(
+            "SELECT owner FROM vms WHERE name = ?1",
+            params![vm],
+            |r| r.get(0),
+        )?)
+    }
+
     pub fn vm_config(&self, vm: &str) -> Result<String> {
         self.vm_drives(vm)?;
         Ok(self.db().connection().query_row(

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use nexus_integration::ensure_default_image;
 use nexus_integration::nexusd::{
-    StateDir, admin_token, build_release, http as nexus_http, percentiles_us, serve, stop,
+    StateDir, admin_token, build_release, http as nexus_http, percentiles_us, serve, serve_with,
+    stop,
 };
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
@@ -207,6 +208,35 @@ async fn main() -> anyhow::Result<()> {
         args.seconds,
         total as f64 / args.seconds as f64
     );
+
+    // What checking a token costs: the same call on a nexusd without
+    // authentication, alternating, in one run.
+    let open_state = StateDir::new(&image)?;
+    let (open_serve, open_url) = serve_with(&nexusd, &open_state, "http_auth = false\n").await?;
+    let open = ().serve(nexus_http(open_url, "")).await?;
+    let authed = ().serve(nexus_http(url.clone(), token.clone())).await?;
+    let (mut with_token, mut without) = (Vec::new(), Vec::new());
+    for i in 0..args.calls {
+        for which in [i % 2, 1 - i % 2] {
+            let started = Instant::now();
+            if which == 0 {
+                call(&authed, "list_vms", json!({})).await?;
+                with_token.push(started.elapsed());
+            } else {
+                call(&open, "list_vms", json!({})).await?;
+                without.push(started.elapsed());
+            }
+        }
+    }
+    let (token_p50, _) = percentiles_us(with_token);
+    let (open_p50, _) = percentiles_us(without);
+    println!(
+        "list_vms over HTTP with a token p50 {token_p50:.0} us, without authentication {open_p50:.0} us: the check costs {:.0} us",
+        token_p50 - open_p50
+    );
+    authed.cancel().await?;
+    open.cancel().await?;
+    stop(open_serve).await;
     stop(serve).await;
 
     println!("(list_p50_us below is over HTTP; over stdio it was {stdio_p50:.0})");

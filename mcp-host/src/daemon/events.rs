@@ -48,6 +48,9 @@ pub struct VmEvent {
     /// The console's last lines, for failures.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub console: Vec<String>,
+    /// Who the VM belongs to: who may hear of it (admins hear of all).
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 impl VmEvent {
@@ -64,6 +67,7 @@ impl VmEvent {
             severity,
             message: message.into(),
             console: Vec::new(),
+            owner: None,
         }
     }
 

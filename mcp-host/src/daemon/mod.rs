@@ -4,6 +4,7 @@
 pub mod admission;
 mod events;
 mod hooks;
+mod owners;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -90,6 +91,8 @@ pub struct VmInfo {
     /// While running, how its guest's tools stand: "answering",
     /// "connecting", or "unresponsive for N s: why".
     pub guest: Option<String>,
+    /// The identity it belongs to (none: admins only).
+    pub owner: Option<String>,
 }
 
 /// What `spawn_vm` asks for; every field has a default.
@@ -102,6 +105,8 @@ pub struct SpawnRequest {
     pub workspace_gib: Option<u64>,
     /// (VM, snapshot) to clone the workspace from.
     pub from_snapshot: Option<(String, String)>,
+    /// The identity the VM belongs to.
+    pub owner: Option<String>,
 }
 
 pub const DEFAULT_IMAGE: &str = "default";
@@ -133,6 +138,7 @@ pub struct Daemon {
     /// The API tokens, as the catalog has them.
     tokens: crate::identity::Tokens,
     token_reload: Mutex<()>,
+    owners: owners::Owners,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -241,6 +247,7 @@ impl Daemon {
             destroying: tokio::sync::watch::Sender::default(),
             tokens: crate::identity::Tokens::default(),
             token_reload: Mutex::new(()),
+            owners: owners::Owners::default(),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,
@@ -261,6 +268,10 @@ impl Daemon {
             .reload_tokens()
             .await
             .map_err(|e| anyhow::anyhow!("reading API tokens: {e}"))?;
+        daemon
+            .load_owners()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading VM owners: {e}"))?;
         if let Some(path) = daemon
             .first_admin_token()
             .await
@@ -489,7 +500,8 @@ impl Daemon {
         self.events.subscribe()
     }
 
-    fn emit(&self, event: VmEvent) {
+    fn emit(&self, mut event: VmEvent) {
+        event.owner = self.owner_of(&event.vm).flatten();
         let _ = self.events.send(event);
     }
 
@@ -612,16 +624,19 @@ impl Daemon {
         {
             let creating = self.creating.lock().await;
             self.admit_new().await?;
-            let (name, image) = (name.clone(), image.clone());
+            let (vm, image, owner) = (name.clone(), image.clone(), req.owner.clone());
             self.blocking(move |s| {
-                s.create_vm_drives(&name, &image, workspace)?;
-                let configured = s.set_vm_config(&name, &config);
+                s.create_vm_drives(&vm, &image, workspace)?;
+                let configured = s
+                    .set_vm_config(&vm, &config)
+                    .and_then(|()| s.set_vm_owner(&vm, owner.as_deref()));
                 if configured.is_err() {
-                    let _ = s.destroy_vm_drives(&name);
+                    let _ = s.destroy_vm_drives(&vm);
                 }
                 configured
             })
             .await?;
+            self.owners.set(&name, req.owner.clone());
             drop(creating);
         }
         say(
@@ -632,6 +647,7 @@ impl Daemon {
             let doomed = name.clone();
             let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
             self.remove_console(&name);
+            self.owners.forget(&name);
             return Err(e);
         }
         let info = self.info(&name).await?;
@@ -704,6 +720,7 @@ impl Daemon {
                 EventKind::Destroyed,
                 format!("VM {name} destroyed"),
             ));
+            self.owners.forget(name);
             Ok(())
         }
         .await;
@@ -838,12 +855,18 @@ impl Daemon {
         let creating = self.creating.lock().await;
         self.admit_new().await?;
         let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
-        self.blocking(move |s| {
-            let config = s.vm_config(&from)?;
-            s.fork(&from, &snap, &new)?;
-            s.set_vm_config(&new, &config)
-        })
-        .await?;
+        // A fork is its source's owner's.
+        let owner = self
+            .blocking(move |s| {
+                let config = s.vm_config(&from)?;
+                let owner = s.vm_owner(&from)?;
+                s.fork(&from, &snap, &new)?;
+                s.set_vm_config(&new, &config)?;
+                s.set_vm_owner(&new, owner.as_deref())?;
+                Ok(owner)
+            })
+            .await?;
+        self.owners.set(&name, owner);
         drop(creating);
         if let Err(e) = self.boot(&name).await {
             let doomed = name.clone();
@@ -922,6 +945,7 @@ impl Daemon {
             guest: vm
                 .and_then(|_| self.guests.health(name))
                 .map(|h| h.to_string()),
+            owner: self.owner_of(name).flatten(),
         })
     }
 

@@ -91,6 +91,7 @@ pub async fn forward_to_session(
     mut events: broadcast::Receiver<VmEvent>,
     peer: Peer<RoleServer>,
     level: SessionLevel,
+    viewer: crate::identity::Identity,
 ) {
     loop {
         let event = tokio::select! {
@@ -99,6 +100,9 @@ pub async fn forward_to_session(
         };
         match event {
             Ok(event) => {
+                if !super::NexusTools::may_hear(&viewer, &event) {
+                    continue;
+                }
                 if let Some(note) = message(&event, level.get())
                     && peer.notify_logging_message(note.params).await.is_err()
                 {

@@ -56,6 +56,9 @@ impl Default for Options {
     }
 }
 
+/// Tools only admins see and call.
+const ADMIN_TOOLS: [&str; 3] = ["create_token", "list_tokens", "revoke_token"];
+
 /// One MCP connection's (or, over HTTP, one session's) server.
 #[derive(Clone)]
 pub struct NexusTools {
@@ -85,6 +88,28 @@ impl NexusTools {
         }
     }
 
+    /// Whether `caller` may hear of `event`: an admin of all, a user of
+    /// its own VMs.
+    pub fn may_hear(caller: &Identity, event: &crate::daemon::VmEvent) -> bool {
+        caller.role == crate::identity::Role::Admin || event.owner.as_deref() == Some(&caller.name)
+    }
+
+    /// Whether `caller` may see and drive VM `vm`: an admin any, a user
+    /// those it owns. Another's VM and no VM read the same, so nobody
+    /// learns which names others use.
+    pub fn may_reach(&self, caller: &Identity, vm: &str) -> Result<(), String> {
+        if caller.role == crate::identity::Role::Admin {
+            return Ok(());
+        }
+        match self.daemon.owner_of(vm) {
+            Some(Some(owner)) if owner == caller.name => Ok(()),
+            _ => Err(format!(
+                "VM {vm:?} does not exist among yours ({}): list_vms shows them",
+                caller.name
+            )),
+        }
+    }
+
     /// Who makes a request: the identity the HTTP layer proved for it, or
     /// the connection's. None is an error: nothing runs for nobody.
     pub fn caller(&self, context: &RequestContext<RoleServer>) -> Result<Identity, String> {
@@ -100,8 +125,9 @@ impl NexusTools {
             .ok_or_else(|| "this connection has no identity".to_owned())
     }
 
-    /// Every tool on `surface`, sorted by name, with standard schemas.
-    async fn all_tools(&self, surface: Surface) -> Vec<Tool> {
+    /// Every tool on `surface` that `caller` may call (guest tools of the
+    /// VMs it may reach), sorted by name, with standard schemas.
+    async fn all_tools(&self, surface: Surface, caller: &Identity) -> Vec<Tool> {
         static MANAGEMENT: std::sync::OnceLock<Vec<Tool>> = std::sync::OnceLock::new();
         let mut tools = MANAGEMENT
             .get_or_init(|| {
@@ -110,7 +136,11 @@ impl NexusTools {
                 tools
             })
             .clone();
-        let guests = self.daemon.guests().all_tools().await;
+        if caller.role != crate::identity::Role::Admin {
+            tools.retain(|t| !ADMIN_TOOLS.contains(&t.name.as_ref()));
+        }
+        let mut guests = self.daemon.guests().all_tools().await;
+        guests.retain(|(vm, _)| self.may_reach(caller, vm).is_ok());
         let mut shared = surface == Surface::Shared;
         if surface == Surface::PerVm {
             for (vm, session) in &guests {
@@ -153,10 +183,19 @@ impl NexusTools {
         mut request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        // Nothing runs for a request nobody is known to have made.
-        self.caller(&context)
+        // Nothing runs for a request nobody is known to have made, and
+        // nothing on a VM its caller may not reach.
+        let caller = self
+            .caller(&context)
             .map_err(|why| ErrorData::invalid_request(why, None))?;
         if self.tool_router.has_route(&request.name) {
+            for key in ["vm", "from_vm"] {
+                if let Some(Value::String(vm)) = request.arguments.as_ref().and_then(|a| a.get(key))
+                    && let Err(why) = self.may_reach(&caller, vm)
+                {
+                    return Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
+                }
+            }
             return self
                 .tool_router
                 .call(ToolCallContext::new(self, request, context))
@@ -206,6 +245,9 @@ impl NexusTools {
                 ));
             }
         };
+        if let Err(why) = self.may_reach(&caller, &vm) {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
+        }
         if !self.daemon.guests().is_attached(&vm) {
             let why = self.daemon.why_unreachable(&vm).await;
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
@@ -224,10 +266,11 @@ impl ServerHandler for NexusTools {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        self.caller(&context)
+        let caller = self
+            .caller(&context)
             .map_err(|why| ErrorData::invalid_request(why, None))?;
         let surface = surface::requested(self.options.surface, &context)?;
-        let tools = self.all_tools(surface).await;
+        let tools = self.all_tools(surface, &caller).await;
         let cursor = request.as_ref().and_then(|r| r.cursor.as_deref());
         let (tools, next) = surface::page(tools, cursor, self.options.page_size)?;
         let mut result = ListToolsResult::with_all_items(tools);
@@ -279,6 +322,9 @@ impl ServerHandler for NexusTools {
     /// A 2026-07-28 subscription: tool list changes if asked for, and VM
     /// events as log messages if the request carried a log level.
     async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let viewer = self
+            .caller(context.request_context())
+            .map_err(|why| ErrorData::invalid_request(why, None))?;
         let wants_tools = context.accepted().tools_list_changed == Some(true);
         let log_level = logging::requested(&context);
         let mut changes = self.daemon.subscribe_changes();
@@ -297,6 +343,7 @@ impl ServerHandler for NexusTools {
                     match event {
                         Ok(event) => {
                             if let Some(min) = log_level
+                                && Self::may_hear(&viewer, &event)
                                 && logging::send_on_subscription(&context, &event, min).await.is_err()
                             {
                                 return Ok(());
@@ -333,11 +380,19 @@ impl ServerHandler for NexusTools {
                 }
             }
         });
-        tokio::spawn(logging::forward_to_session(
-            self.daemon.subscribe_events(),
-            context.peer,
-            self.log_level.clone(),
-        ));
+        // Events of the VMs its caller may reach.
+        let viewer = match context.extensions.get::<axum::http::request::Parts>() {
+            Some(parts) => parts.extensions.get::<Identity>().cloned(),
+            None => self.identity.clone(),
+        };
+        if let Some(viewer) = viewer {
+            tokio::spawn(logging::forward_to_session(
+                self.daemon.subscribe_events(),
+                context.peer,
+                self.log_level.clone(),
+                viewer,
+            ));
+        }
     }
 
     #[allow(deprecated)] // enable_logging: see set_level

@@ -2,9 +2,11 @@
 //! delete_snapshot, fork_vm.
 
 use nexus_storage::SnapshotInfo;
+use rmcp::RoleServer;
 use rmcp::handler::server::common::schema_for_output;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::CallToolResult;
+use rmcp::service::RequestContext;
 use rmcp::{tool, tool_router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -120,7 +122,9 @@ impl NexusTools {
     async fn list_snapshots(
         &self,
         Parameters(p): Parameters<ListSnapshotsParams>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
+        let caller = self.caller(&ctx)?;
         let snapshots: Vec<Snapshot> = self
             .daemon
             .list_snapshots(p.vm)
@@ -128,6 +132,7 @@ impl NexusTools {
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(Snapshot::from)
+            .filter(|s| self.may_reach(&caller, &s.vm).is_ok())
             .collect();
         let text = if snapshots.is_empty() {
             "no snapshots".to_owned()

@@ -105,6 +105,7 @@ impl NexusTools {
         Parameters(p): Parameters<SpawnVmParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
+        let caller = self.caller(&ctx)?;
         let (progress, forwarder) = match ctx.meta.get_progress_token() {
             Some(token) => {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, String)>();
@@ -124,6 +125,7 @@ impl NexusTools {
             None => (None, None),
         };
         let request = SpawnRequest {
+            owner: Some(caller.name),
             name: p.name,
             image: p.image,
             vcpus: p.vcpus,
@@ -159,8 +161,10 @@ impl NexusTools {
     }
 
     #[tool(description = "List every VM with its state and size.", output_schema = schema_for_output::<VmList>())]
-    async fn list_vms(&self) -> Result<CallToolResult, String> {
-        let vms = self.daemon.list().await.map_err(|e| e.to_string())?;
+    async fn list_vms(&self, ctx: RequestContext<RoleServer>) -> Result<CallToolResult, String> {
+        let caller = self.caller(&ctx)?;
+        let mut vms = self.daemon.list().await.map_err(|e| e.to_string())?;
+        vms.retain(|vm| self.may_reach(&caller, &vm.name).is_ok());
         let pool = self.daemon.pool_space();
         let mut text = if vms.is_empty() {
             "no VMs: spawn_vm makes one".to_owned()

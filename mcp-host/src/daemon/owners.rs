@@ -1,0 +1,46 @@
+//! Who each VM belongs to (an identity's name; none: admins only), kept
+//! in memory beside the catalog so that access checks and event filters
+//! cost a map lookup, not a query.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use super::{Daemon, Result};
+
+#[derive(Default)]
+pub(super) struct Owners(RwLock<HashMap<String, Option<String>>>);
+
+impl Owners {
+    fn get(&self, vm: &str) -> Option<Option<String>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(vm)
+            .cloned()
+    }
+
+    pub(super) fn set(&self, vm: &str, owner: Option<String>) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.to_owned(), owner);
+    }
+
+    pub(super) fn forget(&self, vm: &str) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(vm);
+    }
+}
+
+impl Daemon {
+    /// Who VM `vm` belongs to: None if no such VM, Some(None) if no one.
+    pub fn owner_of(&self, vm: &str) -> Option<Option<String>> {
+        self.owners.get(vm)
+    }
+
+    pub(super) async fn load_owners(&self) -> Result<()> {
+        for (vm, owner) in self.blocking(|s| s.vm_owners()).await? {
+            self.owners.set(&vm, owner);
+        }
+        Ok(())
+    }
+}

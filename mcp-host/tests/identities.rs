@@ -1,0 +1,142 @@
+//! Two identities on one nexusd: each sees and drives only its own VMs
+//! (list_vms, tools/list, every way a call names a VM), an admin sees all,
+//! and a fork belongs to its source's owner.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use common::{State, call, can_run};
+use nexus_integration::ensure_default_image;
+use rmcp::ServiceExt;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_identity_sees_and_drives_only_its_own_vms() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let (serve, url) = common::serve(&state).await;
+    let admin = ().serve(state.http(url.clone())).await.unwrap();
+    let mut users = Vec::new();
+    for name in ["alice", "bob"] {
+        let made = call(&admin, "create_token", json!({"name": name}))
+            .await
+            .ok();
+        let token = made["token"].as_str().unwrap().to_owned();
+        users.push(
+            ().serve(nexus_integration::nexusd::http(url.clone(), token))
+                .await
+                .unwrap(),
+        );
+    }
+    let (alice, bob) = (&users[0], &users[1]);
+    let (a, b) = tokio::join!(
+        call(alice, "spawn_vm", json!({"name": "a1", "memory_mib": 128})),
+        call(bob, "spawn_vm", json!({"name": "b1", "memory_mib": 128})),
+    );
+    assert_eq!(a.ok()["owner"], "token:alice");
+    assert_eq!(b.ok()["owner"], "token:bob");
+
+    let names = |list: serde_json::Value| -> Vec<String> {
+        list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(call(alice, "list_vms", json!({})).await.ok()), ["a1"]);
+    assert_eq!(names(call(bob, "list_vms", json!({})).await.ok()), ["b1"]);
+    assert_eq!(
+        names(call(&admin, "list_vms", json!({})).await.ok()),
+        ["a1", "b1"]
+    );
+    let tools: Vec<String> = alice
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(tools.contains(&"a1__exec".to_owned()), "{tools:?}");
+    assert!(
+        !tools
+            .iter()
+            .any(|t| t.starts_with("b1__") || t.ends_with("_token") || t == "list_tokens"),
+        "alice sees another's VM or the admin's tools: {tools:?}"
+    );
+
+    // Bob's snapshot, then every way alice could name his VM (by name
+    // prefix, `vm` argument on either surface, snapshot reference).
+    call(bob, "snapshot_drive", json!({"vm": "b1", "name": "s"}))
+        .await
+        .ok();
+    for (tool, args) in [
+        ("b1__exec", json!({"command": "true"})),
+        ("vm_exec", json!({"vm": "b1", "command": "true"})),
+        ("get_vm", json!({"vm": "b1"})),
+        ("stop_vm", json!({"vm": "b1"})),
+        ("destroy_vm", json!({"vm": "b1"})),
+        ("read_console", json!({"vm": "b1"})),
+        ("snapshot_drive", json!({"vm": "b1"})),
+        ("list_snapshots", json!({"vm": "b1"})),
+        ("restore_snapshot", json!({"vm": "b1", "snapshot": "s"})),
+        ("delete_snapshot", json!({"vm": "b1", "snapshot": "s"})),
+        (
+            "fork_vm",
+            json!({"vm": "b1", "snapshot": "s", "name": "stolen"}),
+        ),
+        (
+            "spawn_vm",
+            json!({"name": "stolen", "from_vm": "b1", "from_snapshot": "s"}),
+        ),
+    ] {
+        let err = call(alice, tool, args.clone()).await.err();
+        assert!(
+            err.contains("does not exist among yours (token:alice)"),
+            "{tool} {args}: {err}"
+        );
+    }
+    // Nothing changed: bob's VM runs, his snapshot is there, no "stolen".
+    let info = call(bob, "get_vm", json!({"vm": "b1"})).await.ok();
+    assert_eq!(info["state"], "running");
+    let snaps = call(bob, "list_snapshots", json!({})).await.ok();
+    assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 1);
+    let mine = call(alice, "list_snapshots", json!({})).await.ok();
+    assert!(mine["snapshots"].as_array().unwrap().is_empty(), "{mine}");
+    assert_eq!(
+        names(call(&admin, "list_vms", json!({})).await.ok()),
+        ["a1", "b1"]
+    );
+
+    // A fork is its source's owner's, even made by an admin.
+    let fork = call(
+        &admin,
+        "fork_vm",
+        json!({"vm": "b1", "snapshot": "s", "name": "b2"}),
+    )
+    .await
+    .ok();
+    assert_eq!(fork["owner"], "token:bob");
+    assert_eq!(
+        names(call(bob, "list_vms", json!({})).await.ok()),
+        ["b1", "b2"]
+    );
+    let out = call(bob, "b2__exec", json!({"command": "echo mine"}))
+        .await
+        .ok();
+    assert_eq!(out["stdout"], "mine\n");
+
+    for vm in ["a1", "b1", "b2"] {
+        call(&admin, "destroy_vm", json!({"vm": vm})).await.ok();
+    }
+    for client in users {
+        client.cancel().await.unwrap();
+    }
+    admin.cancel().await.unwrap();
+    assert!(serve.stop().await.success());
+}
