@@ -104,9 +104,10 @@ async fn main() -> anyhow::Result<()> {
 
     let vm = call(&stdio, "spawn_vm", json!({"name": "bench"})).await?;
     let cid = vm["cid"].as_u64().context("no cid")?;
-    let uds = stdio_state
-        .path()
-        .join(format!("run/bench.{cid}/vsock.sock"));
+    // The VM's vsock directory (nexus-vmm's default root).
+    let uds = nexus_vmm::VmmConfig::default()
+        .vsock_root
+        .join(format!("{cid}/vsock.sock"));
     let stream =
         nexus_vmm::vsock::connect(&uds, nexus_vmm::GUEST_TOOLS_PORT, Duration::from_secs(5))
             .await?;
