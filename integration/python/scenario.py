@@ -248,8 +248,10 @@ async def run(s, prefix, mode):
 
     # What the era delivers unasked: VM events as log messages, and news
     # of tool list changes.
+    # (The last event: `a` is destroyed after `b`; a log message may
+    # arrive after the result of the call that caused it.)
     await wait_for("log messages for the VMs", lambda: any(
-        isinstance(d, dict) and d.get("vm") == b and d.get("event") == "destroyed" for d in s.seen.logs))
+        isinstance(d, dict) and d.get("vm") == a and d.get("event") == "destroyed" for d in s.seen.logs))
     events = {(d["vm"], d["event"]) for d in s.seen.logs if isinstance(d, dict) and "vm" in d}
     for expected in [(a, "started"), (b, "started"), (b, "stopped"), (a, "destroyed")]:
         assert expected in events, (expected, events)
