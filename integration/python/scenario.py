@@ -34,7 +34,7 @@ GUEST_TOOLS = [
 MANAGEMENT_TOOLS = [
     "spawn_vm", "list_vms", "get_vm", "start_vm", "stop_vm", "destroy_vm", "read_console",
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
-    "fork_vm", "create_token", "list_tokens", "revoke_token",
+    "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit",
 ]
 
 
@@ -235,6 +235,17 @@ async def run(s, prefix, mode):
     assert (await s.guest(b, "read_file", {"path": "src/notes.txt"}))["content"] == "b's\n"
 
     await s.ok("delete_snapshot", {"vm": a, "snapshot": "s1"})
+    # The audit trail has this run's calls on its VM (written in batches:
+    # the newest may take a moment).
+    async def audited():
+        rows = (await s.ok("read_audit", {"vm": a, "limit": 1000}))["records"]
+        return {r["tool"] for r in rows}
+    for _ in range(100):
+        tools = await audited()
+        if {"spawn_vm", "snapshot_drive", "restore_snapshot"} <= tools:
+            break
+        await asyncio.sleep(0.05)
+    assert {"spawn_vm", "snapshot_drive", "restore_snapshot"} <= tools, tools
     for vm in (b, a):
         await s.ok("destroy_vm", {"vm": vm})
     listed = await s.ok("list_vms")

@@ -131,6 +131,60 @@ async fn each_identity_sees_and_drives_only_its_own_vms() {
         .ok();
     assert_eq!(out["stdout"], "mine\n");
 
+    // The trail: every call alice made, allowed and denied, each with its
+    // VM and outcome; no secret anywhere in it.
+    let out = call(
+        alice,
+        "a1__exec",
+        json!({"command": "echo nexus_notreallyasecret"}),
+    )
+    .await
+    .ok();
+    assert_eq!(out["stdout"], "nexus_notreallyasecret\n");
+    // spawn_vm, list_vms, 12 denied, list_snapshots, the exec.
+    let alice_calls = 16;
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        let trail = call(
+            &admin,
+            "read_audit",
+            json!({"identity": "token:alice", "limit": 1000}),
+        )
+        .await
+        .ok();
+        rows = trail["records"].as_array().unwrap().clone();
+        if rows.len() >= alice_calls {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows.len(), alice_calls, "{rows:#?}");
+    let denied: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r["outcome"] == "denied").collect();
+    assert_eq!(denied.len(), 12, "{rows:#?}");
+    assert!(denied.iter().all(|r| r["vm"] == "b1"), "{denied:#?}");
+    assert!(
+        rows.iter()
+            .any(|r| r["tool"] == "spawn_vm" && r["vm"] == "a1" && r["outcome"] == "ok"),
+        "{rows:#?}"
+    );
+    let exec = rows.iter().find(|r| r["tool"] == "a1__exec").unwrap();
+    assert!(
+        exec["arguments"].as_str().unwrap().contains("[redacted]") && exec["transport"] == "http",
+        "{exec}"
+    );
+    let everything = call(&admin, "read_audit", json!({"limit": 1000})).await;
+    assert!(
+        !everything.json.to_string().contains("nexus_"),
+        "a secret in the trail"
+    );
+    let err = call(alice, "read_audit", json!({})).await.err();
+    assert!(err.contains("needs the admin role"), "{err}");
+    let err = call(&admin, "read_audit", json!({"since": "yesterday"}))
+        .await
+        .err();
+    assert!(err.contains("`since` must be a time"), "{err}");
+
     for vm in ["a1", "b1", "b2"] {
         call(&admin, "destroy_vm", json!({"vm": vm})).await.ok();
     }

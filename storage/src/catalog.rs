@@ -61,6 +61,20 @@ const MIGRATIONS: &[&str] = &[
     // 5: who a VM belongs to (nexusd's identity name; NULL: no one, so
     // only admins reach it). Its snapshots are its owner's.
     "ALTER TABLE vms ADD COLUMN owner TEXT;",
+    // 6: the audit trail: one row per tool call, written only by nexusd.
+    "CREATE TABLE audit (
+        id         INTEGER PRIMARY KEY,
+        at         TEXT NOT NULL,
+        identity   TEXT NOT NULL,
+        transport  TEXT NOT NULL,
+        tool       TEXT NOT NULL,
+        vm         TEXT,
+        arguments  TEXT NOT NULL,
+        outcome    TEXT NOT NULL,
+        duration_us INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX audit_identity ON audit (identity, id);
+     CREATE INDEX audit_vm ON audit (vm, id);",
 ];
 
 #[derive(Debug, thiserror::Error)]

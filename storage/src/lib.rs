@@ -32,6 +32,7 @@
 //! - `images`, `vms`, `snapshots`: the operations.
 //! - `reconcile`: recovery at open, and the consistency check tests use.
 
+mod audit;
 pub mod catalog;
 mod images;
 pub mod names;
@@ -53,6 +54,7 @@ pub mod steps {
     pub use crate::vms::{CREATE_STEPS, DESTROY_STEPS, FORK_STEPS};
 }
 
+pub use audit::{AuditQuery, AuditRecord};
 pub use catalog::{Catalog, CatalogError};
 pub use names::{NameError, validate_name};
 pub use pool::{Pool, PoolConfig, PoolKind};

@@ -644,3 +644,61 @@ fn tokens_are_kept_by_digest_named_once_and_revoked_for_good() {
     assert_eq!(all.len(), 1);
     assert!(all[0].revoked_at.is_some(), "revocation survives a restart");
 }
+
+#[test]
+fn the_audit_trail_keeps_its_newest_rows_and_answers_by_identity_vm_and_time() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    let record = |i: i64, who: &str, vm: Option<&str>| nexus_storage::AuditRecord {
+        id: 0,
+        at: format!("2026-11-29T10:00:{i:02}.000Z"),
+        identity: who.into(),
+        transport: "http".into(),
+        tool: "get_vm".into(),
+        vm: vm.map(str::to_owned),
+        arguments: "{}".into(),
+        outcome: "ok".into(),
+        duration_us: i,
+    };
+    let batch: Vec<_> = (0..10)
+        .map(|i| {
+            record(
+                i,
+                if i % 2 == 0 { "token:a" } else { "token:b" },
+                Some("vm1"),
+            )
+        })
+        .collect();
+    storage.append_audit(&batch, 6).unwrap();
+    let all = storage
+        .read_audit(&nexus_storage::AuditQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.duration_us).collect::<Vec<_>>(),
+        [9, 8, 7, 6, 5, 4],
+        "the newest 6, newest first"
+    );
+    let query = |identity: Option<&str>, since: Option<&str>, before: Option<i64>| {
+        storage
+            .read_audit(&nexus_storage::AuditQuery {
+                identity: identity.map(str::to_owned),
+                vm: Some("vm1".into()),
+                since: since.map(str::to_owned),
+                before_id: before,
+                limit: 2,
+            })
+            .unwrap()
+            .iter()
+            .map(|r| r.duration_us)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(query(Some("token:a"), None, None), [8, 6]);
+    assert_eq!(query(None, Some("2026-11-29T10:00:08.000Z"), None), [9, 8]);
+    assert_eq!(query(None, None, Some(all[1].id)), [7, 6]);
+}

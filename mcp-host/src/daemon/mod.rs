@@ -2,6 +2,7 @@
 //! MCP handlers call this and only translate.
 
 pub mod admission;
+pub mod audit;
 mod events;
 mod hooks;
 mod owners;
@@ -139,6 +140,7 @@ pub struct Daemon {
     tokens: crate::identity::Tokens,
     token_reload: Mutex<()>,
     owners: owners::Owners,
+    audit: audit::AuditSender,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -238,6 +240,7 @@ impl Daemon {
             tracing::warn!(vms = ?stopped, "stopped leftovers of VMs that could not be adopted");
         }
         let changes = tokio::sync::broadcast::channel(16).0;
+        let audit_writer = audit::writer(storage.clone());
         let daemon = Arc::new_cyclic(|me| Self {
             config,
             storage,
@@ -248,6 +251,7 @@ impl Daemon {
             tokens: crate::identity::Tokens::default(),
             token_reload: Mutex::new(()),
             owners: owners::Owners::default(),
+            audit: audit_writer,
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,

@@ -8,6 +8,7 @@
 //! `vm` it belongs to, and the name of something a tool creates is `name`
 //! (a new VM's workspace source is `from_vm` + `from_snapshot`).
 
+mod audit;
 mod image;
 mod logging;
 mod snapshot;
@@ -57,7 +58,7 @@ impl Default for Options {
 }
 
 /// Tools only admins see and call.
-const ADMIN_TOOLS: [&str; 3] = ["create_token", "list_tokens", "revoke_token"];
+const ADMIN_TOOLS: [&str; 4] = ["create_token", "list_tokens", "revoke_token", "read_audit"];
 
 /// One MCP connection's (or, over HTTP, one session's) server.
 #[derive(Clone)]
@@ -81,7 +82,8 @@ impl NexusTools {
             tool_router: Self::vm_router()
                 + Self::snapshot_router()
                 + Self::image_router()
-                + Self::token_router(),
+                + Self::token_router()
+                + Self::audit_router(),
             options,
             log_level: logging::SessionLevel::default(),
             identity,
@@ -178,24 +180,41 @@ impl NexusTools {
         }
     }
 
+    /// The VMs a call acts on, as its arguments and name say (before any
+    /// check: a malformed one is the tool's to refuse).
+    fn named_vms(&self, request: &CallToolRequestParams) -> Vec<String> {
+        let arg = |key: &str| match request.arguments.as_ref().and_then(|a| a.get(key)) {
+            Some(Value::String(vm)) => Some(vm.clone()),
+            _ => None,
+        };
+        if self.tool_router.has_route(&request.name) {
+            return ["vm", "from_vm"].into_iter().filter_map(arg).collect();
+        }
+        match surface::target(&request.name) {
+            Some(surface::Target::PerVm { vm, .. }) => vec![vm.to_owned()],
+            Some(surface::Target::Shared { .. }) => arg(surface::VM_ARGUMENT).into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The one decision before any tool runs: the caller may call this
+    /// tool, on these VMs.
+    fn admit(&self, caller: &Identity, tool: &str, vms: &[String]) -> Result<(), String> {
+        if ADMIN_TOOLS.contains(&tool) {
+            caller.require_admin(tool)?;
+        }
+        for vm in vms {
+            self.may_reach(caller, vm)?;
+        }
+        Ok(())
+    }
+
     async fn dispatch(
         &self,
         mut request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        // Nothing runs for a request nobody is known to have made, and
-        // nothing on a VM its caller may not reach.
-        let caller = self
-            .caller(&context)
-            .map_err(|why| ErrorData::invalid_request(why, None))?;
         if self.tool_router.has_route(&request.name) {
-            for key in ["vm", "from_vm"] {
-                if let Some(Value::String(vm)) = request.arguments.as_ref().and_then(|a| a.get(key))
-                    && let Err(why) = self.may_reach(&caller, vm)
-                {
-                    return Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
-                }
-            }
             return self
                 .tool_router
                 .call(ToolCallContext::new(self, request, context))
@@ -245,9 +264,6 @@ impl NexusTools {
                 ));
             }
         };
-        if let Err(why) = self.may_reach(&caller, &vm) {
-            return Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into());
-        }
         if !self.daemon.guests().is_attached(&vm) {
             let why = self.daemon.why_unreachable(&vm).await;
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
@@ -287,15 +303,71 @@ impl ServerHandler for NexusTools {
     ) -> Result<CallToolResponse, ErrorData> {
         let label = self.metric_label(&request.name);
         let started = std::time::Instant::now();
-        let response = self.dispatch(request, context).await;
+        let caller = self.caller(&context);
+        let transport = match (
+            &caller,
+            context.extensions.get::<axum::http::request::Parts>(),
+        ) {
+            (Ok(who), Some(_)) if matches!(who.proof, crate::identity::Proof::Uid(_)) => {
+                "admin-socket"
+            }
+            (_, Some(_)) => "http",
+            (_, None) => "stdio",
+        };
+        let vms = self.named_vms(&request);
+        // For the trail: the VM acted on, or the one being made.
+        let vm = vms.first().cloned().or_else(|| {
+            matches!(request.name.as_ref(), "spawn_vm" | "fork_vm")
+                .then(
+                    || match request.arguments.as_ref().and_then(|a| a.get("name")) {
+                        Some(Value::String(name)) => Some(name.clone()),
+                        _ => None,
+                    },
+                )
+                .flatten()
+        });
+        let arguments = crate::daemon::audit::redact(request.arguments.as_ref());
+        let tool = request.name.to_string();
+        // Nothing runs for a request nobody is known to have made, nor
+        // for a caller the decision refuses.
+        let (response, denied) = match &caller {
+            Err(why) => (Err(ErrorData::invalid_request(why.clone(), None)), false),
+            Ok(who) => match self.admit(who, &tool, &vms) {
+                Err(why) => (
+                    Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into()),
+                    true,
+                ),
+                Ok(()) => (self.dispatch(request, context).await, false),
+            },
+        };
         let outcome = match &response {
             Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => Outcome::ToolError,
             Ok(_) => Outcome::Ok,
             Err(_) => Outcome::ProtocolError,
         };
+        let took = started.elapsed();
+        self.daemon.metrics().record_call(&label, outcome, took);
         self.daemon
-            .metrics()
-            .record_call(&label, outcome, started.elapsed());
+            .audit(nexus_storage::AuditRecord {
+                id: 0,
+                at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                identity: caller
+                    .as_ref()
+                    .map_or_else(|_| "unknown".to_owned(), |c| c.name.clone()),
+                transport: transport.into(),
+                tool,
+                vm,
+                arguments,
+                outcome: match (denied, outcome) {
+                    (true, _) => "denied",
+                    (_, Outcome::Ok) => "ok",
+                    (_, Outcome::ToolError) => "tool_error",
+                    (_, Outcome::ProtocolError) => "protocol_error",
+                }
+                .into(),
+                duration_us: took.as_micros().min(i64::MAX as u128) as i64,
+            })
+            .await;
         response
     }
 

@@ -1,0 +1,175 @@
+//! The audit trail: every tool call, allowed or denied, goes to the
+//! catalog (through one writer task, in batches, so a call waits on a
+//! channel, not on SQLite) and to the log as a structured line. Arguments
+//! are kept with secret-looking values redacted and long values cut: the
+//! trail says what was asked, not what was written.
+
+use nexus_storage::{AuditQuery, AuditRecord};
+use serde_json::{Map, Value};
+
+use super::{Daemon, DaemonError, Result};
+
+/// Rows the catalog keeps (the oldest go first).
+pub const AUDIT_ROWS: u64 = 100_000;
+/// Calls waiting for the writer at most; past it a call waits (the trail
+/// is not lossy).
+const QUEUE: usize = 4096;
+/// String values longer than this are cut in the trail.
+const MAX_VALUE_CHARS: usize = 64;
+/// The whole argument text at most.
+const MAX_ARGUMENTS_CHARS: usize = 1024;
+/// Argument names whose values are never kept.
+const SECRET_NAMES: [&str; 7] = [
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "key",
+    "auth",
+    "credential",
+];
+/// Value prefixes of well-known secrets.
+const SECRET_PREFIXES: [&str; 6] = ["nexus_", "sk-", "ghp_", "gho_", "xoxb-", "AKIA"];
+
+/// The writer's end: calls send records here.
+pub(super) type AuditSender = tokio::sync::mpsc::Sender<AuditRecord>;
+
+/// Starts the writer; returns its sender.
+pub(super) fn writer(storage: std::sync::Arc<nexus_storage::Storage>) -> AuditSender {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<AuditRecord>(QUEUE);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match rx.try_recv() {
+                    Ok(record) => batch.push(record),
+                    Err(_) => break,
+                }
+            }
+            let storage = storage.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                storage
+                    .append_audit(&batch, AUDIT_ROWS)
+                    .map(|()| batch.len())
+            })
+            .await;
+            match written {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "could not write audit records"),
+                Err(e) => tracing::error!(error = %e, "the audit writer failed"),
+            }
+        }
+    });
+    tx
+}
+
+impl Daemon {
+    /// Records one call (and logs it).
+    pub async fn audit(&self, record: AuditRecord) {
+        tracing::info!(
+            target: "nexus_audit",
+            identity = record.identity,
+            transport = record.transport,
+            tool = record.tool,
+            vm = record.vm,
+            arguments = record.arguments,
+            outcome = record.outcome,
+            duration_us = record.duration_us,
+            "call"
+        );
+        if self.audit.send(record).await.is_err() {
+            tracing::error!("the audit writer is gone: a call went unrecorded");
+        }
+    }
+
+    /// Recorded calls, newest first.
+    pub async fn read_audit(&self, mut query: AuditQuery) -> Result<Vec<AuditRecord>> {
+        if let Some(since) = &query.since {
+            // One format, so that text order is time order.
+            let at = humantime::parse_rfc3339_weak(since).map_err(|e| {
+                DaemonError::Invalid(format!(
+                    "`since` must be a time like 2026-11-29T12:00:00Z, got {since:?}: {e}"
+                ))
+            })?;
+            query.since = Some(humantime::format_rfc3339_millis(at).to_string());
+        }
+        self.blocking(move |s| s.read_audit(&query)).await
+    }
+}
+
+/// The arguments as the trail keeps them: JSON, secret-looking values
+/// replaced, long strings cut, the whole bounded.
+pub fn redact(arguments: Option<&Map<String, Value>>) -> String {
+    let Some(arguments) = arguments else {
+        return "{}".into();
+    };
+    let kept = Value::Object(
+        arguments
+            .iter()
+            .map(|(k, v)| (k.clone(), redact_value(Some(k), v)))
+            .collect(),
+    );
+    let text = kept.to_string();
+    if text.chars().count() > MAX_ARGUMENTS_CHARS {
+        let cut: String = text.chars().take(MAX_ARGUMENTS_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        text
+    }
+}
+
+fn redact_value(name: Option<&str>, value: &Value) -> Value {
+    let secret_name = name.is_some_and(|n| {
+        let n = n.to_ascii_lowercase();
+        SECRET_NAMES.iter().any(|s| n.contains(s))
+    });
+    match value {
+        _ if secret_name => Value::String("[redacted]".into()),
+        Value::String(s) => {
+            if SECRET_PREFIXES.iter().any(|p| s.contains(p)) {
+                Value::String("[redacted]".into())
+            } else if s.chars().count() > MAX_VALUE_CHARS {
+                let cut: String = s.chars().take(MAX_VALUE_CHARS).collect();
+                Value::String(format!("{cut}... ({} bytes)", s.len()))
+            } else {
+                value.clone()
+            }
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), redact_value(Some(k), v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(|v| redact_value(None, v)).collect()),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_long_values_cut() {
+        let args = serde_json::json!({
+            "command": "curl -H 'Authorization: Bearer nexus_abcdef' x",
+            "env": {"API_KEY": "plain", "HOME": "/root"},
+            "content": "x".repeat(500),
+            "name": "ci",
+            "timeout_s": 5,
+            "list": ["sk-123", "fine"],
+        });
+        let text = redact(args.as_object());
+        assert!(
+            !text.contains("nexus_abcdef") && !text.contains("sk-123"),
+            "{text}"
+        );
+        assert!(!text.contains("plain"), "{text}");
+        assert!(text.contains("/root") && text.contains("\"ci\"") && text.contains("fine"));
+        assert!(text.contains("(500 bytes)") && text.len() < 400, "{text}");
+        let huge: Map<String, Value> = (0..100)
+            .map(|i| (format!("k{i}"), Value::String("v".repeat(60))))
+            .collect();
+        assert!(redact(Some(&huge)).chars().count() <= MAX_ARGUMENTS_CHARS + 3);
+    }
+}
