@@ -45,6 +45,8 @@ pub struct FileConfig {
     pub tools_page_size: Option<usize>,
     /// What the host may hold (`[limits]`).
     pub limits: Option<Limits>,
+    /// What each user's VMs may hold together (`[quota]`).
+    pub quota: Option<crate::daemon::quota::QuotaConfig>,
 }
 
 /// `[limits]`: each unset one is derived from the host.
@@ -92,6 +94,7 @@ pub struct Config {
     pub surface: Surface,
     pub tools_page_size: usize,
     pub limits: Limits,
+    pub quota: crate::daemon::quota::QuotaConfig,
     pub http_auth: bool,
     pub admin_uids: Vec<u32>,
 }
@@ -154,6 +157,7 @@ impl Config {
             surface: flags.surface.or(file.surface).unwrap_or_default(),
             tools_page_size: file.tools_page_size.unwrap_or(DEFAULT_TOOLS_PAGE_SIZE),
             limits: file.limits.unwrap_or_default(),
+            quota: file.quota.unwrap_or_default(),
             http_auth,
             admin_uids: file.admin_uids.unwrap_or_default(),
         })

@@ -149,6 +149,13 @@ impl Tokens {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Token `name`'s role, if the token exists.
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());
+        let record = map.values().find(|r| r.name == name)?;
+        Some(record.role.parse().unwrap_or(Role::User))
+    }
+
     /// Token `name`'s expiry if it is valid now; None if it is not.
     fn valid_until(&self, name: &str) -> Option<Option<SystemTime>> {
         let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());

@@ -19,7 +19,9 @@ use nexus_host::tools::Surface;
 /// given by --config (keys: state_dir, listen, allow_non_loopback,
 /// http_auth (default true: a bearer token on TCP), admin_uids,
 /// admin_socket, surface, tools_page_size, and a [limits] table: max_vms,
-/// max_memory_mib, max_vcpus, max_snapshots_per_vm), then environment variables and
+/// max_memory_mib, max_vcpus, max_snapshots_per_vm; a [quota] table for each
+/// user: max_running_vms, max_vcpus, max_memory_mib, max_workspace_gib,
+/// max_snapshots), then environment variables and
 /// flags, which win.
 ///
 /// State (the btrfs pool, the catalog, VM logs) lives in the state

@@ -19,7 +19,11 @@ async fn each_identity_sees_and_drives_only_its_own_vms() {
     let (image_dir, _) = ensure_default_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
-    let (serve, url) = common::serve(&state).await;
+    let (serve, url) = common::serve_with(
+        &state,
+        "[quota]\nmax_running_vms = 2\nmax_memory_mib = 256\nmax_workspace_gib = 3\nmax_snapshots = 1\n",
+    )
+    .await;
     let admin = ().serve(state.http(url.clone())).await.unwrap();
     let mut users = Vec::new();
     for name in ["alice", "bob"] {
@@ -185,7 +189,53 @@ async fn each_identity_sees_and_drives_only_its_own_vms() {
         .err();
     assert!(err.contains("`since` must be a time"), "{err}");
 
-    for vm in ["a1", "b1", "b2"] {
+    // Quotas: each refusal names its quota and changes nothing.
+    call(alice, "snapshot_drive", json!({"vm": "a1", "name": "q1"}))
+        .await
+        .ok();
+    for (tool, args, quota) in [
+        (
+            "snapshot_drive",
+            json!({"vm": "a1", "name": "q2"}),
+            "max_snapshots",
+        ),
+        (
+            "spawn_vm",
+            json!({"name": "a2", "workspace_gib": 5}),
+            "max_workspace_gib",
+        ),
+        (
+            "spawn_vm",
+            json!({"name": "a2", "memory_mib": 256}),
+            "max_memory_mib",
+        ),
+    ] {
+        let err = call(alice, tool, args.clone()).await.err();
+        assert!(
+            err.contains("token:alice's quota is reached") && err.contains(quota),
+            "{tool} {args}: {err}"
+        );
+    }
+    assert_eq!(names(call(alice, "list_vms", json!({})).await.ok()), ["a1"]);
+    let snaps = call(alice, "list_snapshots", json!({})).await.ok();
+    assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 1);
+    call(alice, "spawn_vm", json!({"name": "a2", "memory_mib": 128}))
+        .await
+        .ok();
+    let err = call(alice, "spawn_vm", json!({"name": "a3", "memory_mib": 128}))
+        .await
+        .err();
+    assert!(err.contains("max_running_vms"), "{err}");
+    assert_eq!(
+        names(call(alice, "list_vms", json!({})).await.ok()),
+        ["a1", "a2"]
+    );
+    // An admin has none.
+    call(&admin, "spawn_vm", json!({"name": "x1", "memory_mib": 128}))
+        .await
+        .ok();
+
+    for vm in ["a1", "a2", "b1", "b2", "x1"] {
         call(&admin, "destroy_vm", json!({"vm": vm})).await.ok();
     }
     for client in users {

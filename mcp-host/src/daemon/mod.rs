@@ -6,6 +6,7 @@ pub mod audit;
 mod events;
 mod hooks;
 mod owners;
+pub mod quota;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -141,6 +142,7 @@ pub struct Daemon {
     token_reload: Mutex<()>,
     owners: owners::Owners,
     audit: audit::AuditSender,
+    quota: quota::Quota,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -241,6 +243,7 @@ impl Daemon {
         }
         let changes = tokio::sync::broadcast::channel(16).0;
         let audit_writer = audit::writer(storage.clone());
+        let quota_config = config.quota;
         let daemon = Arc::new_cyclic(|me| Self {
             config,
             storage,
@@ -252,6 +255,7 @@ impl Daemon {
             token_reload: Mutex::new(()),
             owners: owners::Owners::default(),
             audit: audit_writer,
+            quota: quota::Quota::resolve(&quota_config),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,
@@ -463,6 +467,18 @@ impl Daemon {
             used.memory_mib += memory_mib;
         }
         admission::admit_start(&self.limits, used, name, vcpus, memory_mib)?;
+        let owner = self.owner_of(name).flatten();
+        if let Some(who) = owner.as_deref() {
+            let owned = self.owned_by(who);
+            let theirs: Vec<(u32, u64)> = running
+                .iter()
+                .map(|(vm, r)| (vm, (r.vcpus, r.memory_mib)))
+                .chain(booting.iter().map(|(vm, size)| (vm, *size)))
+                .filter(|(vm, _)| owned.contains(vm) && vm.as_str() != name)
+                .map(|(_, size)| size)
+                .collect();
+            self.admit_owner_start(Some(who), &theirs, (vcpus, memory_mib))?;
+        }
         booting.insert(name.to_owned(), (vcpus, memory_mib));
         Ok(Booking {
             daemon: self,
@@ -611,6 +627,8 @@ impl Daemon {
         let workspace = match req.from_snapshot {
             None => {
                 admission::admit_workspace(self.storage.pool().root(), gib << 30)?;
+                self.admit_owner_workspace(req.owner.as_deref(), gib << 30)
+                    .await?;
                 WorkspaceSource::New { bytes: gib << 30 }
             }
             Some((vm, snapshot)) => WorkspaceSource::Snapshot { vm, snapshot },
@@ -778,6 +796,8 @@ impl Daemon {
             .await?
             .len();
         admission::admit_snapshot(&self.limits, name, existing)?;
+        self.admit_owner_snapshot(self.owner_of(name).flatten().as_deref())
+            .await?;
         let control = self.control(name).await?;
         let vm = name.to_owned();
         let handle = tokio::runtime::Handle::current();

@@ -37,6 +37,18 @@ impl Daemon {
         self.owners.get(vm)
     }
 
+    /// The VMs `owner` has.
+    pub(super) fn owned_by(&self, owner: &str) -> Vec<String> {
+        self.owners
+            .0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, o)| o.as_deref() == Some(owner))
+            .map(|(vm, _)| vm.clone())
+            .collect()
+    }
+
     pub(super) async fn load_owners(&self) -> Result<()> {
         for (vm, owner) in self.blocking(|s| s.vm_owners()).await? {
             self.owners.set(&vm, owner);
