@@ -192,7 +192,6 @@ impl Storage {
         Ok(())
     }
 
-    /// What `set_vm_config` kept (`{}` when nothing was).
     /// Gives VM `vm` to `owner` (None: to no one).
     pub fn set_vm_owner(&self, vm: &str, owner: Option<&str>) -> Result<()> {
         self.vm_drives(vm)?;
@@ -225,6 +224,7 @@ impl Storage {
         )?)
     }
 
+    /// What `set_vm_config` kept (`{}` when nothing was).
     pub fn vm_config(&self, vm: &str) -> Result<String> {
         self.vm_drives(vm)?;
         Ok(self.db().connection().query_row(

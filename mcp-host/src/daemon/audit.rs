@@ -28,8 +28,20 @@ const SECRET_NAMES: [&str; 7] = [
     "auth",
     "credential",
 ];
-/// Value prefixes of well-known secrets.
-const SECRET_PREFIXES: [&str; 6] = ["nexus_", "sk-", "ghp_", "gho_", "xoxb-", "AKIA"];
+/// Marks of well-known secrets anywhere in a value.
+const SECRET_MARKS: [&str; 7] = [
+    "nexus_",
+    "sk-",
+    "ghp_",
+    "gho_",
+    "xoxb-",
+    "AKIA",
+    "-----BEGIN",
+];
+/// Arguments that carry data, not instructions: only their size is kept.
+const PAYLOAD_NAMES: [&str; 4] = ["content", "data", "stdin", "input"];
+/// Tool and VM names are cut to this in the trail (a caller chooses them).
+pub const MAX_NAME_CHARS: usize = 128;
 
 /// The writer's end: calls send records here.
 pub(super) type AuditSender = tokio::sync::mpsc::Sender<AuditRecord>;
@@ -118,15 +130,40 @@ pub fn redact(arguments: Option<&Map<String, Value>>) -> String {
     }
 }
 
+/// A name that says its value is a secret (`API_KEY`, `password`...).
+fn secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_NAMES.iter().any(|s| name.contains(s))
+}
+
+/// A value that holds a secret: a known mark, or `NAME=value` with a
+/// secret name (an environment assignment in a command).
+fn secret_value(value: &str) -> bool {
+    SECRET_MARKS.iter().any(|m| value.contains(m))
+        || value.split_whitespace().any(|word| {
+            word.split_once('=')
+                .is_some_and(|(name, v)| !v.is_empty() && secret_name(name))
+        })
+}
+
+/// A caller-chosen name as the trail keeps it.
+pub fn cut_name(name: &str) -> String {
+    if name.chars().count() > MAX_NAME_CHARS {
+        let cut: String = name.chars().take(MAX_NAME_CHARS).collect();
+        format!("{cut}...")
+    } else {
+        name.to_owned()
+    }
+}
+
 fn redact_value(name: Option<&str>, value: &Value) -> Value {
-    let secret_name = name.is_some_and(|n| {
-        let n = n.to_ascii_lowercase();
-        SECRET_NAMES.iter().any(|s| n.contains(s))
-    });
+    let secret = name.is_some_and(secret_name);
+    let payload = name.is_some_and(|n| PAYLOAD_NAMES.contains(&n));
     match value {
-        _ if secret_name => Value::String("[redacted]".into()),
+        _ if secret => Value::String("[redacted]".into()),
+        Value::String(s) if payload => Value::String(format!("[{} bytes]", s.len())),
         Value::String(s) => {
-            if SECRET_PREFIXES.iter().any(|p| s.contains(p)) {
+            if secret_value(s) {
                 Value::String("[redacted]".into())
             } else if s.chars().count() > MAX_VALUE_CHARS {
                 let cut: String = s.chars().take(MAX_VALUE_CHARS).collect();
@@ -154,19 +191,31 @@ mod tests {
         let args = serde_json::json!({
             "command": "curl -H 'Authorization: Bearer nexus_abcdef' x",
             "env": {"API_KEY": "plain", "HOME": "/root"},
-            "content": "x".repeat(500),
+            "content": "-----BEGIN OPENSSH PRIVATE KEY-----\nabc",
+            "path": "y".repeat(500),
             "name": "ci",
             "timeout_s": 5,
-            "list": ["sk-123", "fine"],
+            "list": ["sk-123", "fine", "DB_PASSWORD=hunter2"],
+            "other": "PASSWORD=hunter3 ./run",
         });
         let text = redact(args.as_object());
-        assert!(
-            !text.contains("nexus_abcdef") && !text.contains("sk-123"),
-            "{text}"
-        );
-        assert!(!text.contains("plain"), "{text}");
+        for secret in [
+            "nexus_abcdef",
+            "sk-123",
+            "plain",
+            "hunter2",
+            "hunter3",
+            "BEGIN",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
         assert!(text.contains("/root") && text.contains("\"ci\"") && text.contains("fine"));
-        assert!(text.contains("(500 bytes)") && text.len() < 400, "{text}");
+        assert!(text.contains("(500 bytes)") && text.len() < 500, "{text}");
+        assert!(
+            text.contains("[39 bytes]"),
+            "content keeps only its size: {text}"
+        );
+        assert_eq!(cut_name(&"z".repeat(300)).len(), MAX_NAME_CHARS + 3);
         let huge: Map<String, Value> = (0..100)
             .map(|i| (format!("k{i}"), Value::String("v".repeat(60))))
             .collect();

@@ -143,6 +143,8 @@ pub struct Daemon {
     owners: owners::Owners,
     audit: audit::AuditSender,
     quota: quota::Quota,
+    /// Taken across a snapshot's quota count and the snapshot.
+    snapshotting: Mutex<()>,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
     /// snapshot, restore), so none runs on a VM another is changing.
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -256,6 +258,7 @@ impl Daemon {
             owners: owners::Owners::default(),
             audit: audit_writer,
             quota: quota::Quota::resolve(&quota_config),
+            snapshotting: Mutex::new(()),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
             changes,
@@ -627,8 +630,6 @@ impl Daemon {
         let workspace = match req.from_snapshot {
             None => {
                 admission::admit_workspace(self.storage.pool().root(), gib << 30)?;
-                self.admit_owner_workspace(req.owner.as_deref(), gib << 30)
-                    .await?;
                 WorkspaceSource::New { bytes: gib << 30 }
             }
             Some((vm, snapshot)) => WorkspaceSource::Snapshot { vm, snapshot },
@@ -646,6 +647,15 @@ impl Daemon {
         {
             let creating = self.creating.lock().await;
             self.admit_new().await?;
+            // Under `creating`: two spawns of one owner see each other.
+            let bytes = match &workspace {
+                WorkspaceSource::New { bytes } => *bytes,
+                WorkspaceSource::Snapshot { vm, snapshot } => {
+                    self.snapshot_workspace_bytes(vm, snapshot).await?
+                }
+            };
+            self.admit_owner_workspace(req.owner.as_deref(), bytes)
+                .await?;
             let (vm, image, owner) = (name.clone(), image.clone(), req.owner.clone());
             self.blocking(move |s| {
                 s.create_vm_drives(&vm, &image, workspace)?;
@@ -666,10 +676,7 @@ impl Daemon {
             format!("booting {name} ({vcpus} vCPU, {memory_mib} MiB)"),
         );
         if let Err(e) = self.boot(&name).await {
-            let doomed = name.clone();
-            let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
-            self.remove_console(&name);
-            self.owners.forget(&name);
+            self.undo_new(&name).await;
             return Err(e);
         }
         let info = self.info(&name).await?;
@@ -796,6 +803,9 @@ impl Daemon {
             .await?
             .len();
         admission::admit_snapshot(&self.limits, name, existing)?;
+        // Held until the snapshot is taken: two snapshots of one owner's
+        // VMs cannot both pass the count.
+        let _counted = self.snapshotting.lock().await;
         self.admit_owner_snapshot(self.owner_of(name).flatten().as_deref())
             .await?;
         let control = self.control(name).await?;
@@ -878,6 +888,9 @@ impl Daemon {
         let _op = self.lock_vm(&name).await;
         let creating = self.creating.lock().await;
         self.admit_new().await?;
+        let bytes = self.snapshot_workspace_bytes(from_vm, snapshot).await?;
+        self.admit_owner_workspace(self.owner_of(from_vm).flatten().as_deref(), bytes)
+            .await?;
         let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
         // A fork is its source's owner's.
         let owner = self
@@ -893,8 +906,7 @@ impl Daemon {
         self.owners.set(&name, owner);
         drop(creating);
         if let Err(e) = self.boot(&name).await {
-            let doomed = name.clone();
-            let _ = self.blocking(move |s| s.destroy_vm_drives(&doomed)).await;
+            self.undo_new(&name).await;
             return Err(e);
         }
         self.info(&name).await
@@ -1008,6 +1020,32 @@ impl Daemon {
             .map(|i| format!("vm-{i}"))
             .find(|n| !taken.contains(n))
             .unwrap_or_else(|| "vm".into()))
+    }
+
+    /// The size of a snapshot's workspace drive (what a VM made from it
+    /// starts with).
+    async fn snapshot_workspace_bytes(&self, vm: &str, snapshot: &str) -> Result<u64> {
+        let (vm, snapshot) = (vm.to_owned(), snapshot.to_owned());
+        self.blocking(move |s| {
+            let snap = s.snapshot(&vm, &snapshot)?;
+            let file = snap.path.join("workspace.ext4");
+            Ok(std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// A new VM that did not boot goes again, whole.
+    async fn undo_new(&self, name: &str) {
+        let doomed = name.to_owned();
+        if self
+            .blocking(move |s| s.destroy_vm_drives(&doomed))
+            .await
+            .is_ok()
+        {
+            // The catalog still has it otherwise: so does the map.
+            self.owners.forget(name);
+        }
+        self.remove_console(name);
     }
 
     /// A VM's console log and its previous half.

@@ -121,14 +121,21 @@ impl Daemon {
         let (Some(quota), Some(who)) = (self.quota_of(owner), owner) else {
             return Ok(());
         };
-        let used: u64 = self
+        let files: Vec<std::path::PathBuf> = self
             .owned_by(who)
             .into_iter()
             .map(|vm| self.storage.pool().vm_dir(&vm).join("workspace.ext4"))
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum();
-        if used + bytes > quota.max_workspace_gib << 30 {
+            .collect();
+        let used: u64 = tokio::task::spawn_blocking(move || {
+            files
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        if used.saturating_add(bytes) > quota.max_workspace_gib.saturating_mul(1 << 30) {
             return Err(refused(
                 who,
                 format!(

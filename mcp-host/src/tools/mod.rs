@@ -355,8 +355,8 @@ impl ServerHandler for NexusTools {
                     .as_ref()
                     .map_or_else(|_| "unknown".to_owned(), |c| c.name.clone()),
                 transport: transport.into(),
-                tool,
-                vm,
+                tool: crate::daemon::audit::cut_name(&tool),
+                vm: vm.as_deref().map(crate::daemon::audit::cut_name),
                 arguments,
                 outcome: match (denied, outcome) {
                     (true, _) => "denied",
