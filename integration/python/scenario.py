@@ -34,7 +34,7 @@ GUEST_TOOLS = [
 MANAGEMENT_TOOLS = [
     "spawn_vm", "list_vms", "get_vm", "start_vm", "stop_vm", "destroy_vm", "read_console",
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
-    "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit",
+    "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit", "give_vm",
 ]
 
 
@@ -145,6 +145,9 @@ async def run(s, prefix, mode):
     listed = await s.ok("list_vms")
     assert [v["name"] for v in listed["vms"] if v["name"] == a] == [a], listed
     info = await s.ok("get_vm", {"vm": a})
+    # Given back to whoever it is (the caller: an admin here).
+    given = await s.ok("give_vm", {"vm": a, "owner": info["owner"]})
+    assert given["owner"] == info["owner"] and info["owner"], (given, info)
     assert info["state"] == "running", info
     console = await s.ok("read_console", {"vm": a, "lines": 200})
     assert console["text"], console

@@ -230,6 +230,26 @@ async fn each_identity_sees_and_drives_only_its_own_vms() {
         names(call(alice, "list_vms", json!({})).await.ok()),
         ["a1", "a2"]
     );
+    // An admin gives a VM to another identity (and nothing to a name
+    // nexusd does not know); a user cannot.
+    let given = call(&admin, "give_vm", json!({"vm": "a2", "owner": "token:bob"}))
+        .await
+        .ok();
+    assert_eq!(given["owner"], "token:bob");
+    assert_eq!(names(call(alice, "list_vms", json!({})).await.ok()), ["a1"]);
+    assert!(names(call(bob, "list_vms", json!({})).await.ok()).contains(&"a2".to_owned()));
+    let err = call(&admin, "give_vm", json!({"vm": "a1", "owner": "mallory"}))
+        .await
+        .err();
+    assert!(err.contains("`owner` must be an identity"), "{err}");
+    let err = call(
+        alice,
+        "give_vm",
+        json!({"vm": "a1", "owner": "token:alice"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("needs the admin role"), "{err}");
     // An admin has none.
     call(&admin, "spawn_vm", json!({"name": "x1", "memory_mib": 128}))
         .await

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use super::{Daemon, Result};
+use super::{Daemon, DaemonError, Result};
 
 #[derive(Default)]
 pub(super) struct Owners(RwLock<HashMap<String, Option<String>>>);
@@ -47,6 +47,33 @@ impl Daemon {
             .filter(|(_, o)| o.as_deref() == Some(owner))
             .map(|(vm, _)| vm.clone())
             .collect()
+    }
+
+    /// Gives VM `vm` to `owner` (an identity's name), or to no one.
+    /// `owner` must name an identity nexusd knows: `token:NAME` of an
+    /// existing token, `uid:N` or `anonymous`.
+    pub async fn give_vm(&self, vm: &str, owner: Option<String>) -> Result<super::VmInfo> {
+        if let Some(owner) = &owner {
+            let known = match owner.split_once(':') {
+                Some(("token", name)) => self.tokens.role_of(name).is_some(),
+                Some(("uid", uid)) => uid.parse::<u32>().is_ok(),
+                None => owner == "anonymous",
+                _ => false,
+            };
+            if !known {
+                return Err(DaemonError::Invalid(format!(
+                    "`owner` must be an identity: token:NAME (list_tokens shows them), uid:N or anonymous, got {owner:?}"
+                )));
+            }
+        }
+        self.known(vm).await?;
+        let _op = self.lock_vm(vm).await;
+        let (name, to) = (vm.to_owned(), owner.clone());
+        self.blocking(move |s| s.set_vm_owner(&name, to.as_deref()))
+            .await?;
+        self.owners.set(vm, owner);
+        self.changed();
+        self.info(vm).await
     }
 
     pub(super) async fn load_owners(&self) -> Result<()> {

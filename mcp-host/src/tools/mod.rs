@@ -58,7 +58,13 @@ impl Default for Options {
 }
 
 /// Tools only admins see and call.
-const ADMIN_TOOLS: [&str; 4] = ["create_token", "list_tokens", "revoke_token", "read_audit"];
+const ADMIN_TOOLS: [&str; 5] = [
+    "create_token",
+    "list_tokens",
+    "revoke_token",
+    "read_audit",
+    "give_vm",
+];
 
 /// One MCP connection's (or, over HTTP, one session's) server.
 #[derive(Clone)]

@@ -27,6 +27,17 @@ pub struct CreateTokenParams {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct GiveVmParams {
+    /// The VM's name.
+    pub vm: String,
+    /// The identity it goes to (`token:NAME`, `uid:N`, `anonymous`);
+    /// none: to no one (admins only).
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RevokeTokenParams {
     /// The token's name (list_tokens shows them).
     pub name: String,
@@ -135,6 +146,31 @@ impl NexusTools {
                 .join("\n")
         };
         done(&TokenList { tokens }, text)
+    }
+
+    #[tool(
+        description = "Give a VM (and its snapshots) to another identity, or to no one (admin only): for VMs made before owners existed, or a user's VMs another should drive.",
+        output_schema = schema_for_output::<crate::daemon::VmInfo>()
+    )]
+    async fn give_vm(
+        &self,
+        Parameters(p): Parameters<GiveVmParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        self.caller(&ctx)?.require_admin("give_vm")?;
+        let info = self
+            .daemon
+            .give_vm(&p.vm, p.owner)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = format!(
+            "VM {} is now {}",
+            info.name,
+            info.owner
+                .as_deref()
+                .map_or("no one's (admins only)".to_owned(), |o| format!("{o}'s"))
+        );
+        done(&info, text)
     }
 
     #[tool(
