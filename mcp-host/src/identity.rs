@@ -118,6 +118,38 @@ pub enum Refusal {
     Expired(String),
 }
 
+/// Where a token stands now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Active { expires: Option<SystemTime> },
+    Revoked,
+    Expired,
+}
+
+impl Standing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standing::Active { .. } => "active",
+            Standing::Revoked => "revoked",
+            Standing::Expired => "expired",
+        }
+    }
+}
+
+/// Where `record` stands now; an expiry nexusd cannot read counts as past.
+pub fn standing(record: &TokenRecord) -> Standing {
+    if record.revoked_at.is_some() {
+        return Standing::Revoked;
+    }
+    match &record.expires_at {
+        None => Standing::Active { expires: None },
+        Some(at) => match humantime::parse_rfc3339(at) {
+            Ok(at) if at > SystemTime::now() => Standing::Active { expires: Some(at) },
+            _ => Standing::Expired,
+        },
+    }
+}
+
 /// A new secret: the prefix and 32 random bytes in hex.
 pub fn new_secret() -> Result<String, String> {
     let mut bytes = [0u8; 32];
@@ -159,16 +191,9 @@ impl Tokens {
     /// Token `name`'s expiry if it is valid now; None if it is not.
     fn valid_until(&self, name: &str) -> Option<Option<SystemTime>> {
         let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());
-        let record = map.values().find(|r| r.name == name)?;
-        if record.revoked_at.is_some() {
-            return None;
-        }
-        match &record.expires_at {
-            None => Some(None),
-            Some(at) => {
-                let at = humantime::parse_rfc3339(at).ok()?;
-                (at > SystemTime::now()).then_some(Some(at))
-            }
+        match standing(map.values().find(|r| r.name == name)?) {
+            Standing::Active { expires } => Some(expires),
+            Standing::Revoked | Standing::Expired => None,
         }
     }
 
@@ -206,14 +231,10 @@ impl Tokens {
             .ok_or(Refusal::Missing)?;
         let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());
         let record = map.get(&digest(secret)).ok_or(Refusal::Unknown)?;
-        if record.revoked_at.is_some() {
-            return Err(Refusal::Revoked(record.name.clone()));
-        }
-        if let Some(expires) = &record.expires_at {
-            let past = humantime::parse_rfc3339(expires).map_or(true, |at| at <= SystemTime::now());
-            if past {
-                return Err(Refusal::Expired(record.name.clone()));
-            }
+        match standing(record) {
+            Standing::Revoked => return Err(Refusal::Revoked(record.name.clone())),
+            Standing::Expired => return Err(Refusal::Expired(record.name.clone())),
+            Standing::Active { .. } => {}
         }
         Ok(Identity {
             name: format!("token:{}", record.name),

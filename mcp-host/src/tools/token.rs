@@ -69,15 +69,7 @@ pub struct TokenList {
 }
 
 fn info(record: nexus_storage::TokenRecord) -> TokenInfo {
-    let state = if record.revoked_at.is_some() {
-        "revoked"
-    } else if record.expires_at.as_deref().is_some_and(|at| {
-        humantime::parse_rfc3339(at).map_or(true, |at| at <= std::time::SystemTime::now())
-    }) {
-        "expired"
-    } else {
-        "active"
-    };
+    let state = crate::identity::standing(&record).as_str();
     TokenInfo {
         name: record.name,
         role: record.role,
