@@ -2,7 +2,7 @@
 //! digits, made here, kept only as its SHA-256 digest); over the admin
 //! socket and through `nexusd stdio`, the peer's uid (SO_PEERCRED). Every
 //! tool handler reads the caller's [`Identity`]; roles decide what it may
-//! do (today: token management is the admin's).
+//! do (`crate::policy`).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -11,39 +11,10 @@ use std::time::{Duration, SystemTime};
 use nexus_storage::TokenRecord;
 use sha2::{Digest, Sha256};
 
+use crate::policy::{ADMIN_ROLE, USER_ROLE};
+
 /// Every token starts so (secret scanners and people recognise it).
 pub const TOKEN_PREFIX: &str = "nexus_";
-
-/// What an identity may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Everything, token management included.
-    Admin,
-    /// VMs, snapshots and images; not tokens.
-    User,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::User => "user",
-        }
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "admin" => Ok(Role::Admin),
-            "user" => Ok(Role::User),
-            other => Err(format!(
-                "unknown role {other:?}: the roles are \"admin\" and \"user\""
-            )),
-        }
-    }
-}
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,14 +25,17 @@ pub enum Proof {
     Uid(u32),
     /// Nothing: HTTP authentication is off in the configuration.
     None,
+    /// A connection a VM's guest opened toward the host, by VM name.
+    Vm(String),
 }
 
 /// The caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// `token:NAME`, `uid:N` or `anonymous`.
+    /// `token:NAME`, `uid:N`, `anonymous` or `vm:NAME`.
     pub name: String,
-    pub role: Role,
+    /// The name of its role (`crate::policy`).
+    pub role: String,
     pub proof: Proof,
 }
 
@@ -73,10 +47,11 @@ impl Identity {
         Self {
             name: format!("uid:{uid}"),
             role: if uid == 0 || uid == own || admin_uids.contains(&uid) {
-                Role::Admin
+                ADMIN_ROLE
             } else {
-                Role::User
-            },
+                USER_ROLE
+            }
+            .to_owned(),
             proof: Proof::Uid(uid),
         }
     }
@@ -86,21 +61,33 @@ impl Identity {
     pub fn anonymous() -> Self {
         Self {
             name: "anonymous".into(),
-            role: Role::User,
+            role: USER_ROLE.into(),
             proof: Proof::None,
         }
     }
 
+    /// A VM's guest, acting with `role` (its owner's).
+    pub fn of_vm(vm: &str, role: String) -> Self {
+        Self {
+            name: format!("vm:{vm}"),
+            role,
+            proof: Proof::Vm(vm.to_owned()),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == ADMIN_ROLE
+    }
+
     /// Refuses unless the caller is an admin; `what` names the action.
     pub fn require_admin(&self, what: &str) -> Result<(), String> {
-        match self.role {
-            Role::Admin => Ok(()),
-            Role::User => Err(format!(
-                "{what} needs the admin role; the caller ({}) has role {:?}",
-                self.name,
-                self.role.as_str()
-            )),
+        if self.is_admin() {
+            return Ok(());
         }
+        Err(format!(
+            "{what} needs the admin role; the caller ({}) has role {:?}",
+            self.name, self.role
+        ))
     }
 }
 
@@ -182,10 +169,10 @@ impl Tokens {
     }
 
     /// Token `name`'s role, if the token exists.
-    pub fn role_of(&self, name: &str) -> Option<Role> {
+    pub fn role_of(&self, name: &str) -> Option<String> {
         let map = self.by_digest.read().unwrap_or_else(|e| e.into_inner());
         let record = map.values().find(|r| r.name == name)?;
-        Some(record.role.parse().unwrap_or(Role::User))
+        Some(record.role.clone())
     }
 
     /// Token `name`'s expiry if it is valid now; None if it is not.
@@ -238,9 +225,7 @@ impl Tokens {
         }
         Ok(Identity {
             name: format!("token:{}", record.name),
-            // A role the catalog holds that this nexusd does not know
-            // grants nothing beyond a user's.
-            role: record.role.parse().unwrap_or(Role::User),
+            role: record.role.clone(),
             proof: Proof::Token(record.name.clone()),
         })
     }
@@ -279,7 +264,7 @@ mod tests {
 
         let who = tokens.check(Some(&format!("Bearer {a}"))).unwrap();
         assert_eq!(who.name, "token:ci");
-        assert_eq!(who.role, Role::User);
+        assert_eq!(who.role, "user");
         assert_eq!(
             tokens.check(Some(&format!("bearer  {a} "))).unwrap().name,
             "token:ci"
@@ -303,10 +288,10 @@ mod tests {
 
     #[test]
     fn root_and_configured_uids_are_admins() {
-        assert_eq!(Identity::local(0, &[]).role, Role::Admin);
-        assert_eq!(Identity::local(1000, &[1000]).role, Role::Admin);
+        assert!(Identity::local(0, &[]).is_admin());
+        assert!(Identity::local(1000, &[1000]).is_admin());
         let user = Identity::local(1001, &[1000]);
-        assert_eq!(user.role, Role::User);
+        assert_eq!(user.role, USER_ROLE);
         let err = user.require_admin("create_token").unwrap_err();
         assert!(err.contains("uid:1001") && err.contains("admin"), "{err}");
     }

@@ -31,6 +31,7 @@ pub mod guest;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod schema;
 pub mod state_lock;
 pub mod stdio;

@@ -314,8 +314,15 @@ async fn tokens_decide_who_calls_and_every_refusal_is_a_bare_401() {
     for (args, says) in [
         (json!({"name": "ci"}), "exists already"),
         (json!({"name": "Bad Name"}), "invalid"),
-        (json!({"name": "x", "role": "root"}), "the roles are"),
+        (
+            json!({"name": "x", "role": "root"}),
+            "no role named \"root\"",
+        ),
         (json!({"name": "x", "expires_in_s": 0}), "at least 1"),
+        (
+            json!({"name": "x", "expires_in_s": 400_000_000u64}),
+            "at most 315360000",
+        ),
     ] {
         let (failed, _, text) = tool(&root, "create_token", args.clone()).await;
         assert!(failed && text.contains(says), "{args}: {text}");

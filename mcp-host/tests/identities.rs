@@ -264,3 +264,262 @@ async fn each_identity_sees_and_drives_only_its_own_vms() {
     admin.cancel().await.unwrap();
     assert!(serve.stop().await.success());
 }
+
+/// Roles as data: tool patterns (guest tools included), VM scope and
+/// grants, quotas per role; each change applies at once, each bad input
+/// is refused by name and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
+    if !can_run() {
+        return;
+    }
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let (serve, url) = common::serve(&state).await;
+    let admin = ().serve(state.http(url.clone())).await.unwrap();
+    let reviewer = json!({
+        "name": "reviewer",
+        "tools": ["list_*", "get_vm", "vm_read_file", "vm_list_dir"],
+        "vms": "granted",
+    });
+    let made = call(&admin, "set_role", reviewer.clone()).await.ok();
+    assert_eq!(made["created"], true);
+    assert_eq!(made["vms"], "granted");
+    // Bad roles: each refused by name; nothing changes.
+    for (args, says) in [
+        (
+            json!({"name": "admin", "tools": ["*"], "vms": "all"}),
+            "built in",
+        ),
+        (
+            json!({"name": "r2", "tools": [], "vms": "own"}),
+            "at least one pattern",
+        ),
+        (
+            json!({"name": "r2", "tools": ["a;b"], "vms": "own"}),
+            "\"a;b\" is not allowed",
+        ),
+        (
+            json!({"name": "r2", "tools": ["*"], "vms": "some"}),
+            "unknown variant `some`",
+        ),
+        (
+            json!({"name": "r2", "tools": ["*"], "vms": "own", "quota": {"max_vcpus": 0}}),
+            "`max_vcpus` must be at least 1",
+        ),
+        (
+            json!({"name": "R 2", "tools": ["*"], "vms": "own"}),
+            "invalid",
+        ),
+    ] {
+        let err = call(&admin, "set_role", args.clone()).await.err();
+        assert!(err.contains(says), "{args}: {err}");
+    }
+    let roles = call(&admin, "list_roles", json!({})).await.ok();
+    let names: Vec<&str> = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admin", "reviewer", "user"]);
+
+    let token = |name: &'static str, role: &'static str| {
+        let admin = &admin;
+        let url = url.clone();
+        async move {
+            let made = call(admin, "create_token", json!({"name": name, "role": role}))
+                .await
+                .ok();
+            let secret = made["token"].as_str().unwrap().to_owned();
+            ().serve(nexus_integration::nexusd::http(url, secret))
+                .await
+                .unwrap()
+        }
+    };
+    let dev = token("dev", "user").await;
+    let rev = token("rev", "reviewer").await;
+    call(&dev, "spawn_vm", json!({"name": "d1", "memory_mib": 128}))
+        .await
+        .ok();
+    call(
+        &dev,
+        "d1__write_file",
+        json!({"path": "/workspace/notes.txt", "content": "for review\n"}),
+    )
+    .await
+    .ok();
+
+    async fn listed(client: &rmcp::Peer<rmcp::RoleClient>) -> Vec<String> {
+        client
+            .list_all_tools()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name.to_string())
+            .collect()
+    }
+    // Before a grant: nothing of d1, and only the tools the role names.
+    let tools = listed(rev.peer()).await;
+    assert!(
+        tools
+            .iter()
+            .all(|t| t.starts_with("list_") || t == "get_vm"),
+        "{tools:?}"
+    );
+    let err = call(&rev, "get_vm", json!({"vm": "d1"})).await.err();
+    assert!(
+        err.contains("does not exist among yours (token:rev)"),
+        "{err}"
+    );
+    let err = call(&rev, "spawn_vm", json!({"name": "r1"})).await.err();
+    assert!(
+        err.contains("role \"reviewer\" of token:rev does not allow tool spawn_vm"),
+        "{err}"
+    );
+    for (args, says) in [
+        (
+            json!({"vm": "d1", "identity": "token:nobody"}),
+            "`identity` must be an identity",
+        ),
+        (
+            json!({"vm": "ghost", "identity": "token:rev"}),
+            "\"ghost\" does not exist",
+        ),
+    ] {
+        let err = call(&admin, "grant_vm", args.clone()).await.err();
+        assert!(err.contains(says), "{args}: {err}");
+    }
+    let err = call(
+        &dev,
+        "grant_vm",
+        json!({"vm": "d1", "identity": "token:rev"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("needs the admin role"), "{err}");
+
+    // Granted: d1's reading tools, on both surfaces; not its exec.
+    call(
+        &admin,
+        "grant_vm",
+        json!({"vm": "d1", "identity": "token:rev"}),
+    )
+    .await
+    .ok();
+    let tools = listed(rev.peer()).await;
+    assert!(tools.contains(&"d1__read_file".to_owned()), "{tools:?}");
+    assert!(!tools.iter().any(|t| t.ends_with("exec")), "{tools:?}");
+    let vms = call(&rev, "list_vms", json!({})).await.ok();
+    assert_eq!(vms["vms"][0]["name"], "d1");
+    let read = call(
+        &rev,
+        "d1__read_file",
+        json!({"path": "/workspace/notes.txt"}),
+    )
+    .await
+    .ok();
+    assert!(read.to_string().contains("for review"), "{read}");
+    for (tool, args) in [
+        ("d1__exec", json!({"command": "touch /workspace/x"})),
+        (
+            "vm_exec",
+            json!({"vm": "d1", "command": "touch /workspace/x"}),
+        ),
+        (
+            "d1__write_file",
+            json!({"path": "/workspace/x", "content": ""}),
+        ),
+    ] {
+        let err = call(&rev, tool, args).await.err();
+        assert!(err.contains("does not allow tool vm_"), "{tool}: {err}");
+    }
+    // A change to the role applies to its tokens at once; a role that
+    // reaches only granted VMs makes none.
+    let mut wider = reviewer.clone();
+    wider["tools"] = json!(["*", "!vm_write_*"]);
+    assert_eq!(call(&admin, "set_role", wider).await.ok()["created"], false);
+    let out = call(&rev, "d1__exec", json!({"command": "echo reviewed"}))
+        .await
+        .ok();
+    assert_eq!(out["stdout"], "reviewed\n");
+    let err = call(&rev, "spawn_vm", json!({"name": "r1"})).await.err();
+    assert!(err.contains("reaches only VMs granted to it"), "{err}");
+    let err = call(&rev, "create_token", json!({"name": "mine"}))
+        .await
+        .err();
+    assert!(err.contains("needs the admin role"), "{err}");
+
+    // A role's quota is its identities'.
+    call(
+        &admin,
+        "set_role",
+        json!({"name": "user", "tools": ["*"], "vms": "own", "quota": {"max_workspace_gib": 1}}),
+    )
+    .await
+    .ok();
+    let err = call(&dev, "spawn_vm", json!({"name": "d2", "workspace_gib": 2}))
+        .await
+        .err();
+    assert!(
+        err.contains("token:dev's quota is reached") && err.contains("max_workspace_gib"),
+        "{err}"
+    );
+
+    // A role held by a token stays; grants are listed and taken back.
+    let err = call(&admin, "delete_role", json!({"role": "reviewer"}))
+        .await
+        .err();
+    assert!(err.contains("held by tokens [\"rev\"]"), "{err}");
+    let err = call(&admin, "delete_role", json!({"role": "user"}))
+        .await
+        .err();
+    assert!(err.contains("built in"), "{err}");
+    let grants = call(&admin, "list_grants", json!({"identity": "token:rev"}))
+        .await
+        .ok();
+    assert_eq!(grants["grants"].as_array().unwrap().len(), 1);
+    call(
+        &admin,
+        "revoke_grant",
+        json!({"vm": "d1", "identity": "token:rev"}),
+    )
+    .await
+    .ok();
+    let err = call(
+        &rev,
+        "d1__read_file",
+        json!({"path": "/workspace/notes.txt"}),
+    )
+    .await
+    .err();
+    assert!(err.contains("does not exist among yours"), "{err}");
+    call(&admin, "revoke_token", json!({"name": "rev"}))
+        .await
+        .ok();
+    call(&admin, "delete_role", json!({"role": "reviewer"}))
+        .await
+        .ok();
+
+    // Every call rev made is in the trail, denied ones as denied.
+    let trail = call(
+        &admin,
+        "read_audit",
+        json!({"identity": "token:rev", "limit": 1000}),
+    )
+    .await
+    .ok();
+    let rows = trail["records"].as_array().unwrap();
+    let denied = rows.iter().filter(|r| r["outcome"] == "denied").count();
+    assert!(denied >= 7, "{rows:#?}");
+
+    call(&admin, "destroy_vm", json!({"vm": "d1"})).await.ok();
+    let grants = call(&admin, "list_grants", json!({})).await.ok();
+    assert!(grants["grants"].as_array().unwrap().is_empty(), "{grants}");
+    for client in [dev, rev] {
+        client.cancel().await.unwrap();
+    }
+    admin.cancel().await.unwrap();
+    assert!(serve.stop().await.success());
+}

@@ -75,6 +75,21 @@ const MIGRATIONS: &[&str] = &[
      ) STRICT;
      CREATE INDEX audit_identity ON audit (identity, id);
      CREATE INDEX audit_vm ON audit (vm, id);",
+    // 7: roles (what an identity may do; the spec is nexusd's JSON,
+    // opaque here) and grants (an identity may reach another's VM; gone
+    // with the VM).
+    "CREATE TABLE roles (
+        name       TEXT PRIMARY KEY,
+        spec       TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+     ) STRICT;
+     CREATE TABLE grants (
+        vm         TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        identity   TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (vm, identity)
+     ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]

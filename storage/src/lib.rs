@@ -38,6 +38,7 @@ mod images;
 pub mod names;
 pub mod pool;
 mod reconcile;
+mod roles;
 mod snapshots;
 mod tokens;
 mod vms;
@@ -59,6 +60,7 @@ pub use catalog::{Catalog, CatalogError};
 pub use names::{NameError, validate_name};
 pub use pool::{Pool, PoolConfig, PoolKind};
 pub use reconcile::ReconcileReport;
+pub use roles::{GrantRecord, RoleRecord};
 use serde::Serialize;
 pub use tokens::TokenRecord;
 
@@ -119,6 +121,10 @@ pub enum StorageError {
     TokenExists(String),
     #[error("no token named {0:?} (list_tokens shows them)")]
     NoToken(String),
+    #[error("no role named {0:?} (list_roles shows them)")]
+    NoRole(String),
+    #[error("VM {vm:?} is not granted to {identity:?} (list_grants shows the grants)")]
+    NoGrant { vm: String, identity: String },
     #[error("injected failure at {0} (test)")]
     Injected(&'static str),
 }

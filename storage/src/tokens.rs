@@ -33,8 +33,8 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 }
 
 impl Storage {
-    /// Records a new token. Names are never reused, revoked or not, so
-    /// that the audit trail of a name means one token.
+    /// Records a new token of an existing role. Names are never reused,
+    /// revoked or not, so that the audit trail of a name means one token.
     pub fn add_token(
         &self,
         name: &str,
@@ -43,11 +43,22 @@ impl Storage {
         expires_at: Option<&str>,
     ) -> Result<TokenRecord> {
         validate_name("token", name)?;
-        let added = self.db().connection().execute(
+        // One lock for both: a role deleted meanwhile is not taken.
+        let db = self.db();
+        let role_known: bool = db.connection().query_row(
+            "SELECT EXISTS (SELECT 1 FROM roles WHERE name = ?1)",
+            params![role],
+            |r| r.get(0),
+        )?;
+        if !role_known {
+            return Err(StorageError::NoRole(role.to_owned()));
+        }
+        let added = db.connection().execute(
             "INSERT INTO tokens (name, digest, role, created_at, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
             params![name, digest, role, now(), expires_at],
         )?;
+        drop(db);
         if added == 0 {
             return Err(StorageError::TokenExists(name.to_owned()));
         }

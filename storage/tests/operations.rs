@@ -616,6 +616,12 @@ fn tokens_are_kept_by_digest_named_once_and_revoked_for_good() {
     let fx = Fixture::new();
     let storage = fx.open();
     let digest = [7u8; 32];
+    assert!(matches!(
+        storage.add_token("ci", &digest, "admin", None),
+        Err(StorageError::NoRole(_))
+    ));
+    storage.put_role("admin", "{}").unwrap();
+    storage.put_role("user", "{}").unwrap();
     let added = storage
         .add_token("ci", &digest, "admin", Some("2030-01-01T00:00:00Z"))
         .unwrap();
@@ -643,6 +649,58 @@ fn tokens_are_kept_by_digest_named_once_and_revoked_for_good() {
     let all = storage.tokens().unwrap();
     assert_eq!(all.len(), 1);
     assert!(all[0].revoked_at.is_some(), "revocation survives a restart");
+}
+
+#[test]
+fn roles_are_kept_while_tokens_hold_them_and_grants_go_with_their_vm() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    assert!(storage.put_role("ci", r#"{"tools":["*"]}"#).unwrap());
+    assert!(!storage.put_role("ci", r#"{"tools":["list_*"]}"#).unwrap());
+    assert!(matches!(
+        storage.put_role("Bad Role", "{}"),
+        Err(StorageError::Name(_))
+    ));
+    assert_eq!(
+        storage.role("ci").unwrap().unwrap().spec,
+        r#"{"tools":["list_*"]}"#
+    );
+    storage.add_token("bot", &[1u8; 32], "ci", None).unwrap();
+    assert_eq!(
+        storage.delete_role("ci").unwrap(),
+        Err(vec!["bot".to_owned()])
+    );
+    storage.revoke_token("bot").unwrap();
+    assert_eq!(storage.delete_role("ci").unwrap(), Ok(()));
+    assert!(matches!(
+        storage.delete_role("ci"),
+        Err(StorageError::NoRole(_))
+    ));
+    assert!(storage.roles().unwrap().is_empty());
+
+    storage.import_image("default", &fx.image_src).unwrap();
+    storage.create_vm_drives("vm1", "default", WS).unwrap();
+    assert!(matches!(
+        storage.grant_vm("nope", "token:bot"),
+        Err(StorageError::NoVm(_))
+    ));
+    let grant = storage.grant_vm("vm1", "token:bot").unwrap();
+    assert_eq!(storage.grant_vm("vm1", "token:bot").unwrap(), grant);
+    storage.grant_vm("vm1", "uid:1000").unwrap();
+    assert_eq!(storage.grants().unwrap().len(), 2);
+    storage.revoke_grant("vm1", "uid:1000").unwrap();
+    assert!(matches!(
+        storage.revoke_grant("vm1", "uid:1000"),
+        Err(StorageError::NoGrant { .. })
+    ));
+    storage.destroy_vm_drives("vm1").unwrap();
+    assert!(
+        storage.grants().unwrap().is_empty(),
+        "grants go with the VM"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The daemon's core: VMs made of storage (drives) and vmm (processes).
 //! MCP handlers call this and only translate.
 
+mod access;
 pub mod admission;
 pub mod audit;
 mod events;
@@ -27,9 +28,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+pub use access::RoleView;
 pub use events::{EventKind, Severity, VmEvent};
 use hooks::{GuestHooks, handshake};
 use nexus_storage::Reattach;
+pub use quota::QuotaConfig;
 
 use crate::Config;
 use crate::guest::Guests;
@@ -141,8 +144,8 @@ pub struct Daemon {
     tokens: crate::identity::Tokens,
     token_reload: Mutex<()>,
     owners: owners::Owners,
+    access: access::Access,
     audit: audit::AuditSender,
-    quota: quota::Quota,
     /// Taken across a snapshot's quota count and the snapshot.
     snapshotting: Mutex<()>,
     /// Serialises the operations on one VM (spawn, start, stop, destroy,
@@ -245,7 +248,6 @@ impl Daemon {
         }
         let changes = tokio::sync::broadcast::channel(16).0;
         let audit_writer = audit::writer(storage.clone());
-        let quota_config = config.quota;
         let daemon = Arc::new_cyclic(|me| Self {
             config,
             storage,
@@ -256,8 +258,8 @@ impl Daemon {
             tokens: crate::identity::Tokens::default(),
             token_reload: Mutex::new(()),
             owners: owners::Owners::default(),
+            access: access::Access::default(),
             audit: audit_writer,
-            quota: quota::Quota::resolve(&quota_config),
             snapshotting: Mutex::new(()),
             vm_locks: std::sync::Mutex::default(),
             guests: Guests::new(changes.clone()),
@@ -283,6 +285,10 @@ impl Daemon {
             .load_owners()
             .await
             .map_err(|e| anyhow::anyhow!("reading VM owners: {e}"))?;
+        daemon
+            .reload_access()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading roles and grants: {e}"))?;
         if let Some(path) = daemon
             .first_admin_token()
             .await
@@ -571,6 +577,11 @@ impl Daemon {
         let _ = self.changes.send(());
     }
 
+    /// The images in the catalog.
+    pub async fn images(&self) -> Result<Vec<nexus_storage::ImageInfo>> {
+        self.blocking(|s| s.list_images()).await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Storage) -> std::result::Result<T, StorageError> + Send + 'static,
@@ -750,6 +761,7 @@ impl Daemon {
                 format!("VM {name} destroyed"),
             ));
             self.owners.forget(name);
+            self.forget_grants(name);
             Ok(())
         }
         .await;
@@ -1044,6 +1056,7 @@ impl Daemon {
         {
             // The catalog still has it otherwise: so does the map.
             self.owners.forget(name);
+            self.forget_grants(name);
         }
         self.remove_console(name);
     }

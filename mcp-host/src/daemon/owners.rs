@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
-use super::{Daemon, DaemonError, Result};
+use super::{Daemon, Result};
 
 #[derive(Default)]
 pub(super) struct Owners(RwLock<HashMap<String, Option<String>>>);
@@ -54,17 +54,7 @@ impl Daemon {
     /// existing token, `uid:N` or `anonymous`.
     pub async fn give_vm(&self, vm: &str, owner: Option<String>) -> Result<super::VmInfo> {
         if let Some(owner) = &owner {
-            let known = match owner.split_once(':') {
-                Some(("token", name)) => self.tokens.role_of(name).is_some(),
-                Some(("uid", uid)) => uid.parse::<u32>().is_ok(),
-                None => owner == "anonymous",
-                _ => false,
-            };
-            if !known {
-                return Err(DaemonError::Invalid(format!(
-                    "`owner` must be an identity: token:NAME (list_tokens shows them), uid:N or anonymous, got {owner:?}"
-                )));
-            }
+            self.known_identity(owner, "owner")?;
         }
         self.known(vm).await?;
         let _op = self.lock_vm(vm).await;

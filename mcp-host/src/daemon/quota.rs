@@ -1,28 +1,55 @@
-//! Quotas per identity: what the VMs of one user may hold together
-//! (admins have none). Checked where host limits are: booking a boot
+//! Quotas per identity: what the VMs of one identity may hold together,
+//! by its role (each unset limit `[quota]`'s; admins have none). Checked where host limits are: booking a boot
 //! (running VMs, vCPUs, memory), making a workspace, taking a snapshot.
 //! Each refusal names the quota and changes nothing.
 
 use super::{Daemon, DaemonError, Result};
-use crate::identity::{Identity, Role};
 
-/// `[quota]`: every user's, each unset one a default.
-#[derive(Debug, Default, Clone, Copy, serde::Deserialize)]
+/// `[quota]`, or a role's `quota`: each unset one the next level's
+/// (role, then `[quota]`, then the defaults).
+#[derive(
+    Debug,
+    Default,
+    Clone,
+    Copy,
+    PartialEq,
+    serde::Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
-    /// VMs of one user running at once (default 8).
+    /// VMs of one identity running at once (default 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_running_vms: Option<u32>,
-    /// vCPUs of one user's running VMs (default 16).
+    /// vCPUs of one identity's running VMs (default 16).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_vcpus: Option<u32>,
-    /// Memory of one user's running VMs, MiB (default 16384).
+    /// Memory of one identity's running VMs, MiB (default 16384).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory_mib: Option<u64>,
-    /// Workspace sizes of all one user's VMs, GiB (default 256).
+    /// Workspace sizes of all one identity's VMs, GiB (default 256).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_workspace_gib: Option<u64>,
-    /// Snapshots of all one user's VMs (default 256).
+    /// Snapshots of all one identity's VMs (default 256).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_snapshots: Option<u32>,
 }
 
-/// The quota in force for every user.
+impl QuotaConfig {
+    /// This one's limits, each unset one `base`'s.
+    pub fn over(self, base: &QuotaConfig) -> QuotaConfig {
+        QuotaConfig {
+            max_running_vms: self.max_running_vms.or(base.max_running_vms),
+            max_vcpus: self.max_vcpus.or(base.max_vcpus),
+            max_memory_mib: self.max_memory_mib.or(base.max_memory_mib),
+            max_workspace_gib: self.max_workspace_gib.or(base.max_workspace_gib),
+            max_snapshots: self.max_snapshots.or(base.max_snapshots),
+        }
+    }
+}
+
+/// The quota in force for one identity.
 #[derive(Debug, Clone, Copy)]
 pub struct Quota {
     pub max_running_vms: u32,
@@ -42,27 +69,39 @@ impl Quota {
             max_snapshots: config.max_snapshots.unwrap_or(256),
         }
     }
+
+    /// Refuses limits no one could use (a role's quota of 0 VMs is
+    /// better said by its tool patterns).
+    pub fn check(config: &QuotaConfig) -> std::result::Result<(), String> {
+        let zero = [
+            ("max_running_vms", config.max_running_vms.map(u64::from)),
+            ("max_vcpus", config.max_vcpus.map(u64::from)),
+            ("max_memory_mib", config.max_memory_mib),
+            ("max_workspace_gib", config.max_workspace_gib),
+        ]
+        .into_iter()
+        .find(|(_, v)| *v == Some(0));
+        match zero {
+            Some((key, _)) => Err(format!(
+                "quota `{key}` must be at least 1 (to keep a role from making VMs, leave spawn_vm and fork_vm out of its tools)"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 fn refused(owner: &str, what: String, quota: &str) -> DaemonError {
     DaemonError::Refused(format!(
-        "{owner}'s quota is reached: {what} ({quota} in [quota]); stop or destroy one of its VMs, or ask an admin"
+        "{owner}'s quota is reached: {what} ({quota}, from its role or [quota]); stop or destroy one of its VMs, or ask an admin"
     ))
 }
 
 impl Daemon {
-    /// The quota binding `owner` (an identity's name): none for admins
-    /// and for VMs no one owns.
+    /// The quota binding `owner` (an identity's name), by its role:
+    /// none for admins and for VMs no one owns.
     pub(super) fn quota_of(&self, owner: Option<&str>) -> Option<Quota> {
-        let owner = owner?;
-        let role = if let Some(name) = owner.strip_prefix("token:") {
-            self.tokens.role_of(name)?
-        } else if let Some(uid) = owner.strip_prefix("uid:") {
-            Identity::local(uid.parse().ok()?, &self.config.admin_uids).role
-        } else {
-            Role::User
-        };
-        (role != Role::Admin).then_some(self.quota)
+        let role = self.role_named(&self.role_name_of_identity(owner?)?);
+        (!role.is_admin()).then(|| Quota::resolve(&role.spec.quota.over(&self.config.quota)))
     }
 
     /// Whether VM `name` of `owner` may boot beside `others`, the owner's

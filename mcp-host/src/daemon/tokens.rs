@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use nexus_storage::TokenRecord;
 
 use super::{Daemon, DaemonError, Result};
-use crate::identity::{self, Identity, Refusal, Role};
+use crate::identity::{self, Identity, Refusal};
+use crate::policy::ADMIN_ROLE;
 
 /// Where the first start leaves the admin's token (0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -33,7 +34,7 @@ impl Daemon {
     pub async fn create_token(
         &self,
         name: &str,
-        role: Role,
+        role: &str,
         expires_in_s: Option<u64>,
     ) -> Result<(TokenRecord, String)> {
         let expires_at = match expires_in_s {
@@ -56,9 +57,9 @@ impl Daemon {
         };
         let secret = identity::new_secret().map_err(DaemonError::Internal)?;
         let digest = identity::digest(&secret);
-        let name = name.to_owned();
+        let (name, role) = (name.to_owned(), role.to_owned());
         let record = self
-            .blocking(move |s| s.add_token(&name, &digest, role.as_str(), expires_at.as_deref()))
+            .blocking(move |s| s.add_token(&name, &digest, &role, expires_at.as_deref()))
             .await?;
         self.reload_tokens().await?;
         tracing::info!(token = record.name, role = record.role, "token created");
@@ -114,7 +115,7 @@ impl Daemon {
         })?;
         let digest = identity::digest(&secret);
         let added = self
-            .blocking(move |s| s.add_token("admin", &digest, Role::Admin.as_str(), None))
+            .blocking(move |s| s.add_token("admin", &digest, ADMIN_ROLE, None))
             .await;
         if let Err(e) = added {
             let _ = std::fs::remove_file(&partial);

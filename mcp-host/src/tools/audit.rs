@@ -78,7 +78,7 @@ impl NexusTools {
                 limit,
             })
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(super::errors::shown)?
             .into_iter()
             .map(|r| AuditEntry {
                 id: r.id,

@@ -32,11 +32,7 @@ impl NexusTools {
         output_schema = schema_for_output::<ImageList>()
     )]
     async fn list_images(&self) -> Result<CallToolResult, String> {
-        let storage = self.daemon.storage().clone();
-        let imported = tokio::task::spawn_blocking(move || storage.list_images())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let imported = self.daemon.images().await.map_err(super::errors::shown)?;
         let images: Vec<ImageInfo> = imported
             .into_iter()
             .filter_map(|i| {

@@ -88,6 +88,7 @@ fn message(event: &VmEvent, min: LoggingLevel) -> Option<LoggingMessageNotificat
 
 /// Sends VM events to a legacy session until it goes away.
 pub async fn forward_to_session(
+    daemon: std::sync::Arc<crate::daemon::Daemon>,
     mut events: broadcast::Receiver<VmEvent>,
     peer: Peer<RoleServer>,
     level: SessionLevel,
@@ -100,7 +101,7 @@ pub async fn forward_to_session(
         };
         match event {
             Ok(event) => {
-                if !super::NexusTools::may_hear(&viewer, &event) {
+                if !daemon.may_hear(&viewer, &event) {
                     continue;
                 }
                 if let Some(note) = message(&event, level.get())

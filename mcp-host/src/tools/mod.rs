@@ -9,8 +9,10 @@
 //! (a new VM's workspace source is `from_vm` + `from_snapshot`).
 
 mod audit;
+mod errors;
 mod image;
 mod logging;
+mod role;
 mod snapshot;
 pub mod surface;
 mod token;
@@ -28,12 +30,12 @@ use rmcp::model::{
 use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler, tool_handler};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::daemon::Daemon;
 use crate::guest::proxy;
 use crate::identity::Identity;
 use crate::metrics::Outcome;
+use crate::policy::{Action, Kind};
 pub use surface::{PROXY_SEPARATOR, SHARED_PREFIX, Surface};
 
 /// How long a client may cache `tools/list`.
@@ -56,15 +58,6 @@ impl Default for Options {
         }
     }
 }
-
-/// Tools only admins see and call.
-const ADMIN_TOOLS: [&str; 5] = [
-    "create_token",
-    "list_tokens",
-    "revoke_token",
-    "read_audit",
-    "give_vm",
-];
 
 /// One MCP connection's (or, over HTTP, one session's) server.
 #[derive(Clone)]
@@ -89,32 +82,11 @@ impl NexusTools {
                 + Self::snapshot_router()
                 + Self::image_router()
                 + Self::token_router()
+                + Self::role_router()
                 + Self::audit_router(),
             options,
             log_level: logging::SessionLevel::default(),
             identity,
-        }
-    }
-
-    /// Whether `caller` may hear of `event`: an admin of all, a user of
-    /// its own VMs.
-    pub fn may_hear(caller: &Identity, event: &crate::daemon::VmEvent) -> bool {
-        caller.role == crate::identity::Role::Admin || event.owner.as_deref() == Some(&caller.name)
-    }
-
-    /// Whether `caller` may see and drive VM `vm`: an admin any, a user
-    /// those it owns. Another's VM and no VM read the same, so nobody
-    /// learns which names others use.
-    pub fn may_reach(&self, caller: &Identity, vm: &str) -> Result<(), String> {
-        if caller.role == crate::identity::Role::Admin {
-            return Ok(());
-        }
-        match self.daemon.owner_of(vm) {
-            Some(Some(owner)) if owner == caller.name => Ok(()),
-            _ => Err(format!(
-                "VM {vm:?} does not exist among yours ({}): list_vms shows them",
-                caller.name
-            )),
         }
     }
 
@@ -144,15 +116,15 @@ impl NexusTools {
                 tools
             })
             .clone();
-        if caller.role != crate::identity::Role::Admin {
-            tools.retain(|t| !ADMIN_TOOLS.contains(&t.name.as_ref()));
-        }
+        let role = self.daemon.role_of(caller);
+        tools.retain(|t| role.allows(&t.name));
         let mut guests = self.daemon.guests().all_tools().await;
-        guests.retain(|(vm, _)| self.may_reach(caller, vm).is_ok());
+        guests.retain(|(vm, _)| self.daemon.reach(caller, vm).is_ok());
+        let allowed = |tool: &&Tool| role.allows(&crate::policy::guest_policy_name(&tool.name));
         let mut shared = surface == Surface::Shared;
         if surface == Surface::PerVm {
             for (vm, session) in &guests {
-                for tool in session.tools() {
+                for tool in session.tools().iter().filter(allowed) {
                     match surface::per_vm(vm, tool) {
                         Some(tool) => tools.push(tool),
                         // Too long a name: this VM is reached through the
@@ -164,7 +136,10 @@ impl NexusTools {
         }
         if shared {
             tools.extend(surface::shared(
-                guests.iter().flat_map(|(_, session)| session.tools()),
+                guests
+                    .iter()
+                    .flat_map(|(_, session)| session.tools())
+                    .filter(allowed),
             ));
         }
         tools.sort_by(|a, b| a.name.cmp(&b.name));
@@ -186,90 +161,69 @@ impl NexusTools {
         }
     }
 
-    /// The VMs a call acts on, as its arguments and name say (before any
-    /// check: a malformed one is the tool's to refuse).
-    fn named_vms(&self, request: &CallToolRequestParams) -> Vec<String> {
-        let arg = |key: &str| match request.arguments.as_ref().and_then(|a| a.get(key)) {
-            Some(Value::String(vm)) => Some(vm.clone()),
-            _ => None,
-        };
-        if self.tool_router.has_route(&request.name) {
-            return ["vm", "from_vm"].into_iter().filter_map(arg).collect();
-        }
-        match surface::target(&request.name) {
-            Some(surface::Target::PerVm { vm, .. }) => vec![vm.to_owned()],
-            Some(surface::Target::Shared { .. }) => arg(surface::VM_ARGUMENT).into_iter().collect(),
-            None => Vec::new(),
-        }
-    }
-
-    /// The one decision before any tool runs: the caller may call this
-    /// tool, on these VMs.
-    fn admit(&self, caller: &Identity, tool: &str, vms: &[String]) -> Result<(), String> {
-        if ADMIN_TOOLS.contains(&tool) {
-            caller.require_admin(tool)?;
-        }
-        for vm in vms {
-            self.may_reach(caller, vm)?;
-        }
-        Ok(())
+    /// What a call is, read once from its name and arguments.
+    fn action(&self, request: &CallToolRequestParams) -> Action {
+        Action::parse(
+            &request.name,
+            request.arguments.as_ref(),
+            |tool| self.tool_router.has_route(tool),
+            |name| match surface::target(name) {
+                _ if surface::renamed(name).is_some() => None,
+                Some(surface::Target::PerVm { vm, tool }) => {
+                    Some((Some(vm.to_owned()), tool.to_owned()))
+                }
+                Some(surface::Target::Shared { tool }) => Some((None, tool.to_owned())),
+                None => None,
+            },
+        )
     }
 
     async fn dispatch(
         &self,
+        action: Action,
         mut request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        if self.tool_router.has_route(&request.name) {
-            return self
-                .tool_router
-                .call(ToolCallContext::new(self, request, context))
-                .await;
-        }
-        if let Some(new) = surface::renamed(&request.name) {
-            return Err(ErrorData::invalid_params(
-                format!("{} was renamed {new}", request.name),
-                None,
-            ));
-        }
-        let (vm, tool) = match surface::target(&request.name) {
-            Some(surface::Target::PerVm { vm, tool }) => (vm.to_owned(), tool.to_owned()),
-            Some(surface::Target::Shared { tool }) => {
-                let tool = tool.to_owned();
-                let vm = request
-                    .arguments
-                    .as_mut()
-                    .and_then(|args| args.remove(surface::VM_ARGUMENT));
-                match vm {
-                    Some(Value::String(vm)) => (vm, tool),
-                    Some(other) => {
-                        return Err(ErrorData::invalid_params(
-                            format!(
-                                "`vm` must be a VM's name (a string), got {other}: list_vms shows them"
-                            ),
-                            None,
-                        ));
-                    }
-                    None => {
-                        return Err(ErrorData::invalid_params(
-                            format!(
-                                "`vm` is required: the VM to run {SHARED_PREFIX}{tool} in (list_vms shows them)"
-                            ),
-                            None,
-                        ));
-                    }
-                }
+        let (vm, tool) = match action.kind {
+            Kind::Manage => {
+                return self
+                    .tool_router
+                    .call(ToolCallContext::new(self, request, context))
+                    .await;
             }
-            None => {
-                return Err(ErrorData::invalid_params(
-                    format!(
+            Kind::Unknown => {
+                let why = match surface::renamed(&request.name) {
+                    Some(new) => format!("{} was renamed {new}", request.name),
+                    None => format!(
                         "unknown tool {:?}: nexusd's tools are listed by tools/list; a VM's own tools are VM__TOOL, or vm_TOOL with a `vm` argument",
                         request.name
                     ),
-                    None,
-                ));
+                };
+                return Err(ErrorData::invalid_params(why, None));
+            }
+            Kind::Guest { tool, vm: Some(vm) } => (vm, tool),
+            Kind::Guest { tool, vm: None } => {
+                let why = match request
+                    .arguments
+                    .as_ref()
+                    .and_then(|a| a.get(surface::VM_ARGUMENT))
+                {
+                    Some(other) => format!(
+                        "`vm` must be a VM's name (a string), got {other}: list_vms shows them"
+                    ),
+                    None => format!(
+                        "`vm` is required: the VM to run {SHARED_PREFIX}{tool} in (list_vms shows them)"
+                    ),
+                };
+                return Err(ErrorData::invalid_params(why, None));
             }
         };
+        if let Some(args) = request.arguments.as_mut()
+            && surface::target(&request.name)
+                .is_some_and(|t| matches!(t, surface::Target::Shared { .. }))
+        {
+            args.remove(surface::VM_ARGUMENT);
+        }
         if !self.daemon.guests().is_attached(&vm) {
             let why = self.daemon.why_unreachable(&vm).await;
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
@@ -320,30 +274,20 @@ impl ServerHandler for NexusTools {
             (_, Some(_)) => "http",
             (_, None) => "stdio",
         };
-        let vms = self.named_vms(&request);
-        // For the trail: the VM acted on, or the one being made.
-        let vm = vms.first().cloned().or_else(|| {
-            matches!(request.name.as_ref(), "spawn_vm" | "fork_vm")
-                .then(
-                    || match request.arguments.as_ref().and_then(|a| a.get("name")) {
-                        Some(Value::String(name)) => Some(name.clone()),
-                        _ => None,
-                    },
-                )
-                .flatten()
-        });
+        let action = self.action(&request);
+        let vm = action.audit_vm().map(crate::daemon::audit::cut_name);
         let arguments = crate::daemon::audit::redact(request.arguments.as_ref());
         let tool = request.name.to_string();
         // Nothing runs for a request nobody is known to have made, nor
         // for a caller the decision refuses.
         let (response, denied) = match &caller {
             Err(why) => (Err(ErrorData::invalid_request(why.clone(), None)), false),
-            Ok(who) => match self.admit(who, &tool, &vms) {
+            Ok(who) => match self.daemon.decide(who, &action) {
                 Err(why) => (
                     Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into()),
                     true,
                 ),
-                Ok(()) => (self.dispatch(request, context).await, false),
+                Ok(()) => (self.dispatch(action, request, context).await, false),
             },
         };
         let outcome = match &response {
@@ -362,7 +306,7 @@ impl ServerHandler for NexusTools {
                     .map_or_else(|_| "unknown".to_owned(), |c| c.name.clone()),
                 transport: transport.into(),
                 tool: crate::daemon::audit::cut_name(&tool),
-                vm: vm.as_deref().map(crate::daemon::audit::cut_name),
+                vm,
                 arguments,
                 outcome: match (denied, outcome) {
                     (true, _) => "denied",
@@ -421,7 +365,7 @@ impl ServerHandler for NexusTools {
                     match event {
                         Ok(event) => {
                             if let Some(min) = log_level
-                                && Self::may_hear(&viewer, &event)
+                                && self.daemon.may_hear(&viewer, &event)
                                 && logging::send_on_subscription(&context, &event, min).await.is_err()
                             {
                                 return Ok(());
@@ -465,6 +409,7 @@ impl ServerHandler for NexusTools {
         };
         if let Some(viewer) = viewer {
             tokio::spawn(logging::forward_to_session(
+                self.daemon.clone(),
                 self.daemon.subscribe_events(),
                 context.peer,
                 self.log_level.clone(),

@@ -110,7 +110,7 @@ impl NexusTools {
             .daemon
             .snapshot(&p.vm, p.drive, p.name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!(
             "snapshot {}/{} of drive {} taken",
             snap.vm, snap.name, snap.drive
@@ -129,10 +129,10 @@ impl NexusTools {
             .daemon
             .list_snapshots(p.vm)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(super::errors::shown)?
             .into_iter()
             .map(Snapshot::from)
-            .filter(|s| self.may_reach(&caller, &s.vm).is_ok())
+            .filter(|s| self.daemon.reach(&caller, &s.vm).is_ok())
             .collect();
         let text = if snapshots.is_empty() {
             "no snapshots".to_owned()
@@ -158,7 +158,7 @@ impl NexusTools {
             .daemon
             .restore(&p.vm, &p.snapshot)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!("{} drive {} restored to {}", snap.vm, snap.drive, snap.name);
         done(&Snapshot::from(snap), text)
     }
@@ -171,7 +171,7 @@ impl NexusTools {
         self.daemon
             .delete_snapshot(&p.vm, &p.snapshot)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!("deleted snapshot {}/{}", p.vm, p.snapshot);
         done(
             &Deleted {
@@ -194,7 +194,7 @@ impl NexusTools {
             .daemon
             .fork(&p.vm, &p.snapshot, p.name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!(
             "forked {}/{} into {} ({})",
             p.vm, p.snapshot, info.name, info.state

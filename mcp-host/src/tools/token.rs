@@ -16,8 +16,9 @@ pub struct CreateTokenParams {
     /// The token's name (lowercase letters, digits and `-`, at most 63),
     /// never reused: audit records name it.
     pub name: String,
-    /// "user" (the default: VMs, snapshots, images) or "admin" (also
-    /// tokens).
+    /// Its role (list_roles shows them): "user" (the default: every
+    /// tool on its own VMs), "admin" (also identities: tokens, roles,
+    /// grants, the audit trail), or one made with set_role.
     #[serde(default)]
     pub role: Option<String>,
     /// Seconds until it stops working; none: until revoked.
@@ -92,15 +93,12 @@ impl NexusTools {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
         self.caller(&ctx)?.require_admin("create_token")?;
-        let role = match p.role.as_deref() {
-            None => crate::identity::Role::User,
-            Some(role) => role.parse().map_err(|why| format!("`role`: {why}"))?,
-        };
+        let role = p.role.as_deref().unwrap_or(crate::policy::USER_ROLE);
         let (record, secret) = self
             .daemon
             .create_token(&p.name, role, p.expires_in_s)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!(
             "token {:?} ({}): {secret}\nshown only now; send it as `Authorization: Bearer <token>`",
             record.name, record.role
@@ -124,7 +122,7 @@ impl NexusTools {
             .daemon
             .tokens()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(super::errors::shown)?
             .into_iter()
             .map(info)
             .collect();
@@ -154,7 +152,7 @@ impl NexusTools {
             .daemon
             .give_vm(&p.vm, p.owner)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!(
             "VM {} is now {}",
             info.name,
@@ -179,7 +177,7 @@ impl NexusTools {
             .daemon
             .revoke_token(&p.name)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         let text = format!("token {:?} revoked", record.name);
         done(&info(record), text)
     }

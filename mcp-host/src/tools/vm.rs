@@ -152,7 +152,7 @@ impl NexusTools {
             // The sender went with `spawn`: the forwarder drains and ends.
             let _ = forwarder.await;
         }
-        let info = spawned.map_err(|e| e.to_string())?;
+        let info = spawned.map_err(super::errors::shown)?;
         let ready = info
             .ready_ms
             .map(|ms| format!(", ready in {ms} ms"))
@@ -163,8 +163,8 @@ impl NexusTools {
     #[tool(description = "List every VM with its state and size.", output_schema = schema_for_output::<VmList>())]
     async fn list_vms(&self, ctx: RequestContext<RoleServer>) -> Result<CallToolResult, String> {
         let caller = self.caller(&ctx)?;
-        let mut vms = self.daemon.list().await.map_err(|e| e.to_string())?;
-        vms.retain(|vm| self.may_reach(&caller, &vm.name).is_ok());
+        let mut vms = self.daemon.list().await.map_err(super::errors::shown)?;
+        vms.retain(|vm| self.daemon.reach(&caller, &vm.name).is_ok());
         let pool = self.daemon.pool_space();
         let mut text = if vms.is_empty() {
             "no VMs: spawn_vm makes one".to_owned()
@@ -188,7 +188,11 @@ impl NexusTools {
 
     #[tool(description = "Show one VM: its state, image, size and where its workspace came from.", output_schema = schema_for_output::<VmInfo>())]
     async fn get_vm(&self, Parameters(p): Parameters<VmParams>) -> Result<CallToolResult, String> {
-        let info = self.daemon.info(&p.vm).await.map_err(|e| e.to_string())?;
+        let info = self
+            .daemon
+            .info(&p.vm)
+            .await
+            .map_err(super::errors::shown)?;
         done(&info, line(&info))
     }
 
@@ -197,7 +201,11 @@ impl NexusTools {
         &self,
         Parameters(p): Parameters<VmParams>,
     ) -> Result<CallToolResult, String> {
-        let info = self.daemon.start(&p.vm).await.map_err(|e| e.to_string())?;
+        let info = self
+            .daemon
+            .start(&p.vm)
+            .await
+            .map_err(super::errors::shown)?;
         done(&info, format!("started {}", line(&info)))
     }
 
@@ -206,7 +214,11 @@ impl NexusTools {
         output_schema = schema_for_output::<VmInfo>()
     )]
     async fn stop_vm(&self, Parameters(p): Parameters<VmParams>) -> Result<CallToolResult, String> {
-        let info = self.daemon.stop(&p.vm).await.map_err(|e| e.to_string())?;
+        let info = self
+            .daemon
+            .stop(&p.vm)
+            .await
+            .map_err(super::errors::shown)?;
         done(&info, format!("stopped {}", line(&info)))
     }
 
@@ -221,7 +233,7 @@ impl NexusTools {
         self.daemon
             .destroy(&p.vm)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         done(
             &Destroyed { vm: p.vm.clone() },
             format!("destroyed {}", p.vm),
@@ -241,7 +253,7 @@ impl NexusTools {
             .daemon
             .console(&p.vm, lines as usize)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(super::errors::shown)?;
         done(
             &Console {
                 vm: p.vm,
