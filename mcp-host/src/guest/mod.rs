@@ -339,7 +339,17 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
             .endpoint
             .connect(nexus_vmm::GUEST_TOOLS_PORT)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                // Its path is the host's business (logged), not the caller's.
+                nexus_vmm::VmmError::Vsock {
+                    source: nexus_vmm::vsock::VsockError::NoVmSocket { path, source },
+                    ..
+                } => {
+                    tracing::warn!(path = %path.display(), error = %source, "no vsock socket");
+                    "nothing listens on the VM's vsock socket: is the VM running?".to_owned()
+                }
+                e => e.to_string(),
+            })?;
         let socket = std::os::fd::AsFd::as_fd(&stream)
             .try_clone_to_owned()
             .map_err(|e| format!("guest connection: {e}"))?;

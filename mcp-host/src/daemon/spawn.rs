@@ -1,0 +1,372 @@
+//! Making VMs: spawn (blank, from a snapshot, from an image), fork, and
+//! the boot they share, booked against the host's limits and the owner's
+//! quota; a failure undoes what was made.
+
+use std::time::Duration;
+
+use nexus_rootfs::Manifest;
+use nexus_storage::WorkspaceSource;
+use nexus_vmm::{Drive, VmSpec};
+
+use nexus_storage::{StorageError, validate_name};
+
+use super::{
+    DEFAULT_IMAGE, Daemon, DaemonError, EventKind, MAX_WORKSPACE_GIB, Progress, Result,
+    SpawnRequest, VmConfig, VmEvent, VmInfo, admission, events, lock_std,
+};
+
+impl Daemon {
+    /// The vCPUs and memory VM `name` is configured with.
+    pub(super) async fn size(&self, name: &str) -> (u32, u64) {
+        let owned = name.to_owned();
+        let config = self
+            .blocking(move |s| s.vm_config(&owned))
+            .await
+            .ok()
+            .and_then(|c| serde_json::from_str::<VmConfig>(&c).ok())
+            .unwrap_or(VmConfig {
+                vcpus: 1,
+                memory_mib: 256,
+            });
+        (config.vcpus, u64::from(config.memory_mib))
+    }
+
+    /// Whether one more VM may exist; the caller holds `creating`.
+    pub(super) async fn admit_new(&self) -> Result<()> {
+        let existing = self.blocking(|s| s.list_vms()).await?.len();
+        admission::admit_new(&self.limits, existing as u32)
+    }
+
+    /// Counts a booting VM against the host's limits until it runs (or
+    /// fails), if they admit it.
+    pub(super) async fn book(
+        &self,
+        name: &str,
+        (vcpus, memory_mib): (u32, u64),
+    ) -> Result<Booking<'_>> {
+        // Both held at once: two bookings cannot each miss the other.
+        let running = self.running.lock().await;
+        let mut booting = lock_std(&self.booting);
+        let mut used = admission::InUse::default();
+        let sizes = running
+            .values()
+            .map(|r| (r.vcpus, r.memory_mib))
+            .chain(booting.values().copied());
+        for (vcpus, memory_mib) in sizes {
+            used.vms += 1;
+            used.vcpus += vcpus;
+            used.memory_mib += memory_mib;
+        }
+        admission::admit_start(&self.limits, used, name, vcpus, memory_mib)?;
+        let owner = self.owner_of(name).flatten();
+        if let Some(who) = owner.as_deref() {
+            let owned = self.owned_by(who);
+            let theirs: Vec<(u32, u64)> = running
+                .iter()
+                .map(|(vm, r)| (vm, (r.vcpus, r.memory_mib)))
+                .chain(booting.iter().map(|(vm, size)| (vm, *size)))
+                .filter(|(vm, _)| owned.contains(vm) && vm.as_str() != name)
+                .map(|(_, size)| size)
+                .collect();
+            self.admit_owner_start(Some(who), &theirs, (vcpus, memory_mib))?;
+        }
+        booting.insert(name.to_owned(), (vcpus, memory_mib));
+        Ok(Booking {
+            daemon: self,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The tools the image of VM `name` recorded, if it did.
+    pub(super) async fn image_tools(&self, name: &str) -> Option<Vec<rmcp::model::Tool>> {
+        let owned = name.to_owned();
+        let image = self
+            .blocking(move |s| {
+                let drives = s.vm_drives(&owned)?;
+                s.image(&drives.image)
+            })
+            .await
+            .ok()
+            .flatten()?;
+        let manifest: Manifest = serde_json::from_str(&image.manifest).ok()?;
+        trusted_tools(&manifest)
+    }
+
+    /// Creates a VM's drives and boots it; returns once its guest is ready.
+    /// On any failure nothing of the VM remains.
+    pub async fn spawn(&self, req: SpawnRequest, progress: Option<Progress>) -> Result<VmInfo> {
+        let say = |step: f64, message: String| {
+            if let Some(progress) = &progress {
+                let _ = progress.send((step, message));
+            }
+        };
+        let name = match req.name {
+            Some(name) => name,
+            None => self.free_name().await?,
+        };
+        validate_name("VM", &name).map_err(StorageError::from)?;
+        let image = req.image.unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+        let vcpus = req.vcpus.unwrap_or(1);
+        if vcpus == 0 || vcpus > nexus_vmm::spec::MAX_VCPUS {
+            return Err(DaemonError::Invalid(format!(
+                "`vcpus` must be between 1 and {}, got {vcpus}",
+                nexus_vmm::spec::MAX_VCPUS
+            )));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(256);
+        let host_mib = admission::host_memory_mib();
+        if memory_mib < nexus_vmm::spec::MIN_MEMORY_MIB || memory_mib as u64 > host_mib {
+            return Err(DaemonError::Invalid(format!(
+                "`memory_mib` must be between {} and this host's {host_mib}, got {memory_mib}",
+                nexus_vmm::spec::MIN_MEMORY_MIB
+            )));
+        }
+        let gib = req.workspace_gib.unwrap_or(1);
+        if gib == 0 || gib > MAX_WORKSPACE_GIB {
+            return Err(DaemonError::Invalid(format!(
+                "`workspace_gib` must be between 1 and {MAX_WORKSPACE_GIB}, got {gib}"
+            )));
+        }
+        let workspace = match req.from_snapshot {
+            None => {
+                admission::admit_workspace(self.storage.pool().root(), gib << 30)?;
+                WorkspaceSource::New { bytes: gib << 30 }
+            }
+            Some((vm, snapshot)) => WorkspaceSource::Snapshot { vm, snapshot },
+        };
+        if let Err(why) = &self.vmm {
+            return Err(DaemonError::NoBackend(why.clone()));
+        }
+        say(
+            1.0,
+            format!("creating the drives of {name} from image {image}"),
+        );
+        let config = serde_json::to_string(&VmConfig { vcpus, memory_mib })
+            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let _op = self.lock_vm(&name).await;
+        {
+            let creating = self.creating.lock().await;
+            self.admit_new().await?;
+            // Under `creating`: two spawns of one owner see each other.
+            let bytes = match &workspace {
+                WorkspaceSource::New { bytes } => *bytes,
+                WorkspaceSource::Snapshot { vm, snapshot } => {
+                    self.snapshot_workspace_bytes(vm, snapshot).await?
+                }
+            };
+            self.admit_owner_workspace(req.owner.as_deref(), bytes)
+                .await?;
+            let (vm, image, owner) = (name.clone(), image.clone(), req.owner.clone());
+            self.blocking(move |s| {
+                s.create_vm_drives(&vm, &image, workspace)?;
+                let configured = s
+                    .set_vm_config(&vm, &config)
+                    .and_then(|()| s.set_vm_owner(&vm, owner.as_deref()));
+                if configured.is_err() {
+                    let _ = s.destroy_vm_drives(&vm);
+                }
+                configured
+            })
+            .await?;
+            self.owners.set(&name, req.owner.clone());
+            drop(creating);
+        }
+        say(
+            2.0,
+            format!("booting {name} ({vcpus} vCPU, {memory_mib} MiB)"),
+        );
+        if let Err(e) = self.boot(&name).await {
+            self.undo_new(&name).await;
+            return Err(e);
+        }
+        let info = self.info(&name).await?;
+        say(
+            3.0,
+            format!("{name} is ready ({} ms)", info.ready_ms.unwrap_or_default()),
+        );
+        Ok(info)
+    }
+
+    /// A new VM from a snapshot (its root and workspace as they were), booted.
+    pub async fn fork(
+        &self,
+        from_vm: &str,
+        snapshot: &str,
+        name: Option<String>,
+    ) -> Result<VmInfo> {
+        let name = match name {
+            Some(name) => name,
+            None => self.free_name().await?,
+        };
+        validate_name("VM", &name).map_err(StorageError::from)?;
+        if let Err(why) = &self.vmm {
+            return Err(DaemonError::NoBackend(why.clone()));
+        }
+        let _op = self.lock_vm(&name).await;
+        let creating = self.creating.lock().await;
+        self.admit_new().await?;
+        let bytes = self.snapshot_workspace_bytes(from_vm, snapshot).await?;
+        self.admit_owner_workspace(self.owner_of(from_vm).flatten().as_deref(), bytes)
+            .await?;
+        let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
+        // A fork is its source's owner's.
+        let owner = self
+            .blocking(move |s| {
+                let config = s.vm_config(&from)?;
+                let owner = s.vm_owner(&from)?;
+                s.fork(&from, &snap, &new)?;
+                s.set_vm_config(&new, &config)?;
+                s.set_vm_owner(&new, owner.as_deref())?;
+                Ok(owner)
+            })
+            .await?;
+        self.owners.set(&name, owner);
+        drop(creating);
+        if let Err(e) = self.boot(&name).await {
+            self.undo_new(&name).await;
+            return Err(e);
+        }
+        self.info(&name).await
+    }
+
+    pub(super) async fn free_name(&self) -> Result<String> {
+        let taken: Vec<String> = self.list().await?.into_iter().map(|v| v.name).collect();
+        Ok((1..)
+            .map(|i| format!("vm-{i}"))
+            .find(|n| !taken.contains(n))
+            .unwrap_or_else(|| "vm".into()))
+    }
+
+    /// The size of a snapshot's workspace drive (what a VM made from it
+    /// starts with).
+    pub(super) async fn snapshot_workspace_bytes(&self, vm: &str, snapshot: &str) -> Result<u64> {
+        let (vm, snapshot) = (vm.to_owned(), snapshot.to_owned());
+        self.blocking(move |s| {
+            let snap = s.snapshot(&vm, &snapshot)?;
+            let file = snap.path.join("workspace.ext4");
+            Ok(std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0))
+        })
+        .await
+    }
+
+    /// A new VM that did not boot goes again, whole.
+    pub(super) async fn undo_new(&self, name: &str) {
+        let doomed = name.to_owned();
+        if self
+            .blocking(move |s| s.destroy_vm_drives(&doomed))
+            .await
+            .is_ok()
+        {
+            // The catalog still has it otherwise: so does the map.
+            self.owners.forget(name);
+            self.forget_grants(name);
+        }
+        self.remove_console(name);
+    }
+
+    pub(super) async fn boot(&self, name: &str) -> Result<()> {
+        let vmm = self
+            .vmm
+            .as_ref()
+            .map_err(|why| DaemonError::NoBackend(why.clone()))?;
+        let owned = name.to_owned();
+        let (drives, config) = self
+            .blocking(move |s| Ok((s.vm_drives(&owned)?, s.vm_config(&owned)?)))
+            .await?;
+        let config: VmConfig = serde_json::from_str(&config)
+            .map_err(|e| DaemonError::Internal(format!("VM config: {e}")))?;
+        let size = (config.vcpus, u64::from(config.memory_mib));
+        let booking = self.book(name, size).await?;
+        let image_name = drives.image.clone();
+        let image = self
+            .blocking(move |s| s.image(&image_name))
+            .await?
+            .ok_or_else(|| DaemonError::Storage(StorageError::NoImage(drives.image.clone())))?;
+        let manifest: Manifest =
+            serde_json::from_str(&image.manifest).map_err(|e| DaemonError::BadImage {
+                image: image.name.clone(),
+                why: e.to_string(),
+            })?;
+        let mut spec = VmSpec::new(name, manifest.boot_kernel(&image.path));
+        spec.initrd = manifest.initrd(&image.path);
+        spec.cmdline = manifest.boot.cmdline.clone();
+        spec.acpi = manifest.boot.acpi;
+        spec.vcpus = config.vcpus;
+        spec.memory_mib = config.memory_mib;
+        spec.drives = vec![
+            Drive {
+                path: drives.root,
+                read_only: false,
+            },
+            Drive {
+                path: drives.workspace,
+                read_only: false,
+            },
+        ];
+        spec.console_log = self.console_log(name);
+        spec.ready_timeout = Duration::from_secs(120);
+        // A destroy asked for meanwhile ends the boot (the start future,
+        // dropped, kills what it launched).
+        let started = tokio::select! {
+            started = vmm.start(spec) => started,
+            () = self.destroy_asked(name).wait() => {
+                return Err(DaemonError::Destroying(name.to_owned()));
+            }
+        };
+        let vm = match started {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.emit(
+                    VmEvent::new(
+                        name,
+                        EventKind::BootFailed,
+                        format!("VM {name} did not boot: {e}"),
+                    )
+                    .with_console(&nexus_vmm::console::tail(
+                        &self.console_log(name),
+                        events::CONSOLE_LINES,
+                        true,
+                    )),
+                );
+                return Err(e.into());
+            }
+        };
+        let ready_ms = vm.ready_after().as_millis();
+        self.run(name, vm, trusted_tools(&manifest), size).await;
+        // Counted as running from here.
+        drop(booking);
+        // Returns with the VM's tools listable (a guest that does not
+        // answer shows as unresponsive; the VM runs all the same).
+        if let Err(e) = self.guests.session(name, crate::guest::CALL_WAIT).await {
+            tracing::warn!(vm = name, error = %e, "a new VM's tools are not reachable yet");
+        }
+        self.emit(VmEvent::new(
+            name,
+            EventKind::Started,
+            format!("VM {name} started, ready in {ready_ms} ms"),
+        ));
+        Ok(())
+    }
+}
+
+/// The guest tools an image recorded at build time (see `guest::checks`).
+fn trusted_tools(manifest: &Manifest) -> Option<Vec<rmcp::model::Tool>> {
+    let recorded = manifest.guest_tools.as_ref()?;
+    let tools: Vec<rmcp::model::Tool> = recorded
+        .iter()
+        .filter_map(|t| serde_json::from_value(t.clone()).ok())
+        .collect();
+    (!tools.is_empty()).then_some(tools)
+}
+
+/// A booting VM's hold on the host's limits; released when dropped.
+pub(super) struct Booking<'a> {
+    daemon: &'a Daemon,
+    name: String,
+}
+
+impl Drop for Booking<'_> {
+    fn drop(&mut self) {
+        lock_std(&self.daemon.booting).remove(&self.name);
+    }
+}
