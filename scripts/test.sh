@@ -10,12 +10,16 @@ NEXUS_NEED_NEXTEST=1 scripts/install-deps.sh
 scripts/build-image.sh
 
 # The official Python MCP client, for tests with a real non-Rust client.
+# Debian's python3 (not one under /root): tests also run the client as
+# another local user.
 MCP_PY_VERSION=2.3.0
-if .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$MCP_PY_VERSION')" 2>/dev/null; then
+if [ "$(readlink -f .venv/bin/python 2>/dev/null)" = "$(readlink -f /usr/bin/python3)" ] &&
+    .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('mcp') != '$MCP_PY_VERSION')" 2>/dev/null; then
     printf '==> Python mcp %s: present in .venv\n' "$MCP_PY_VERSION" >&2
 else
     printf '==> installing the Python mcp client %s into .venv\n' "$MCP_PY_VERSION" >&2
-    python3 -m venv .venv
+    rm -rf .venv
+    /usr/bin/python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check "mcp==$MCP_PY_VERSION"
 fi
 

@@ -35,6 +35,7 @@ MANAGEMENT_TOOLS = [
     "spawn_vm", "list_vms", "get_vm", "start_vm", "stop_vm", "destroy_vm", "read_console",
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
     "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit", "give_vm",
+    "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
 ]
 
 
@@ -124,6 +125,10 @@ async def run(s, prefix, mode):
     assert made["token"] not in json.dumps(tokens), tokens
     gone = await s.ok("revoke_token", {"name": f"{prefix}-t"})
     assert gone["state"] == "revoked", gone
+    role = await s.ok("set_role", {"name": f"{prefix}-r", "tools": ["list_*", "vm_read_file"], "vms": "granted"})
+    assert role["created"] and role["vms"] == "granted", role
+    roles = await s.ok("list_roles")
+    assert {"admin", "user", f"{prefix}-r"} <= {r["name"] for r in roles["roles"]}, roles
 
     steps = []
 
@@ -149,6 +154,12 @@ async def run(s, prefix, mode):
     given = await s.ok("give_vm", {"vm": a, "owner": info["owner"]})
     assert given["owner"] == info["owner"] and info["owner"], (given, info)
     assert info["state"] == "running", info
+    grant = await s.ok("grant_vm", {"vm": a, "identity": "anonymous"})
+    assert grant["identity"] == "anonymous", grant
+    grants = await s.ok("list_grants", {"vm": a})
+    assert [g["identity"] for g in grants["grants"]] == ["anonymous"], grants
+    await s.ok("revoke_grant", {"vm": a, "identity": "anonymous"})
+    await s.ok("delete_role", {"role": f"{prefix}-r"})
     console = await s.ok("read_console", {"vm": a, "lines": 200})
     assert console["text"], console
 

@@ -37,6 +37,11 @@ pub struct FileConfig {
     pub admin_uids: Option<Vec<u32>>,
     /// The admin Unix socket (default `<state_dir>/nexusd.sock`).
     pub admin_socket: Option<PathBuf>,
+    /// A group (name or gid) whose members may connect to the admin
+    /// socket too (mode 0660): each is identified by its uid, a user
+    /// unless in `admin_uids`. The socket's directory must let them in
+    /// (the state directory does not: set `admin_socket` elsewhere).
+    pub admin_socket_group: Option<GroupRef>,
     /// How guest tools are listed when a connection does not choose:
     /// "per-vm" (VM__TOOL, the default) or "shared" (vm_TOOL with a `vm`
     /// argument).
@@ -47,6 +52,14 @@ pub struct FileConfig {
     pub limits: Option<Limits>,
     /// What each user's VMs may hold together (`[quota]`).
     pub quota: Option<crate::daemon::quota::QuotaConfig>,
+}
+
+/// A group, by name or number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum GroupRef {
+    Gid(u32),
+    Name(String),
 }
 
 /// `[limits]`: each unset one is derived from the host.
@@ -97,6 +110,8 @@ pub struct Config {
     pub quota: crate::daemon::quota::QuotaConfig,
     pub http_auth: bool,
     pub admin_uids: Vec<u32>,
+    /// The group that may connect to the admin socket besides its owner.
+    pub admin_socket_gid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +128,10 @@ pub enum ConfigError {
         "http_auth = false needs a loopback listen address, not {0}: anyone who reaches the port would drive every VM"
     )]
     OpenNotLoopback(SocketAddr),
+    #[error(
+        "admin_socket_group {0:?} is not a group on this host (getent group lists them; a gid works too)"
+    )]
+    NoGroup(String),
     #[error("{what} {path:?} must be an absolute path")]
     Relative { what: &'static str, path: PathBuf },
 }
@@ -150,7 +169,16 @@ impl Config {
                 });
             }
         }
+        let admin_socket_gid = match file.admin_socket_group {
+            None => None,
+            Some(GroupRef::Gid(gid)) => Some(gid),
+            Some(GroupRef::Name(name)) => match nix::unistd::Group::from_name(&name) {
+                Ok(Some(group)) => Some(group.gid.as_raw()),
+                _ => return Err(ConfigError::NoGroup(name)),
+            },
+        };
         Ok(Self {
+            admin_socket_gid,
             state_dir,
             listen,
             admin_socket,
@@ -236,6 +264,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("per-vm") && err.contains("shared"), "{err}");
+        let err = Config::merge(
+            file("admin_socket_group = \"no-such-group-here\""),
+            FlagConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is not a group on this host"), "{err}");
+        for (toml, gid) in [
+            ("admin_socket_group = 4242", 4242),
+            ("admin_socket_group = \"root\"", 0),
+        ] {
+            let merged = Config::merge(file(toml), FlagConfig::default()).unwrap();
+            assert_eq!(merged.admin_socket_gid, Some(gid));
+        }
         let open = FlagConfig {
             listen: Some("0.0.0.0:7777".parse().unwrap()),
             ..FlagConfig::default()

@@ -331,7 +331,7 @@ async fn session_end_has_no_content(
 }
 
 /// Serves the endpoints on TCP `listen` (if given) and on the admin Unix
-/// socket (owner-only permissions) until `shutdown` resolves; the admin
+/// socket (owner-only, or its configured group's too) until `shutdown` resolves; the admin
 /// socket also bridges `nexusd stdio` front ends, counted in `bridges`.
 /// `on_listen` learns the bound TCP address.
 pub async fn serve(
@@ -351,9 +351,15 @@ pub async fn serve(
     // state-directory lock says no other daemon is alive.
     let _ = std::fs::remove_file(admin_socket);
     let admin = tokio::net::UnixListener::bind(admin_socket)?;
+    // Owner-only, or the configured group's too (connecting needs write
+    // permission on a socket).
+    let gid = daemon.config().admin_socket_gid;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(admin_socket, None, Some(gid))?;
+    }
     std::fs::set_permissions(
         admin_socket,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        std::os::unix::fs::PermissionsExt::from_mode(if gid.is_some() { 0o660 } else { 0o600 }),
     )?;
     on_listen(match &listener {
         Some(l) => Some(l.local_addr()?),

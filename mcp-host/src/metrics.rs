@@ -46,6 +46,13 @@ pub struct Metrics {
     latency: Family<ToolLabel, Histogram>,
     vms: Family<StateLabel, Gauge>,
     pool: Family<KindLabel, Gauge>,
+    decisions: Family<DecisionLabel, Counter>,
+    decision_time: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,12 +86,27 @@ impl Metrics {
             "Storage pool size and free space",
             pool.clone(),
         );
+        let decisions = Family::<DecisionLabel, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "Calls allowed and denied by the policy",
+            decisions.clone(),
+        );
+        // 250 ns to ~1 ms.
+        let decision_time = Histogram::new(exponential_buckets(2.5e-7, 2.0, 13));
+        registry.register(
+            "policy_decision_duration_seconds",
+            "Time to read a call into an action and decide it",
+            decision_time.clone(),
+        );
         Arc::new(Self {
             registry,
             calls,
             latency,
             vms,
             pool,
+            decisions,
+            decision_time,
         })
     }
 
@@ -106,6 +128,16 @@ impl Metrics {
         self.latency
             .get_or_create(&ToolLabel { tool })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one policy decision and what it took.
+    pub fn record_decision(&self, allowed: bool, took: Duration) {
+        self.decisions
+            .get_or_create(&DecisionLabel {
+                decision: if allowed { "allow" } else { "deny" }.to_owned(),
+            })
+            .inc();
+        self.decision_time.observe(took.as_secs_f64());
     }
 
     /// The text exposition, with the VM counts and pool space as they are now.

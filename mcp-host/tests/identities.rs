@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{State, call, can_run};
+use common::{State, call, can_run, python_script};
 use nexus_integration::ensure_default_image;
 use rmcp::ServiceExt;
 use serde_json::json;
@@ -520,6 +520,91 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
     for client in [dev, rev] {
         client.cancel().await.unwrap();
     }
+    admin.cancel().await.unwrap();
+    assert!(serve.stop().await.success());
+}
+
+/// The Python client meets every refusal over HTTP (tokens missing,
+/// unknown, revoked, expired; a tool the role does not allow; another's
+/// VM by prefix, argument and snapshot reference; a quota), and a second
+/// local user (uid 65534, in the socket's group) is a plain user on the
+/// admin socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_meets_each_refusal_over_http_and_as_another_local_user() {
+    if !can_run() {
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    // The state directory is owner-only: the shared socket lives beside it.
+    let shared = tempfile::Builder::new()
+        .prefix("nxs")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        shared.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let socket = shared.path().join("nexusd.sock");
+    let (serve, url) = common::serve_with(
+        &state,
+        &format!(
+            "admin_socket = {:?}\nadmin_socket_group = {NOBODY}\n",
+            socket.display().to_string()
+        ),
+    )
+    .await;
+    let mode = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o660
+    );
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&mode), NOBODY);
+
+    let admin = ().serve(state.http(url.clone())).await.unwrap();
+    call(
+        &admin,
+        "spawn_vm",
+        json!({"name": "rootvm", "memory_mib": 128}),
+    )
+    .await
+    .ok();
+    let seen = python_script(
+        "identities.py",
+        &["socket", &socket.display().to_string()],
+        Some(NOBODY),
+    )
+    .await;
+    assert_eq!(seen["uid"], NOBODY);
+    let seen = python_script("identities.py", &["http", &url, &state.admin_token()], None).await;
+    assert_eq!(seen["denied"]["py-reader"], 6, "{seen}");
+
+    // The second local user's calls are in the trail, by uid and socket.
+    let trail = call(
+        &admin,
+        "read_audit",
+        json!({"identity": format!("uid:{NOBODY}"), "limit": 1000}),
+    )
+    .await
+    .ok();
+    let rows = trail["records"].as_array().unwrap();
+    assert_eq!(
+        rows.iter().filter(|r| r["outcome"] == "denied").count(),
+        3,
+        "{rows:#?}"
+    );
+    assert!(
+        rows.iter().all(|r| r["transport"] == "admin-socket"),
+        "{rows:#?}"
+    );
+    let vm = call(&admin, "get_vm", json!({"vm": "rootvm"})).await.ok();
+    assert_eq!(vm["state"], "running");
+    call(&admin, "destroy_vm", json!({"vm": "rootvm"}))
+        .await
+        .ok();
     admin.cancel().await.unwrap();
     assert!(serve.stop().await.success());
 }

@@ -63,6 +63,7 @@ pub use reconcile::ReconcileReport;
 pub use roles::{GrantRecord, RoleRecord};
 use serde::Serialize;
 pub use tokens::TokenRecord;
+pub use vms::VmAttrs;
 
 /// The drive file names a VM has.
 pub const ROOT_DRIVE: &str = "root";

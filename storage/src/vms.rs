@@ -25,6 +25,32 @@ pub(crate) fn drive_file(drive: &str) -> String {
     format!("{drive}.ext4")
 }
 
+/// What the caller keeps with a new VM (opaque here), recorded in the
+/// same statement as the VM itself: no crash leaves a VM without them.
+#[derive(Debug, Clone, Copy)]
+pub struct VmAttrs<'a> {
+    /// JSON, the caller's.
+    pub config: &'a str,
+    /// Who the VM belongs to; None: no one.
+    pub owner: Option<&'a str>,
+}
+
+impl Default for VmAttrs<'_> {
+    fn default() -> Self {
+        Self {
+            config: "{}",
+            owner: None,
+        }
+    }
+}
+
+/// Where a new VM's row takes its attributes from.
+enum Attrs<'a> {
+    Given(VmAttrs<'a>),
+    /// A fork's: its source's image, config and owner.
+    From(&'a str),
+}
+
 impl Storage {
     /// Creates VM `vm`'s drives: root is a reflink clone of the image's root
     /// filesystem; the workspace is a new sparse ext4 or a clone of a
@@ -34,6 +60,17 @@ impl Storage {
         vm: &str,
         image: &str,
         workspace: WorkspaceSource,
+    ) -> Result<VmDrives> {
+        self.create_vm_drives_as(vm, image, workspace, VmAttrs::default())
+    }
+
+    /// [`Storage::create_vm_drives`], recording `attrs` with the VM.
+    pub fn create_vm_drives_as(
+        &self,
+        vm: &str,
+        image: &str,
+        workspace: WorkspaceSource,
+        attrs: VmAttrs<'_>,
     ) -> Result<VmDrives> {
         validate_name("VM", vm)?;
         let image_info = self
@@ -61,7 +98,7 @@ impl Storage {
             return Err(StorageError::VmExists(vm.to_owned()));
         }
         let dir = self.pool().vm_dir(vm);
-        self.record_vm(vm, image, base.as_deref())?;
+        self.record_vm(vm, image, base.as_deref(), Attrs::Given(attrs))?;
         let result = (|| {
             self.step("create:recorded")?;
             create_subvolume(&dir)?;
@@ -85,19 +122,20 @@ impl Storage {
     }
 
     /// New VM `vm` whose drives (root and workspace) are those of snapshot
-    /// `snapshot` of `from`, as a writable clone.
+    /// `snapshot` of `from`, as a writable clone; its image, config and
+    /// owner are `from`'s.
     pub fn fork(&self, from: &str, snapshot: &str, vm: &str) -> Result<VmDrives> {
         validate_name("VM", vm)?;
         let snap = self.snapshot(from, snapshot)?;
         if self.vm_row_exists(vm)? {
             return Err(StorageError::VmExists(vm.to_owned()));
         }
-        let image: String = self.db().connection().query_row(
-            "SELECT image FROM vms WHERE name = ?1",
-            params![from],
-            |r| r.get(0),
+        self.record_vm(
+            vm,
+            "",
+            Some(&format!("{from}/{snapshot}")),
+            Attrs::From(from),
         )?;
-        self.record_vm(vm, &image, Some(&format!("{from}/{snapshot}")))?;
         let result = (|| {
             self.step("fork:recorded")?;
             snapshot_subvolume(&snap.path, &self.pool().vm_dir(vm), false)?;
@@ -243,14 +281,29 @@ impl Storage {
             .is_some())
     }
 
-    fn record_vm(&self, vm: &str, image: &str, base: Option<&str>) -> Result<()> {
+    fn record_vm(&self, vm: &str, image: &str, base: Option<&str>, attrs: Attrs<'_>) -> Result<()> {
         let dir = self.pool().vm_dir(vm);
         let mut db = self.db();
         let tx = db.connection_mut().transaction()?;
-        tx.execute(
-            "INSERT INTO vms (name, image, created_at, base_snapshot, op) VALUES (?1, ?2, ?3, ?4, 'create')",
-            params![vm, image, now(), base],
-        )?;
+        match attrs {
+            Attrs::Given(attrs) => {
+                tx.execute(
+                    "INSERT INTO vms (name, image, created_at, base_snapshot, op, config, owner)
+                     VALUES (?1, ?2, ?3, ?4, 'create', ?5, ?6)",
+                    params![vm, image, now(), base, attrs.config, attrs.owner],
+                )?;
+            }
+            Attrs::From(from) => {
+                let added = tx.execute(
+                    "INSERT INTO vms (name, image, created_at, base_snapshot, op, config, owner)
+                     SELECT ?1, image, ?3, ?4, 'create', config, owner FROM vms WHERE name = ?2",
+                    params![vm, from, now(), base],
+                )?;
+                if added == 0 {
+                    return Err(StorageError::NoVm(from.to_owned()));
+                }
+            }
+        }
         for drive in [ROOT_DRIVE, WORKSPACE_DRIVE] {
             tx.execute(
                 "INSERT INTO drives (vm, name, path, size_bytes) VALUES (?1, ?2, ?3, 0)",

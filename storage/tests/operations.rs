@@ -652,6 +652,34 @@ fn tokens_are_kept_by_digest_named_once_and_revoked_for_good() {
 }
 
 #[test]
+fn a_vm_is_recorded_with_its_config_and_owner_and_a_fork_inherits_them() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    storage.import_image("default", &fx.image_src).unwrap();
+    let attrs = nexus_storage::VmAttrs {
+        config: r#"{"vcpus":2}"#,
+        owner: Some("token:ci"),
+    };
+    storage
+        .create_vm_drives_as("vm1", "default", WS, attrs)
+        .unwrap();
+    storage
+        .snapshot_drive("vm1", WORKSPACE_DRIVE, Some("s"), &mut NoQuiesce)
+        .unwrap();
+    storage.fork("vm1", "s", "vm2").unwrap();
+    for vm in ["vm1", "vm2"] {
+        assert_eq!(storage.vm_owner(vm).unwrap().as_deref(), Some("token:ci"));
+        assert_eq!(storage.vm_config(vm).unwrap(), r#"{"vcpus":2}"#);
+    }
+    storage.create_vm_drives("vm3", "default", WS).unwrap();
+    assert_eq!(storage.vm_owner("vm3").unwrap(), None);
+    assert_eq!(storage.vm_config("vm3").unwrap(), "{}");
+}
+
+#[test]
 fn roles_are_kept_while_tokens_hold_them_and_grants_go_with_their_vm() {
     if !can_run() {
         return;

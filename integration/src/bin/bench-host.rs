@@ -235,15 +235,122 @@ async fn main() -> anyhow::Result<()> {
         "list_vms over HTTP with a token p50 {token_p50:.0} us, without authentication {open_p50:.0} us: the check costs {:.0} us",
         token_p50 - open_p50
     );
-    authed.cancel().await?;
     open.cancel().await?;
     stop(open_serve).await;
+
+    // The choke point: an admin (whose decision is short) beside a user
+    // whose role has ten patterns and reaches the VM by a grant, calling
+    // the same tools alternately; and the decision itself, from /metrics.
+    let (policy_list, policy_exec, decision_us) =
+        policy_cost(&authed, &url, &token, args.calls).await?;
+    authed.cancel().await?;
     stop(serve).await;
 
     println!("(list_p50_us below is over HTTP; over stdio it was {stdio_p50:.0})");
     println!(
-        "host list_p50_us={http_p50:.0} proxy_overhead_p50_us={overhead:.0} sessions={} errors={errors}",
+        "host list_p50_us={http_p50:.0} proxy_overhead_p50_us={overhead:.0} sessions={} errors={errors} policy_list_added_p50_us={policy_list:.0} policy_exec_added_p50_us={policy_exec:.0} decision_mean_us={decision_us:.1}",
         args.sessions
     );
     Ok(())
+}
+
+/// (list_vms and proxied exec p50 added for a restricted user over an
+/// admin, the mean decision time in us.)
+async fn policy_cost(
+    admin: &Client,
+    url: &str,
+    admin_token: &str,
+    calls: usize,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let tools = [
+        "list_*",
+        "get_vm",
+        "spawn_vm",
+        "destroy_vm",
+        "snapshot_*",
+        "restore_snapshot",
+        "vm_exec",
+        "vm_read_file",
+        "vm_write_file",
+        "!vm_process_*",
+    ];
+    call(
+        admin,
+        "set_role",
+        json!({"name": "bench", "tools": tools, "vms": "own"}),
+    )
+    .await?;
+    let made = call(
+        admin,
+        "create_token",
+        json!({"name": "bench-user", "role": "bench"}),
+    )
+    .await?;
+    let user_token = made["token"].as_str().context("no token")?.to_owned();
+    let user = ().serve(nexus_http(url.to_owned(), user_token)).await?;
+    call(admin, "spawn_vm", json!({"name": "policy"})).await?;
+    call(
+        admin,
+        "grant_vm",
+        json!({"vm": "policy", "identity": "token:bench-user"}),
+    )
+    .await?;
+    let before = decisions(url, admin_token).await?;
+    let mut added = Vec::new();
+    for (tool, args) in [
+        ("list_vms", json!({})),
+        ("policy__exec", json!({"argv": ["true"]})),
+    ] {
+        let (mut as_admin, mut as_user) = (Vec::new(), Vec::new());
+        for i in 0..calls {
+            for which in [i % 2, 1 - i % 2] {
+                let started = Instant::now();
+                if which == 0 {
+                    call(admin, tool, args.clone()).await?;
+                    as_admin.push(started.elapsed());
+                } else {
+                    call(&user, tool, args.clone()).await?;
+                    as_user.push(started.elapsed());
+                }
+            }
+        }
+        let (admin_p50, _) = percentiles_us(as_admin);
+        let (user_p50, _) = percentiles_us(as_user);
+        println!(
+            "{tool} over HTTP: admin p50 {admin_p50:.0} us, user with a 10-pattern role and a grant p50 {user_p50:.0} us: {:.0} us more",
+            user_p50 - admin_p50
+        );
+        added.push(user_p50 - admin_p50);
+    }
+    let after = decisions(url, admin_token).await?;
+    let mean_us = (after.0 - before.0) / (after.1 - before.1).max(1.0) * 1e6;
+    println!(
+        "policy decision (read the call, decide): mean {mean_us:.1} us over {:.0} calls",
+        after.1 - before.1
+    );
+    call(admin, "destroy_vm", json!({"vm": "policy"})).await?;
+    user.cancel().await?;
+    Ok((added[0], added[1], mean_us))
+}
+
+/// nexusd's policy decision histogram: (sum of seconds, count).
+async fn decisions(url: &str, token: &str) -> anyhow::Result<(f64, f64)> {
+    let metrics = url.trim_end_matches("/mcp").to_owned() + "/metrics";
+    let text = reqwest::Client::new()
+        .get(&metrics)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let value = |name: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .with_context(|| format!("{name} missing from /metrics"))
+    };
+    Ok((
+        value("nexus_policy_decision_duration_seconds_sum")?,
+        value("nexus_policy_decision_duration_seconds_count")?,
+    ))
 }

@@ -8,7 +8,7 @@ use nexus_rootfs::Manifest;
 use nexus_storage::WorkspaceSource;
 use nexus_vmm::{Drive, VmSpec};
 
-use nexus_storage::{StorageError, validate_name};
+use nexus_storage::{StorageError, VmAttrs, validate_name};
 
 use super::{
     DEFAULT_IMAGE, Daemon, DaemonError, EventKind, MAX_WORKSPACE_GIB, Progress, Result,
@@ -158,14 +158,11 @@ impl Daemon {
                 .await?;
             let (vm, image, owner) = (name.clone(), image.clone(), req.owner.clone());
             self.blocking(move |s| {
-                s.create_vm_drives(&vm, &image, workspace)?;
-                let configured = s
-                    .set_vm_config(&vm, &config)
-                    .and_then(|()| s.set_vm_owner(&vm, owner.as_deref()));
-                if configured.is_err() {
-                    let _ = s.destroy_vm_drives(&vm);
-                }
-                configured
+                let attrs = VmAttrs {
+                    config: &config,
+                    owner: owner.as_deref(),
+                };
+                s.create_vm_drives_as(&vm, &image, workspace, attrs)
             })
             .await?;
             self.owners.set(&name, req.owner.clone());
@@ -212,12 +209,8 @@ impl Daemon {
         // A fork is its source's owner's.
         let owner = self
             .blocking(move |s| {
-                let config = s.vm_config(&from)?;
-                let owner = s.vm_owner(&from)?;
                 s.fork(&from, &snap, &new)?;
-                s.set_vm_config(&new, &config)?;
-                s.set_vm_owner(&new, owner.as_deref())?;
-                Ok(owner)
+                s.vm_owner(&new)
             })
             .await?;
         self.owners.set(&name, owner);

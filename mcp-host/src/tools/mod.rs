@@ -274,21 +274,29 @@ impl ServerHandler for NexusTools {
             (_, Some(_)) => "http",
             (_, None) => "stdio",
         };
+        let deciding = std::time::Instant::now();
         let action = self.action(&request);
+        let decision = caller
+            .as_ref()
+            .map_err(Clone::clone)
+            .map(|who| self.daemon.decide(who, &action));
+        if let Ok(decision) = &decision {
+            self.daemon
+                .metrics()
+                .record_decision(decision.is_ok(), deciding.elapsed());
+        }
         let vm = action.audit_vm().map(crate::daemon::audit::cut_name);
         let arguments = crate::daemon::audit::redact(request.arguments.as_ref());
         let tool = request.name.to_string();
         // Nothing runs for a request nobody is known to have made, nor
         // for a caller the decision refuses.
-        let (response, denied) = match &caller {
-            Err(why) => (Err(ErrorData::invalid_request(why.clone(), None)), false),
-            Ok(who) => match self.daemon.decide(who, &action) {
-                Err(why) => (
-                    Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into()),
-                    true,
-                ),
-                Ok(()) => (self.dispatch(action, request, context).await, false),
-            },
+        let (response, denied) = match decision {
+            Err(why) => (Err(ErrorData::invalid_request(why, None)), false),
+            Ok(Err(why)) => (
+                Ok(CallToolResult::error(vec![ContentBlock::text(why)]).into()),
+                true,
+            ),
+            Ok(Ok(())) => (self.dispatch(action, request, context).await, false),
         };
         let outcome = match &response {
             Ok(CallToolResponse::Complete(r)) if r.is_error == Some(true) => Outcome::ToolError,

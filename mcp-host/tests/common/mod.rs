@@ -262,15 +262,29 @@ pub fn python() -> PathBuf {
 /// Runs integration/python/scenario.py (every tool, the full VM scenario)
 /// with `args`; returns the JSON line it prints last.
 pub async fn python_scenario(args: &[&str]) -> Value {
-    let out = Command::new(python())
-        .arg(nexus_integration::workspace_root().join("integration/python/scenario.py"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
+    python_script("scenario.py", args, None).await
+}
+
+/// Runs integration/python/`script` with `args` (as `uid`, group and
+/// supplementary groups `uid` too, if given); returns the JSON line it
+/// prints last.
+pub async fn python_script(script: &str, args: &[&str], uid: Option<u32>) -> Value {
+    let mut command = Command::new(python());
+    command
+        .arg(
+            nexus_integration::workspace_root()
+                .join("integration/python")
+                .join(script),
+        )
+        .args(args);
+    if let Some(uid) = uid {
+        // std drops supplementary groups when it sets the uid.
+        command.uid(uid).gid(uid).env("HOME", "/tmp");
+    }
+    let out = command.output().await.unwrap();
     assert!(
         out.status.success(),
-        "python client {args:?} failed:\n{}",
+        "python {script} {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
