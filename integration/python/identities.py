@@ -3,6 +3,7 @@ client (the `mcp` package), as an outsider would meet them.
 
     identities.py http URL ADMIN_TOKEN
     identities.py socket ADMIN_SOCKET
+    identities.py tls URL TOKEN CA_FILE
 
 http: no token, an unknown, a revoked and an expired one (a bare 401 with
 `WWW-Authenticate: Bearer`); a tool the caller's role does not allow; a VM
@@ -13,6 +14,10 @@ changes nothing, and the trail has a `denied` row for each, with no secret.
 socket: run as a local user who is not an admin (the test starts it under
 another uid): it is `uid:N` with the user role, sees no admin tool, and is
 refused another's VM and identity administration.
+
+tls: nexusd serves HTTPS with its own certificate (CA_FILE verifies it):
+the client works through it, no token is still a 401, plain HTTP gets no
+answer.
 
 Prints one JSON line of what it saw; exits non-zero on any surprise.
 """
@@ -34,10 +39,11 @@ INIT = {
 
 
 class Caller:
-    """One identity's MCP session."""
+    """One identity's MCP session; counts the refusals it met."""
 
     def __init__(self, client):
         self.client = client
+        self.refused = 0
 
     async def call(self, tool, args=None):
         result = await self.client.call_tool(tool, args or {})
@@ -53,6 +59,7 @@ class Caller:
         result, text = await self.call(tool, args)
         assert result.is_error, f"{tool} {args} should have been refused: {text}"
         assert says in text, f"{tool} {args}: expected {says!r} in {text!r}"
+        self.refused += 1
         return text
 
     async def tools(self):
@@ -139,7 +146,7 @@ async def over_http(url, admin_token):
             ("list_snapshots", {"vm": "pyvm"}),
         ]:
             await reader.err(tool, args, "does not exist among yours (token:py-reader)")
-        denied["py-reader"] = 6
+        denied["py-reader"] = reader.refused
     await with_session(url, secrets["py-reader"], as_reader)
 
     async def as_small(small):
@@ -147,9 +154,10 @@ async def over_http(url, admin_token):
                         "does not exist among yours (token:py-small)")
         await small.err("spawn_vm", {"name": "stolen", "from_vm": "pyvm", "from_snapshot": "s"},
                         "does not exist among yours")
+        denied["py-small"] = small.refused
+        # A quota is a tool error, not a denial: not counted.
         await small.err("spawn_vm", {"name": "big", "workspace_gib": 2}, "max_workspace_gib")
         assert (await small.ok("list_vms"))["vms"] == []
-        denied["py-small"] = 2
     await with_session(url, secrets["py-small"], as_small)
 
     async def check_trail(admin):
@@ -194,9 +202,35 @@ async def over_socket(path):
     return {"uid": uid, "tools": len(names)}
 
 
+async def over_tls(url, token, cafile):
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, verify=cafile,
+                              timeout=httpx2.Timeout(30, read=300))
+    try:
+        async with Client(streamable_http_client(url, http_client=http), mode="auto") as client:
+            me = Caller(client)
+            names = await me.tools()
+            assert "spawn_vm" in names and "create_token" in names, names
+            listed = await me.ok("list_vms")
+            assert listed["vms"] == [], listed
+    finally:
+        await http.aclose()
+    async with httpx2.AsyncClient(verify=cafile) as bare:
+        r = await bare.post(url, json=INIT, headers={"Accept": "application/json, text/event-stream"})
+        assert r.status_code == 401, r.status_code
+    try:
+        async with httpx2.AsyncClient() as plain:
+            r = await plain.post(url.replace("https://", "http://"), json=INIT)
+        raise AssertionError(f"plain HTTP was answered: {r.status_code}")
+    except httpx2.HTTPError:
+        pass
+    return {"tls": True, "tools": len(names)}
+
+
 async def main():
     if sys.argv[1] == "http":
         result = await over_http(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "tls":
+        result = await over_tls(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         result = await over_socket(sys.argv[2])
     print(json.dumps(result))

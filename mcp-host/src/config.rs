@@ -26,9 +26,15 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// Where streamable HTTP listens.
     pub listen: Option<SocketAddr>,
-    /// Allow `listen` on a non-loopback address (nexusd speaks plain
-    /// HTTP: only do this behind something that adds TLS).
+    /// Allow `listen` on a non-loopback address without `[tls]` (only
+    /// behind something that adds TLS).
     pub allow_non_loopback: Option<bool>,
+    /// Host names (or addresses) requests may be addressed to besides
+    /// the loopback names and a specific `listen` address: what remote
+    /// clients put in the URL.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// HTTPS on `listen` (`[tls]`: cert and key, PEM).
+    pub tls: Option<crate::tls::TlsConfig>,
     /// Require a bearer token on the TCP port (default true). false is for
     /// local tools that cannot send one, and only on loopback.
     pub http_auth: Option<bool>,
@@ -112,6 +118,10 @@ pub struct Config {
     pub admin_uids: Vec<u32>,
     /// The group that may connect to the admin socket besides its owner.
     pub admin_socket_gid: Option<u32>,
+    /// HTTPS on `listen`, if configured.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// The names requests may be addressed to (`Host`).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +131,7 @@ pub enum ConfigError {
     #[error("config file {path} is invalid: {why}")]
     Parse { path: PathBuf, why: String },
     #[error(
-        "listen address {0} is not loopback: nexusd speaks plain HTTP; set allow_non_loopback = true in the config file only behind a proxy that adds TLS"
+        "listen address {0} is not loopback: give nexusd a certificate ([tls] cert and key in the config file), or set allow_non_loopback = true only behind a proxy that adds TLS"
     )]
     NotLoopback(SocketAddr),
     #[error(
@@ -132,6 +142,10 @@ pub enum ConfigError {
         "admin_socket_group {0:?} is not a group on this host (getent group lists them; a gid works too)"
     )]
     NoGroup(String),
+    #[error(
+        "allowed_hosts entry {0:?} is not a host name or address (a name, an IPv4 or IPv6 address; no port: any port is accepted)"
+    )]
+    BadHost(String),
     #[error("{what} {path:?} must be an absolute path")]
     Relative { what: &'static str, path: PathBuf },
 }
@@ -151,7 +165,8 @@ impl Config {
             .admin_socket
             .or(file.admin_socket)
             .unwrap_or_else(|| state_dir.join("nexusd.sock"));
-        if !listen.ip().is_loopback() && file.allow_non_loopback != Some(true) {
+        if !listen.ip().is_loopback() && file.tls.is_none() && file.allow_non_loopback != Some(true)
+        {
             return Err(ConfigError::NotLoopback(listen));
         }
         let http_auth = file.http_auth.unwrap_or(true);
@@ -177,7 +192,24 @@ impl Config {
                 _ => return Err(ConfigError::NoGroup(name)),
             },
         };
+        let mut hosts: Vec<String> = crate::http::LOOPBACK_HOSTS.map(String::from).into();
+        if !listen.ip().is_loopback() && !listen.ip().is_unspecified() {
+            hosts.push(listen.ip().to_string());
+        }
+        for host in file.allowed_hosts.unwrap_or_default() {
+            // A name or an address, never a port: Host is matched
+            // without its port.
+            let name = host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-".contains(c));
+            if host.is_empty() || !(name || host.parse::<std::net::Ipv6Addr>().is_ok()) {
+                return Err(ConfigError::BadHost(host));
+            }
+            hosts.push(host.to_ascii_lowercase());
+        }
         Ok(Self {
+            tls: file.tls,
+            hosts,
             admin_socket_gid,
             state_dir,
             listen,
@@ -278,6 +310,18 @@ mod tests {
             let merged = Config::merge(file(toml), FlagConfig::default()).unwrap();
             assert_eq!(merged.admin_socket_gid, Some(gid));
         }
+        for bad in ["a b", "nexus.example.com:8443", ""] {
+            let err = Config::merge(
+                file(&format!("allowed_hosts = [{bad:?}]")),
+                FlagConfig::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("is not a host name"), "{err}");
+        }
+        let v6 =
+            Config::merge(file("allowed_hosts = [\"fd00::1\"]"), FlagConfig::default()).unwrap();
+        assert!(v6.hosts.contains(&"fd00::1".to_owned()));
         let open = FlagConfig {
             listen: Some("0.0.0.0:7777".parse().unwrap()),
             ..FlagConfig::default()
@@ -290,6 +334,16 @@ mod tests {
             "{err}"
         );
         assert!(Config::merge(file("allow_non_loopback = true"), open.clone()).is_ok());
+        let tls = Config::merge(
+            file("allowed_hosts = [\"nexus.example.com\"]\n[tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n"),
+            open.clone(),
+        )
+        .unwrap();
+        assert!(tls.tls.is_some());
+        assert_eq!(
+            tls.hosts,
+            ["localhost", "127.0.0.1", "::1", "nexus.example.com"]
+        );
         let err = Config::merge(file("allow_non_loopback = true\nhttp_auth = false"), open)
             .unwrap_err()
             .to_string();

@@ -40,10 +40,12 @@ pub fn router(
     callers: Callers,
 ) -> Router {
     let tools_daemon = daemon.clone();
+    let hosts = Arc::new(daemon.config().hosts.clone());
     let mcp = StreamableHttpService::new(
         move || Ok(NexusTools::new(tools_daemon.clone(), options, None)),
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default()
+            .with_allowed_hosts(hosts.iter().cloned())
             .with_allowed_origins(LOOPBACK_ORIGINS)
             .enforce_origin_validation()
             .with_cancellation_token(shutdown),
@@ -70,26 +72,25 @@ pub fn router(
     // Host first, then who calls.
     let routes = match callers {
         Callers::Token => routes.layer(axum::middleware::from_fn_with_state(
-            Gate {
-                daemon: daemon.clone(),
-                owners: Arc::default(),
-            },
+            Gate::new(daemon.clone()),
             token_identity,
         )),
         Callers::Peer => routes.layer(axum::middleware::from_fn_with_state(
-            daemon.clone(),
+            Gate::new(daemon.clone()),
             peer_identity,
         )),
     };
     routes
         .layer(axum::middleware::from_fn(session_end_has_no_content))
-        .layer(axum::middleware::from_fn(loopback_host_only))
+        .layer(axum::middleware::from_fn_with_state(hosts, known_host_only))
 }
 
-/// Every route answers only requests addressed to a loopback name (rmcp
-/// checks `/mcp` too): a web page that rebinds a DNS name to 127.0.0.1 must
-/// not read `/metrics` or reach the admin routes.
-async fn loopback_host_only(
+/// Every route answers only requests addressed to a loopback name or a
+/// configured host (rmcp checks `/mcp` too): a web page that rebinds a
+/// DNS name to 127.0.0.1 must not read `/metrics` or reach the admin
+/// routes.
+async fn known_host_only(
+    axum::extract::State(hosts): axum::extract::State<Arc<Vec<String>>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -98,12 +99,15 @@ async fn loopback_host_only(
         .get(axum::http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
-    if is_loopback_host(host) {
+    if host_allowed(host, &hosts) {
         next.run(request).await
     } else {
         (
             axum::http::StatusCode::FORBIDDEN,
-            "Host must be a loopback name (localhost, 127.0.0.1 or [::1])\n",
+            format!(
+                "Host must be one of {} (allowed_hosts in the config file adds names)\n",
+                hosts.join(", ")
+            ),
         )
             .into_response()
     }
@@ -140,35 +144,7 @@ async fn token_identity(
                 crate::identity::Proof::Token(name) => Some(name.clone()),
                 _ => None,
             };
-            let session = request
-                .headers()
-                .get(SESSION_HEADER)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned);
-            // A session is its opener's: another token that learned its id
-            // finds no such session.
-            if let Some(id) = &session
-                && gate.owner(id).is_some_and(|owner| owner != identity.name)
-            {
-                return (
-                    axum::http::StatusCode::NOT_FOUND,
-                    "no such session for this token\n",
-                )
-                    .into_response();
-            }
-            let deleting = request.method() == axum::http::Method::DELETE;
-            let name = identity.name.clone();
-            request.extensions_mut().insert(identity);
-            let response = next.run(request).await;
-            match (&session, response.headers().get(SESSION_HEADER)) {
-                (None, Some(opened)) => {
-                    if let Ok(opened) = opened.to_str() {
-                        gate.own(opened, name);
-                    }
-                }
-                (Some(id), _) if deleting && response.status().is_success() => gate.disown(id),
-                _ => {}
-            }
+            let response = gate.serve_as(identity, request, next).await;
             match token {
                 Some(name) => cut_off_when_ended(response, daemon, name),
                 None => response,
@@ -194,7 +170,7 @@ const SESSION_HEADER: &str = "mcp-session-id";
 /// Sessions whose owner is remembered at most (the oldest are forgotten).
 const MAX_OWNED_SESSIONS: usize = 65_536;
 
-/// The TCP listener's gate: the daemon (tokens) and who opened which
+/// A listener's gate: the daemon (tokens, uids) and who opened which
 /// session.
 #[derive(Clone)]
 struct Gate {
@@ -209,6 +185,51 @@ struct SessionOwners {
 }
 
 impl Gate {
+    fn new(daemon: Arc<Daemon>) -> Self {
+        Self {
+            daemon,
+            owners: Arc::default(),
+        }
+    }
+
+    /// Runs `request` as `identity`'s. A session is its opener's: another
+    /// identity that learned its id finds no such session.
+    async fn serve_as(
+        &self,
+        identity: crate::identity::Identity,
+        mut request: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> axum::response::Response {
+        let session = request
+            .headers()
+            .get(SESSION_HEADER)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned);
+        if let Some(id) = &session
+            && self.owner(id).is_some_and(|owner| owner != identity.name)
+        {
+            return (
+                axum::http::StatusCode::NOT_FOUND,
+                "no such session for this caller\n",
+            )
+                .into_response();
+        }
+        let deleting = request.method() == axum::http::Method::DELETE;
+        let name = identity.name.clone();
+        request.extensions_mut().insert(identity);
+        let response = next.run(request).await;
+        match (&session, response.headers().get(SESSION_HEADER)) {
+            (None, Some(opened)) => {
+                if let Ok(opened) = opened.to_str() {
+                    self.own(opened, name);
+                }
+            }
+            (Some(id), _) if deleting && response.status().is_success() => self.disown(id),
+            _ => {}
+        }
+        response
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, SessionOwners> {
         self.owners.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -275,8 +296,8 @@ fn warn_rated(refusal: &crate::identity::Refusal) {
 
 /// Admin socket requests are made by the peer's uid.
 async fn peer_identity(
-    axum::extract::State(daemon): axum::extract::State<Arc<Daemon>>,
-    mut request: axum::extract::Request,
+    axum::extract::State(gate): axum::extract::State<Gate>,
+    request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let uid = request
@@ -290,17 +311,16 @@ async fn peer_identity(
         )
             .into_response();
     };
-    request
-        .extensions_mut()
-        .insert(crate::identity::Identity::local(
-            uid,
-            &daemon.config().admin_uids,
-        ));
-    next.run(request).await
+    let identity = crate::identity::Identity::local(uid, &gate.daemon.config().admin_uids);
+    gate.serve_as(identity, request, next).await
 }
 
-/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
-fn is_loopback_host(host: &str) -> bool {
+/// The names every listener answers to.
+pub const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Whether a `Host` header names one of `allowed` (names or addresses,
+/// IPv6 without brackets), with or without a port.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
     let name = if let Some(v6) = host.strip_prefix('[') {
         v6.split(']').next().unwrap_or_default()
     } else {
@@ -312,7 +332,7 @@ fn is_loopback_host(host: &str) -> bool {
             }
         })
     };
-    matches!(name, "localhost" | "127.0.0.1" | "::1")
+    !name.is_empty() && allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
 /// rmcp answers a session's DELETE with 202 Accepted; the Python client
@@ -343,6 +363,13 @@ pub async fn serve(
     on_listen: impl FnOnce(Option<std::net::SocketAddr>),
 ) -> std::io::Result<()> {
     let options = daemon.config().tool_options();
+    // Read before anything listens: a bad certificate is a clear error.
+    let tls = match (&daemon.config().tls, listen) {
+        (Some(config), Some(_)) => {
+            Some(crate::tls::acceptor(config).map_err(std::io::Error::other)?)
+        }
+        _ => None,
+    };
     let listener = match listen {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
         None => None,
@@ -377,13 +404,18 @@ pub async fn serve(
         .merge(bridge::routes(daemon, bridges, cancel.child_token()));
     let (tcp_stop, unix_stop) = (cancel.clone(), cancel.clone());
     let tcp = async move {
-        match listener {
-            Some(listener) => {
+        match (listener, tls) {
+            (Some(listener), Some(acceptor)) => {
+                axum::serve(crate::tls::TlsListener::new(listener, acceptor)?, app)
+                    .with_graceful_shutdown(async move { tcp_stop.cancelled().await })
+                    .await
+            }
+            (Some(listener), None) => {
                 axum::serve(listener, app)
                     .with_graceful_shutdown(async move { tcp_stop.cancelled().await })
                     .await
             }
-            None => Ok(()),
+            (None, _) => Ok(()),
         }
     };
     let unix = axum::serve(
@@ -402,7 +434,18 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_host;
+    use super::{LOOPBACK_HOSTS, host_allowed};
+
+    fn is_loopback_host(host: &str) -> bool {
+        host_allowed(host, &LOOPBACK_HOSTS.map(String::from))
+    }
+
+    #[test]
+    fn configured_names_are_hosts_too() {
+        let hosts = vec!["localhost".to_owned(), "nexus.example.com".to_owned()];
+        assert!(host_allowed("Nexus.Example.com:8443", &hosts));
+        assert!(!host_allowed("nexus.example.com.evil:1", &hosts));
+    }
 
     #[test]
     fn only_loopback_names_are_hosts() {

@@ -35,6 +35,7 @@ pub mod policy;
 pub mod schema;
 pub mod state_lock;
 pub mod stdio;
+pub mod tls;
 pub mod tools;
 
 pub use config::Config;

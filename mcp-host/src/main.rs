@@ -141,6 +141,11 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let (listen, admin) = (config.listen, config.admin_socket.clone());
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let daemon = Daemon::open(config).await?;
     let pool = daemon.storage().pool().root().display().to_string();
     nexus_host::http::serve(
@@ -151,7 +156,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutdown_signal(),
         |addr| {
             if let Some(addr) = addr {
-                tracing::info!(pool = %pool, admin = %admin.display(), "nexusd listening on http://{addr}/mcp (health: http://{addr}/healthz)");
+                tracing::info!(pool = %pool, admin = %admin.display(), "nexusd listening on {scheme}://{addr}/mcp (health: {scheme}://{addr}/healthz)");
             }
         },
     )

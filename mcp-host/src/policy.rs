@@ -5,7 +5,7 @@
 //! quotas. The decision itself, which needs owners and grants, is
 //! `Daemon::decide`; everything here is pure.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use schemars::JsonSchema;
@@ -172,7 +172,9 @@ pub struct Action {
     /// The existing VMs it names (`vm`, `from_vm`, a `VM__` prefix, the
     /// shared surface's `vm`).
     pub vms: Vec<String>,
-    /// The VM it makes, if it makes one.
+    /// Whether it makes a VM (named or not).
+    pub creates: bool,
+    /// The name of the VM it makes, if it names one.
     pub makes: Option<String>,
 }
 
@@ -205,6 +207,7 @@ impl Action {
                 tool: tool.to_owned(),
                 kind: Kind::Manage,
                 vms: ["vm", "from_vm"].into_iter().filter_map(text).collect(),
+                creates: MAKERS.contains(&tool),
                 makes: MAKERS.contains(&tool).then(|| text("name")).flatten(),
             };
         }
@@ -215,6 +218,7 @@ impl Action {
                     tool: tool.to_owned(),
                     vms: vm.iter().cloned().collect(),
                     kind: Kind::Guest { tool: name, vm },
+                    creates: false,
                     makes: None,
                 }
             }
@@ -222,6 +226,7 @@ impl Action {
                 tool: tool.to_owned(),
                 kind: Kind::Unknown,
                 vms: Vec::new(),
+                creates: false,
                 makes: None,
             },
         }
@@ -249,13 +254,13 @@ pub fn guest_policy_name(tool: &str) -> String {
 
 /// The built-in roles a catalog must hold, as (name, spec) for those
 /// missing from `present`.
-pub fn missing_builtins(present: &BTreeMap<String, RoleSpec>) -> Vec<(&'static str, RoleSpec)> {
+pub fn missing_builtins(present: &BTreeSet<String>) -> Vec<(&'static str, RoleSpec)> {
     [
         (ADMIN_ROLE, RoleSpec::admin()),
         (USER_ROLE, RoleSpec::default_user()),
     ]
     .into_iter()
-    .filter(|(name, _)| !present.contains_key(*name))
+    .filter(|(name, _)| !present.contains(*name))
     .collect()
 }
 

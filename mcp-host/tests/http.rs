@@ -424,3 +424,65 @@ async fn tokens_decide_who_calls_and_every_refusal_is_a_bare_401() {
     root.cancel().await.unwrap();
     assert!(serve.stop().await.success());
 }
+
+/// `[tls]`: nexusd serves HTTPS with the configured certificate (the
+/// Python client verifies it), a connection that never says hello holds
+/// up no one, and a certificate nexusd cannot read stops it at start
+/// with the file named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_configured_certificate() {
+    if !can_run() {
+        return;
+    }
+    let state = State::new();
+    let made =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key) = (state.path().join("cert.pem"), state.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+
+    let bad = state.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("[tls]\ncert = {cert:?}\nkey = \"/nonexistent/key.pem\"\n"),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nexusd"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--config")
+        .arg(&bad)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("cannot read the TLS private key /nonexistent/key.pem"),
+        "{stderr}"
+    );
+
+    let (serve, url) =
+        common::serve_with(&state, &format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n")).await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    // A client that connects and never says hello.
+    let addr = url
+        .trim_start_matches("https://")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let _silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let seen = common::python_script(
+        "identities.py",
+        &[
+            "tls",
+            &url,
+            &state.admin_token(),
+            &cert.display().to_string(),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(seen["tls"], true, "{seen}");
+    assert!(serve.stop().await.success());
+}

@@ -6,10 +6,53 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use common::{State, call, can_run, python_script};
 use nexus_integration::ensure_default_image;
-use rmcp::ServiceExt;
+use rmcp::service::NotificationContext;
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::json;
+
+/// Counts tools/list_changed notifications.
+#[derive(Clone, Default)]
+struct Changes(Arc<AtomicUsize>);
+
+impl ClientHandler for Changes {
+    async fn on_tool_list_changed(&self, _: NotificationContext<RoleClient>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Changes {
+    fn seen(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no notification has come for 300 ms.
+    async fn settle(&self) {
+        let mut last = self.seen();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let now = self.seen();
+            if now == last {
+                return;
+            }
+            last = now;
+        }
+    }
+
+    async fn wait_above(&self, n: usize, what: &str) {
+        for _ in 0..200 {
+            if self.seen() > n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("no tools/list_changed {what}");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_identity_sees_and_drives_only_its_own_vms() {
@@ -327,19 +370,40 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
 
     let token = |name: &'static str, role: &'static str| {
         let admin = &admin;
-        let url = url.clone();
         async move {
             let made = call(admin, "create_token", json!({"name": name, "role": role}))
                 .await
                 .ok();
-            let secret = made["token"].as_str().unwrap().to_owned();
-            ().serve(nexus_integration::nexusd::http(url, secret))
-                .await
-                .unwrap()
+            made["token"].as_str().unwrap().to_owned()
         }
     };
-    let dev = token("dev", "user").await;
-    let rev = token("rev", "reviewer").await;
+    let (dev_token, rev_token) = (token("dev", "user").await, token("rev", "reviewer").await);
+    let dev = ()
+        .serve(nexus_integration::nexusd::http(
+            url.clone(),
+            dev_token.clone(),
+        ))
+        .await
+        .unwrap();
+    let rev = ()
+        .serve(nexus_integration::nexusd::http(
+            url.clone(),
+            rev_token.clone(),
+        ))
+        .await
+        .unwrap();
+    // A second session of each, counting tools/list_changed.
+    let (dev_changes, rev_changes) = (Changes::default(), Changes::default());
+    let dev_watch = dev_changes
+        .clone()
+        .serve(nexus_integration::nexusd::http(url.clone(), dev_token))
+        .await
+        .unwrap();
+    let rev_watch = rev_changes
+        .clone()
+        .serve(nexus_integration::nexusd::http(url.clone(), rev_token))
+        .await
+        .unwrap();
     call(&dev, "spawn_vm", json!({"name": "d1", "memory_mib": 128}))
         .await
         .ok();
@@ -360,6 +424,12 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
             .map(|t| t.name.to_string())
             .collect()
     }
+    // Its owner hears that d1's tools came; the reviewer, who does not
+    // reach d1, is not told.
+    dev_changes.wait_above(0, "for d1's owner").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(rev_changes.seen(), 0, "told of a VM it does not reach");
+
     // Before a grant: nothing of d1, and only the tools the role names.
     let tools = listed(rev.peer()).await;
     assert!(
@@ -408,6 +478,10 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
     )
     .await
     .ok();
+    rev_changes.wait_above(0, "for a grant").await;
+    // Told once: anything about d1 before the grant would have come first.
+    rev_changes.settle().await;
+    assert_eq!(rev_changes.seen(), 1, "told of a VM before it was granted");
     let tools = listed(rev.peer()).await;
     assert!(tools.contains(&"d1__read_file".to_owned()), "{tools:?}");
     assert!(!tools.iter().any(|t| t.ends_with("exec")), "{tools:?}");
@@ -444,8 +518,55 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
         .await
         .ok();
     assert_eq!(out["stdout"], "reviewed\n");
-    let err = call(&rev, "spawn_vm", json!({"name": "r1"})).await.err();
-    assert!(err.contains("reaches only VMs granted to it"), "{err}");
+    call(&dev, "snapshot_drive", json!({"vm": "d1", "name": "s"}))
+        .await
+        .ok();
+    for (tool, args) in [
+        ("spawn_vm", json!({"name": "r1"})),
+        ("spawn_vm", json!({})),
+        ("fork_vm", json!({"vm": "d1", "snapshot": "s"})),
+    ] {
+        let err = call(&rev, tool, args.clone()).await.err();
+        assert!(
+            err.contains("reaches only VMs granted to it"),
+            "{args}: {err}"
+        );
+    }
+    assert_eq!(
+        call(&admin, "list_vms", json!({})).await.ok()["vms"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A fork made by one the source is granted to is the maker's (and
+    // charged to it), not the source owner's.
+    let dev2 = ()
+        .serve(nexus_integration::nexusd::http(
+            url.clone(),
+            token("dev2", "user").await,
+        ))
+        .await
+        .unwrap();
+    call(
+        &admin,
+        "grant_vm",
+        json!({"vm": "d1", "identity": "token:dev2"}),
+    )
+    .await
+    .ok();
+    let fork = call(
+        &dev2,
+        "fork_vm",
+        json!({"vm": "d1", "snapshot": "s", "name": "d2"}),
+    )
+    .await
+    .ok();
+    assert_eq!(fork["owner"], "token:dev2");
+    let mine = call(&dev, "list_vms", json!({})).await.ok();
+    assert_eq!(mine["vms"].as_array().unwrap().len(), 1, "{mine}");
+    call(&dev2, "destroy_vm", json!({"vm": "d2"})).await.ok();
     let err = call(&rev, "create_token", json!({"name": "mine"}))
         .await
         .err();
@@ -480,6 +601,8 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
         .await
         .ok();
     assert_eq!(grants["grants"].as_array().unwrap().len(), 1);
+    rev_changes.settle().await;
+    let before = rev_changes.seen();
     call(
         &admin,
         "revoke_grant",
@@ -487,6 +610,9 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
     )
     .await
     .ok();
+    rev_changes
+        .wait_above(before, "for a grant taken back")
+        .await;
     let err = call(
         &rev,
         "d1__read_file",
@@ -514,10 +640,25 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
     let denied = rows.iter().filter(|r| r["outcome"] == "denied").count();
     assert!(denied >= 7, "{rows:#?}");
 
+    // Grants go with their VM: a new VM of the same name is not granted.
+    let grants = call(&admin, "list_grants", json!({})).await.ok();
+    assert_eq!(grants["grants"][0]["identity"], "token:dev2", "{grants}");
     call(&admin, "destroy_vm", json!({"vm": "d1"})).await.ok();
     let grants = call(&admin, "list_grants", json!({})).await.ok();
     assert!(grants["grants"].as_array().unwrap().is_empty(), "{grants}");
-    for client in [dev, rev] {
+    call(&dev, "spawn_vm", json!({"name": "d1", "memory_mib": 128}))
+        .await
+        .ok();
+    let err = call(&dev2, "get_vm", json!({"vm": "d1"})).await.err();
+    assert!(
+        err.contains("does not exist among yours (token:dev2)"),
+        "{err}"
+    );
+    call(&dev, "destroy_vm", json!({"vm": "d1"})).await.ok();
+    for client in [dev, rev, dev2] {
+        client.cancel().await.unwrap();
+    }
+    for client in [dev_watch, rev_watch] {
         client.cancel().await.unwrap();
     }
     admin.cancel().await.unwrap();

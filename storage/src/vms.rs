@@ -47,8 +47,9 @@ impl Default for VmAttrs<'_> {
 /// Where a new VM's row takes its attributes from.
 enum Attrs<'a> {
     Given(VmAttrs<'a>),
-    /// A fork's: its source's image, config and owner.
-    From(&'a str),
+    /// A fork's: its source's image and config, and its owner unless
+    /// one is given (`Some(None)`: no one).
+    From(&'a str, Option<Option<&'a str>>),
 }
 
 impl Storage {
@@ -125,6 +126,27 @@ impl Storage {
     /// `snapshot` of `from`, as a writable clone; its image, config and
     /// owner are `from`'s.
     pub fn fork(&self, from: &str, snapshot: &str, vm: &str) -> Result<VmDrives> {
+        self.fork_inner(from, snapshot, vm, None)
+    }
+
+    /// [`Storage::fork`], the new VM belonging to `owner` (None: no one).
+    pub fn fork_as(
+        &self,
+        from: &str,
+        snapshot: &str,
+        vm: &str,
+        owner: Option<&str>,
+    ) -> Result<VmDrives> {
+        self.fork_inner(from, snapshot, vm, Some(owner))
+    }
+
+    fn fork_inner(
+        &self,
+        from: &str,
+        snapshot: &str,
+        vm: &str,
+        owner: Option<Option<&str>>,
+    ) -> Result<VmDrives> {
         validate_name("VM", vm)?;
         let snap = self.snapshot(from, snapshot)?;
         if self.vm_row_exists(vm)? {
@@ -134,7 +156,7 @@ impl Storage {
             vm,
             "",
             Some(&format!("{from}/{snapshot}")),
-            Attrs::From(from),
+            Attrs::From(from, owner),
         )?;
         let result = (|| {
             self.step("fork:recorded")?;
@@ -293,11 +315,13 @@ impl Storage {
                     params![vm, image, now(), base, attrs.config, attrs.owner],
                 )?;
             }
-            Attrs::From(from) => {
+            Attrs::From(from, owner) => {
                 let added = tx.execute(
                     "INSERT INTO vms (name, image, created_at, base_snapshot, op, config, owner)
-                     SELECT ?1, image, ?3, ?4, 'create', config, owner FROM vms WHERE name = ?2",
-                    params![vm, from, now(), base],
+                     SELECT ?1, image, ?3, ?4, 'create', config,
+                            CASE WHEN ?5 THEN ?6 ELSE owner END
+                     FROM vms WHERE name = ?2",
+                    params![vm, from, now(), base, owner.is_some(), owner.flatten()],
                 )?;
                 if added == 0 {
                     return Err(StorageError::NoVm(from.to_owned()));

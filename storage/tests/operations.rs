@@ -674,6 +674,16 @@ fn a_vm_is_recorded_with_its_config_and_owner_and_a_fork_inherits_them() {
         assert_eq!(storage.vm_owner(vm).unwrap().as_deref(), Some("token:ci"));
         assert_eq!(storage.vm_config(vm).unwrap(), r#"{"vcpus":2}"#);
     }
+    storage
+        .fork_as("vm1", "s", "vm4", Some("token:other"))
+        .unwrap();
+    assert_eq!(
+        storage.vm_owner("vm4").unwrap().as_deref(),
+        Some("token:other")
+    );
+    assert_eq!(storage.vm_config("vm4").unwrap(), r#"{"vcpus":2}"#);
+    storage.fork_as("vm1", "s", "vm5", None).unwrap();
+    assert_eq!(storage.vm_owner("vm5").unwrap(), None);
     storage.create_vm_drives("vm3", "default", WS).unwrap();
     assert_eq!(storage.vm_owner("vm3").unwrap(), None);
     assert_eq!(storage.vm_config("vm3").unwrap(), "{}");

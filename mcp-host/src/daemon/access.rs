@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use super::{Daemon, DaemonError, Result, VmEvent};
+use crate::guest::ToolsChanged;
 use crate::identity::Identity;
 use crate::policy::{ADMIN_ROLE, Action, Kind, Role, RoleSpec, VmScope};
 
@@ -84,17 +85,30 @@ impl Daemon {
         ))
     }
 
-    /// Whether `caller` may call tool `policy_name` (a guest tool as
-    /// `vm_TOOL`) at all.
-    pub fn may_call(&self, caller: &Identity, policy_name: &str) -> bool {
-        self.role_of(caller).allows(policy_name)
+    /// Whether `caller` may hear of `change`.
+    pub fn may_hear_change(&self, caller: &Identity, change: &ToolsChanged) -> bool {
+        match &change.vm {
+            None => true,
+            Some(_) if change.also.contains(&caller.name) => true,
+            Some(vm) => self.reach(caller, vm).is_ok(),
+        }
     }
 
-    /// Whether `caller` may hear of `event` (its VM's owner is in it: a
-    /// destroyed VM has none left to look up).
+    /// Those VM `vm` is granted to.
+    pub(super) fn grantees(&self, vm: &str) -> Vec<String> {
+        read(&self.access.grants)
+            .iter()
+            .filter(|(v, _)| v == vm)
+            .map(|(_, who)| who.clone())
+            .collect()
+    }
+
+    /// Whether `caller` may hear of `event` (its VM's owner and grantees
+    /// are in it: a destroyed VM has none left to look up).
     pub fn may_hear(&self, caller: &Identity, event: &VmEvent) -> bool {
         let role = self.role_of(caller);
-        self.sees(caller, &role, &event.vm, event.owner.as_deref())
+        event.grantees.contains(&caller.name)
+            || self.sees(caller, &role, &event.vm, event.owner.as_deref())
     }
 
     /// The one decision before any tool runs: `caller` may do `action`.
@@ -123,11 +137,9 @@ impl Daemon {
         for vm in &action.vms {
             self.reach(caller, vm)?;
         }
-        if let Some(name) = &action.makes
-            && role.spec.vms == VmScope::Granted
-        {
+        if action.creates && role.spec.vms == VmScope::Granted {
             return Err(format!(
-                "role {:?} of {} reaches only VMs granted to it, so it cannot make VM {name:?}",
+                "role {:?} of {} reaches only VMs granted to it, so it cannot make VMs",
                 role.name, caller.name
             ));
         }
@@ -139,7 +151,8 @@ impl Daemon {
     pub(super) fn known_identity(&self, who: &str, what: &str) -> Result<()> {
         let known = match who.split_once(':') {
             Some(("token", name)) => self.tokens.role_of(name).is_some(),
-            Some(("uid", uid)) => uid.parse::<u32>().is_ok(),
+            // Canonical only: `uid:01000` would never match `uid:1000`.
+            Some(("uid", uid)) => uid.parse::<u32>().is_ok_and(|n| n.to_string() == uid),
             None => who == "anonymous",
             _ => false,
         };
@@ -166,6 +179,7 @@ impl Daemon {
         let key = name.to_owned();
         let new = self.blocking(move |s| s.put_role(&key, &json)).await?;
         self.reload_access().await?;
+        self.roles_changed();
         tracing::info!(role = name, new, "role set");
         let view = self
             .list_roles()
@@ -220,7 +234,7 @@ impl Daemon {
         let (v, who) = (vm.to_owned(), identity.to_owned());
         let grant = self.blocking(move |s| s.grant_vm(&v, &who)).await?;
         self.reload_access().await?;
-        self.changed();
+        self.changed(vm);
         Ok(grant)
     }
 
@@ -228,7 +242,11 @@ impl Daemon {
         let (v, who) = (vm.to_owned(), identity.to_owned());
         self.blocking(move |s| s.revoke_grant(&v, &who)).await?;
         self.reload_access().await?;
-        self.changed();
+        // It no longer reaches the VM, and must still hear it went.
+        let _ = self.changes.send(ToolsChanged {
+            vm: Some(vm.to_owned()),
+            also: vec![identity.to_owned()],
+        });
         Ok(())
     }
 
@@ -249,6 +267,11 @@ impl Daemon {
     pub(super) async fn reload_access(&self) -> Result<()> {
         let _one = self.access.reload.lock().await;
         let records = self.blocking(|s| s.roles()).await?;
+        // Built-ins are put back only when their row is gone: one that
+        // does not read stays (its identities get nothing) rather than
+        // being widened to the default.
+        let names: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.name.clone()).collect();
         let mut specs = BTreeMap::new();
         for record in records {
             match serde_json::from_str::<RoleSpec>(&record.spec) {
@@ -259,26 +282,24 @@ impl Daemon {
                 Err(e) => tracing::error!(role = record.name, error = %e, "unreadable role"),
             }
         }
-        for (name, spec) in crate::policy::missing_builtins(&specs) {
+        for (name, spec) in crate::policy::missing_builtins(&names) {
             let json =
                 serde_json::to_string(&spec).map_err(|e| DaemonError::Internal(e.to_string()))?;
             self.blocking(move |s| s.put_role(name, &json)).await?;
             specs.insert(name.to_owned(), spec);
         }
-        let mut roles = HashMap::new();
+        // The admin role is what the code says, whatever its row holds.
+        let mut roles = HashMap::from([(ADMIN_ROLE.to_owned(), Arc::new(Role::admin()))]);
         for (name, spec) in specs {
-            let role = if name == ADMIN_ROLE {
-                Role::admin()
-            } else {
-                match Role::new(&name, spec) {
-                    Ok(role) => role,
-                    Err(e) => {
-                        tracing::error!(role = name, error = e, "a role that does not compile");
-                        continue;
-                    }
+            if name == ADMIN_ROLE {
+                continue;
+            }
+            match Role::new(&name, spec) {
+                Ok(role) => {
+                    roles.insert(name, Arc::new(role));
                 }
-            };
-            roles.insert(name, Arc::new(role));
+                Err(e) => tracing::error!(role = name, error = e, "a role that does not compile"),
+            }
         }
         let grants = self
             .blocking(|s| s.grants())
@@ -293,16 +314,6 @@ impl Daemon {
             .write()
             .unwrap_or_else(|e| e.into_inner()) = grants;
         Ok(())
-    }
-
-    /// Drops VM `vm`'s grants from memory (the catalog drops its rows
-    /// with the VM).
-    pub(super) fn forget_grants(&self, vm: &str) {
-        self.access
-            .grants
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(v, _)| v != vm);
     }
 
     /// The identity of VM `vm` for connections its guest opens toward

@@ -51,6 +51,10 @@ pub struct VmEvent {
     /// Who the VM belongs to: who may hear of it (admins hear of all).
     #[serde(skip)]
     pub owner: Option<String>,
+    /// Whom it is granted to when it happened: they hear of it too (a
+    /// destroyed VM's grants are gone by the time listeners look).
+    #[serde(skip)]
+    pub grantees: Vec<String>,
 }
 
 impl VmEvent {
@@ -68,6 +72,7 @@ impl VmEvent {
             message: message.into(),
             console: Vec::new(),
             owner: None,
+            grantees: Vec::new(),
         }
     }
 

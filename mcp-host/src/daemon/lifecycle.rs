@@ -39,7 +39,7 @@ impl Daemon {
             id,
             endpoint,
         ));
-        self.changed();
+        self.changed(name);
         // The guest's session opens now, not at the first listing: its
         // tools are listable as soon as the VM is (and clients are told
         // again when they are).
@@ -88,7 +88,7 @@ impl Daemon {
         tracing::warn!(vm = name, exit, ?report.method, "VM exited by itself");
         let console =
             nexus_vmm::console::tail(&self.console_log(name), events::CONSOLE_LINES, true);
-        self.changed();
+        self.changed(name);
         self.emit(
             VmEvent::new(
                 name,
@@ -126,7 +126,7 @@ impl Daemon {
         self.guests.detach(name);
         let report = vm.stop().await;
         tracing::info!(vm = name, ?report, "VM stopped");
-        self.changed();
+        self.changed(name);
         self.emit(VmEvent::new(
             name,
             EventKind::Stopped,
@@ -151,7 +151,7 @@ impl Daemon {
             self.guests.detach(name);
             if let Some(Running { vm, .. }) = running {
                 vm.stop().await;
-                self.changed();
+                self.changed(name);
             }
             let doomed = name.to_owned();
             self.blocking(move |s| s.destroy_vm_drives(&doomed)).await?;
@@ -162,7 +162,11 @@ impl Daemon {
                 format!("VM {name} destroyed"),
             ));
             self.owners.forget(name);
-            self.forget_grants(name);
+            // The catalog dropped its grants with it; so does memory
+            // (a reload, in turn with any other, never puts them back).
+            if let Err(e) = self.reload_access().await {
+                tracing::error!(vm = name, error = %e, "could not reread grants");
+            }
             Ok(())
         }
         .await;

@@ -39,7 +39,7 @@ pub use events::{EventKind, Severity, VmEvent};
 pub use quota::QuotaConfig;
 
 use crate::Config;
-use crate::guest::Guests;
+use crate::guest::{Guests, ToolsChanged};
 use crate::state_lock::StateLock;
 
 #[derive(Debug, thiserror::Error)]
@@ -157,8 +157,9 @@ pub struct Daemon {
     vm_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// The guest link of each running VM, for proxied tools.
     guests: Guests,
-    /// Fires whenever the set of running VMs (and so of proxied tools) changes.
-    changes: tokio::sync::broadcast::Sender<()>,
+    /// Fires whenever the set of running VMs (and so of proxied tools),
+    /// or who may reach them, changes.
+    changes: tokio::sync::broadcast::Sender<ToolsChanged>,
     /// What happens to VMs, for clients that listen (MCP log messages).
     events: tokio::sync::broadcast::Sender<VmEvent>,
     me: Weak<Daemon>,
@@ -292,6 +293,7 @@ impl Daemon {
 
     fn emit(&self, mut event: VmEvent) {
         event.owner = self.owner_of(&event.vm).flatten();
+        event.grantees = self.grantees(&event.vm);
         let _ = self.events.send(event);
     }
 
@@ -328,14 +330,29 @@ impl Daemon {
         )
     }
 
-    /// Notified whenever VMs start or stop, so sessions can tell their
-    /// clients that the tool list changed.
-    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<()> {
+    /// Notified whenever VMs start or stop (or who reaches them changes),
+    /// so sessions can tell their clients that the tool list changed.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<ToolsChanged> {
         self.changes.subscribe()
     }
 
-    fn changed(&self) {
-        let _ = self.changes.send(());
+    /// VM `vm`'s tools came or went: for those who reach it, its owner
+    /// and grantees now (a destroyed VM's are forgotten soon after).
+    fn changed(&self, vm: &str) {
+        let mut also: Vec<String> = self.owner_of(vm).flatten().into_iter().collect();
+        also.extend(self.grantees(vm));
+        let _ = self.changes.send(ToolsChanged {
+            vm: Some(vm.to_owned()),
+            also,
+        });
+    }
+
+    /// What a role allows changed: anyone may be told.
+    fn roles_changed(&self) {
+        let _ = self.changes.send(ToolsChanged {
+            vm: None,
+            also: Vec::new(),
+        });
     }
 
     /// The images in the catalog.

@@ -61,8 +61,10 @@ impl Daemon {
         let (name, to) = (vm.to_owned(), owner.clone());
         self.blocking(move |s| s.set_vm_owner(&name, to.as_deref()))
             .await?;
+        // The owner that was hears of it, then the one that is.
+        self.changed(vm);
         self.owners.set(vm, owner);
-        self.changed();
+        self.changed(vm);
         self.info(vm).await
     }
 

@@ -185,11 +185,15 @@ impl Daemon {
     }
 
     /// A new VM from a snapshot (its root and workspace as they were), booted.
+    /// It is its source's owner's when its source's owner or one who
+    /// reaches every VM (an admin) makes it; else (one the source is
+    /// granted to) `by`'s, charged to `by`'s quota.
     pub async fn fork(
         &self,
         from_vm: &str,
         snapshot: &str,
         name: Option<String>,
+        by: &crate::identity::Identity,
     ) -> Result<VmInfo> {
         let name = match name {
             Some(name) => name,
@@ -203,15 +207,22 @@ impl Daemon {
         let creating = self.creating.lock().await;
         self.admit_new().await?;
         let bytes = self.snapshot_workspace_bytes(from_vm, snapshot).await?;
-        self.admit_owner_workspace(self.owner_of(from_vm).flatten().as_deref(), bytes)
-            .await?;
-        let (from, snap, new) = (from_vm.to_owned(), snapshot.to_owned(), name.clone());
-        // A fork is its source's owner's.
-        let owner = self
-            .blocking(move |s| {
-                s.fork(&from, &snap, &new)?;
-                s.vm_owner(&new)
-            })
+        let source_owner = self.owner_of(from_vm).flatten();
+        let owner = if self.role_of(by).spec.vms == crate::policy::VmScope::All
+            || source_owner.as_deref() == Some(by.name.as_str())
+        {
+            source_owner
+        } else {
+            Some(by.name.clone())
+        };
+        self.admit_owner_workspace(owner.as_deref(), bytes).await?;
+        let (from, snap, new, to) = (
+            from_vm.to_owned(),
+            snapshot.to_owned(),
+            name.clone(),
+            owner.clone(),
+        );
+        self.blocking(move |s| s.fork_as(&from, &snap, &new, to.as_deref()))
             .await?;
         self.owners.set(&name, owner);
         drop(creating);
@@ -252,7 +263,11 @@ impl Daemon {
         {
             // The catalog still has it otherwise: so does the map.
             self.owners.forget(name);
-            self.forget_grants(name);
+            // The catalog dropped its grants with it; so does memory
+            // (a reload, in turn with any other, never puts them back).
+            if let Err(e) = self.reload_access().await {
+                tracing::error!(vm = name, error = %e, "could not reread grants");
+            }
         }
         self.remove_console(name);
     }

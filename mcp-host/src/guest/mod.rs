@@ -148,16 +148,27 @@ struct Link {
     state: watch::Sender<LinkState>,
 }
 
+/// News that the tools some clients may list changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolsChanged {
+    /// The VM whose tools came or went; None: what identities may call
+    /// changed (a role), which anyone may be told.
+    pub vm: Option<String>,
+    /// Whom to tell besides those who reach `vm` when they hear it: its
+    /// owner and grantees when it changed, one who just lost it.
+    pub also: Vec<String>,
+}
+
 /// The guest link of every running VM.
 pub struct Guests {
     links: Mutex<HashMap<String, Arc<Link>>>,
     /// Told whenever a session opens: the VM's tools are listed from then.
-    opened: tokio::sync::broadcast::Sender<()>,
+    opened: tokio::sync::broadcast::Sender<ToolsChanged>,
 }
 
 impl Guests {
     /// Guest links that say on `opened` when a VM's tools become listable.
-    pub fn new(opened: tokio::sync::broadcast::Sender<()>) -> Self {
+    pub fn new(opened: tokio::sync::broadcast::Sender<ToolsChanged>) -> Self {
         Self {
             links: Mutex::default(),
             opened,
@@ -327,7 +338,7 @@ impl Guests {
 }
 
 /// Opens a VM's session (one at a time per VM) and says how it went.
-async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sender<()>) {
+async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sender<ToolsChanged>) {
     let result = async {
         // A guest-mcp that just restarted is back within a second or two.
         if !link.endpoint.wait_ready(READY_WAIT).await {
@@ -378,7 +389,10 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
     .await;
     let state = match result {
         Ok(session) => {
-            let _ = opened.send(());
+            let _ = opened.send(ToolsChanged {
+                vm: Some(vm.clone()),
+                also: Vec::new(),
+            });
             LinkState::Open(session)
         }
         Err(why) => {

@@ -46,8 +46,9 @@ fn hidden_as(error: &DaemonError) -> Option<&'static str> {
             _ => None,
         },
         DaemonError::Vmm(e) => match e {
-            VmmError::InvalidSpec(_)
-            | VmmError::DiedDuringBoot { .. }
+            // nexusd checks what callers give (vCPUs, memory) itself: a
+            // spec vmm refuses is the host's (a run directory too long).
+            VmmError::DiedDuringBoot { .. }
             | VmmError::ReadyTimeout { .. }
             | VmmError::NoFreeCid { .. }
             | VmmError::NotReady { .. } => None,

@@ -365,6 +365,8 @@ impl ServerHandler for NexusTools {
                 changed = changes.recv(), if wants_tools => {
                     match changed {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                        Ok(change) if !self.daemon.may_hear_change(&viewer, &change) => {}
+                        // Missed changes are still a change.
                         _ if context.sink().notify_tool_list_changed().await.is_err() => return Ok(()),
                         _ => {}
                     }
@@ -392,13 +394,24 @@ impl ServerHandler for NexusTools {
     /// Tells a legacy (2025-11-25) session's client whenever VMs (and so
     /// tools) come and go, and what happens to them as log messages.
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        // Changes of the tools, and events of the VMs, its caller may reach.
+        let viewer = match context.extensions.get::<axum::http::request::Parts>() {
+            Some(parts) => parts.extensions.get::<Identity>().cloned(),
+            None => self.identity.clone(),
+        };
+        let Some(viewer) = viewer else {
+            return;
+        };
         let mut changes = self.daemon.subscribe_changes();
         let peer = context.peer.clone();
+        let daemon = self.daemon.clone();
+        let who = viewer.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     changed = changes.recv() => match changed {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        Ok(change) if !daemon.may_hear_change(&who, &change) => {}
                         // Missed changes are still a change.
                         _ => {
                             if peer.notify_tool_list_changed().await.is_err() {
@@ -410,20 +423,13 @@ impl ServerHandler for NexusTools {
                 }
             }
         });
-        // Events of the VMs its caller may reach.
-        let viewer = match context.extensions.get::<axum::http::request::Parts>() {
-            Some(parts) => parts.extensions.get::<Identity>().cloned(),
-            None => self.identity.clone(),
-        };
-        if let Some(viewer) = viewer {
-            tokio::spawn(logging::forward_to_session(
-                self.daemon.clone(),
-                self.daemon.subscribe_events(),
-                context.peer,
-                self.log_level.clone(),
-                viewer,
-            ));
-        }
+        tokio::spawn(logging::forward_to_session(
+            self.daemon.clone(),
+            self.daemon.subscribe_events(),
+            context.peer,
+            self.log_level.clone(),
+            viewer,
+        ));
     }
 
     #[allow(deprecated)] // enable_logging: see set_level

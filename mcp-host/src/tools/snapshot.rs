@@ -189,10 +189,12 @@ impl NexusTools {
     async fn fork_vm(
         &self,
         Parameters(p): Parameters<ForkParams>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
+        let caller = self.caller(&ctx)?;
         let info = self
             .daemon
-            .fork(&p.vm, &p.snapshot, p.name)
+            .fork(&p.vm, &p.snapshot, p.name, &caller)
             .await
             .map_err(super::errors::shown)?;
         let text = format!(

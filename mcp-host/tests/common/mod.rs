@@ -240,7 +240,7 @@ pub async fn serve_with(state: &State, toml: &str) -> (Served, String) {
             .await
             .unwrap()
             .expect("nexusd exited before listening");
-        if let Some(at) = line.find("http://") {
+        if let Some(at) = line.find("http://").or_else(|| line.find("https://")) {
             break line[at..].split_whitespace().next().unwrap().to_owned();
         }
     };
