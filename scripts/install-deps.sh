@@ -11,6 +11,7 @@ PACKAGES=(
     qemu-system-x86              # the QEMU microvm backend
     btrfs-progs e2fsprogs        # the storage pool and ext4 drives
     busybox-static cpio xz-utils gzip binutils  # guest images
+    mmdebstrap                   # Debian userlands for guest images
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev  # the guest kernel
     python3 python3-venv         # tests with the Python MCP client
     kmod                         # depmod, for supplied modular kernels

@@ -50,9 +50,33 @@ pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
             acpi: false,
             guest_mcp: None,
             cache_dir: nexus_rootfs::default_cache_dir(),
-            rootfs_mib: 128,
+            rootfs_mib: None,
+            recipe: nexus_rootfs::Recipe::default(),
         })?;
     }
+    let manifest = Manifest::load(&dir)?;
+    manifest.verify(&dir, false)?;
+    Ok((dir, manifest))
+}
+
+/// The Debian userland image (rootfs/recipes/default.toml) in
+/// `target/images/userland`, built or brought up to date first (the
+/// userland itself is cached: a rebuild with the same recipe re-packs
+/// it in seconds).
+pub fn ensure_userland_image() -> anyhow::Result<(PathBuf, Manifest)> {
+    let dir = workspace_root().join("target/images/userland");
+    let recipe = nexus_rootfs::Recipe::load(&workspace_root().join("rootfs/recipes/default.toml"))?;
+    nexus_rootfs::build(&BuildOptions {
+        out: dir.clone(),
+        name: "userland".into(),
+        kernel: None,
+        modules: None,
+        acpi: false,
+        guest_mcp: None,
+        cache_dir: nexus_rootfs::default_cache_dir(),
+        rootfs_mib: None,
+        recipe,
+    })?;
     let manifest = Manifest::load(&dir)?;
     manifest.verify(&dir, false)?;
     Ok((dir, manifest))

@@ -35,7 +35,8 @@ async fn debian_cloud_kernel_boots_through_the_module_loading_initrd() {
         acpi: true,
         guest_mcp: None,
         cache_dir: nexus_rootfs::default_cache_dir(),
-        rootfs_mib: 128,
+        rootfs_mib: None,
+        recipe: nexus_rootfs::Recipe::default(),
     })
     .expect("building the cloud-kernel image");
     assert!(manifest.files.contains_key("initrd"));

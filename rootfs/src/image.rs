@@ -7,7 +7,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use crate::manifest::{BootHints, FileEntry, Manifest};
-use crate::{BuildError, digest, guest_bin, kernel, run};
+use crate::recipe::Recipe;
+use crate::{BuildError, digest, guest_bin, kernel, run, userland};
 
 /// Bumped whenever the image layout or its init changes.
 const RECIPE_VERSION: &str = "nexus-image-recipe-1";
@@ -51,12 +52,21 @@ pub struct BuildOptions {
     pub acpi: bool,
     pub guest_mcp: Option<PathBuf>,
     pub cache_dir: PathBuf,
-    pub rootfs_mib: u64,
+    /// Size of the sparse root filesystem; None: the recipe's, else
+    /// what the root holds plus room (a userland) or 128 MiB (busybox).
+    pub rootfs_mib: Option<u64>,
+    /// What goes into the root filesystem (default: busybox only).
+    pub recipe: Recipe,
 }
 
 /// Builds the image in `opts.out`, or leaves it as it is when nothing changed.
 pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let started = Instant::now();
+    let recipe = &opts.recipe;
+    recipe.check().map_err(|why| BuildError::Recipe {
+        path: PathBuf::from(&opts.name),
+        why,
+    })?;
     if opts.modules.is_some() && opts.kernel.is_none() {
         return Err(BuildError::Kernel {
             why: "--modules only makes sense with --kernel (the default kernel has no modules)"
@@ -90,7 +100,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             .filter_map(|(name, path)| path.as_ref().map(|p| (name, p)))
             .collect();
     let mut inputs = format!(
-        "{RECIPE_VERSION}\nname {}\nkernel {} {}\nbusybox {}\nguest {}\nrootfs_mib {}\nacpi {}\n",
+        "{RECIPE_VERSION}\nname {}\nkernel {} {}\nbusybox {}\nguest {}\nrootfs_mib {:?}\nacpi {}\nrecipe {}\n",
         opts.name,
         kernel.release,
         kernel.config_digest,
@@ -98,7 +108,11 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         digest::file_sha256(&guest)?,
         opts.rootfs_mib,
         opts.acpi,
+        recipe.canonical(),
     );
+    if recipe.base.is_some() {
+        inputs.push_str(&format!("userland {}\n", userland::digest_of(recipe)));
+    }
     for (name, path) in &kernel_files {
         inputs.push_str(&format!("{name} {}\n", digest::file_sha256(path)?));
     }
@@ -148,16 +162,28 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         .join(format!("image-work-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let result = (|| {
-        progress!("rootfs: staging busybox, guest-mcp and init");
         let stage = work.join("root");
-        stage_root(&stage, &guest)?;
-        progress!("rootfs: mkfs.ext4 -d ({} MiB, sparse)", opts.rootfs_mib);
+        if recipe.base.is_some() {
+            let tar = userland::tarball(recipe, &opts.cache_dir)?;
+            progress!("rootfs: unpacking the userland");
+            userland::unpack(&tar, &stage)?;
+        }
+        progress!("rootfs: staging busybox, guest-mcp and init");
+        stage_root(&stage, &guest, recipe)?;
+        let mib = match opts.rootfs_mib.or(recipe.rootfs_mib) {
+            Some(mib) => mib,
+            // What it holds, half again for what agents install, and a
+            // little more: the file is sparse, so room costs nothing.
+            None if recipe.base.is_some() => tree_mib(&stage)? * 3 / 2 + 512,
+            None => 128,
+        };
+        progress!("rootfs: mkfs.ext4 -d ({mib} MiB, sparse)");
         let tmp = opts.out.join(".rootfs.ext4.tmp");
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "nexus-root", "-E", "root_owner=0:0", "-d"])
             .arg(&stage)
             .arg(&tmp)
-            .arg(format!("{}M", opts.rootfs_mib)))?;
+            .arg(format!("{mib}M")))?;
         std::fs::rename(&tmp, opts.out.join("rootfs.ext4"))
             .map_err(|e| BuildError::io("rename", &tmp, e))?;
         if let Some(modules) = &opts.modules {
@@ -210,6 +236,16 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         inputs_digest,
         boot,
         files,
+        userland: match &recipe.base {
+            Some(suite) => format!("debian {suite}"),
+            None => "busybox".into(),
+        },
+        env: recipe.env.clone(),
+        workdir: recipe
+            .workdir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
+        user: recipe.user.clone().unwrap_or_else(|| "root".into()),
     };
     manifest.save(&opts.out)?;
     progress!(
@@ -221,8 +257,14 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     Ok(manifest)
 }
 
-/// Lays out the root filesystem's tree in `stage`.
-fn stage_root(stage: &Path, guest: &Path) -> Result<(), BuildError> {
+/// Where commands start when the recipe does not say.
+pub const DEFAULT_WORKDIR: &str = "/workspace";
+
+/// Lays out the root filesystem's tree in `stage`: on top of a userland
+/// if one is there (busybox then fills only what it lacks, and its users
+/// and groups stay), else busybox alone.
+fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildError> {
+    let userland = recipe.base.is_some();
     for dir in [
         "bin",
         "sbin",
@@ -245,9 +287,52 @@ fn stage_root(stage: &Path, guest: &Path) -> Result<(), BuildError> {
     install_busybox(stage)?;
     guest_bin::strip_into(guest, &stage.join("usr/sbin/guest-mcp"))?;
     for (path, content, mode) in GUEST_FILES {
+        if userland && USERLAND_OWNS.contains(path) {
+            continue;
+        }
         write_mode(&stage.join(path), content.as_bytes(), *mode)?;
     }
+    for file in &recipe.files {
+        let path = stage.join(file.path.trim_start_matches('/'));
+        write_mode(&path, file.content.as_bytes(), file.mode.unwrap_or(0o644))?;
+    }
+    write_mode(
+        &stage.join("etc/nexus/environment"),
+        recipe.environment_file().as_bytes(),
+        0o644,
+    )?;
+    let workdir = recipe.workdir.as_deref().unwrap_or(DEFAULT_WORKDIR);
+    let workdir_path = stage.join(workdir.trim_start_matches('/'));
+    std::fs::create_dir_all(&workdir_path)
+        .map_err(|e| BuildError::io("create", &workdir_path, e))?;
+    write_mode(
+        &stage.join("etc/nexus/image.conf"),
+        format!("NEXUS_WORKDIR={}\n", shell_quote(workdir)).as_bytes(),
+        0o644,
+    )?;
     Ok(())
+}
+
+/// Files a userland has its own of.
+const USERLAND_OWNS: &[&str] = &["etc/passwd", "etc/group"];
+
+/// MiB the tree at `dir` takes.
+fn tree_mib(dir: &Path) -> Result<u64, BuildError> {
+    let out = Command::new("du")
+        .args(["-s", "-m", "-x"])
+        .arg(dir)
+        .output()
+        .map_err(|source| BuildError::Spawn {
+            program: "du".into(),
+            source,
+        })?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| BuildError::Userland {
+            why: format!("could not measure {}", dir.display()),
+        })
 }
 
 /// Copies busybox into `stage/bin` and links every applet to it.
@@ -393,7 +478,7 @@ fn module_name(path: &str) -> String {
     file.split(".ko").next().unwrap_or(file).replace('-', "_")
 }
 
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -17,6 +17,8 @@
 //! - `guest_bin`: the static guest-mcp binary.
 //! - `image`: the root filesystem and the whole image directory.
 //! - `manifest`: `manifest.json`, read by nexusd and the tests.
+//! - `recipe`: what goes into a root filesystem (TOML).
+//! - `userland`: a recipe's Debian root, made by mmdebstrap and cached.
 //! - `digest`: sha256 helpers.
 
 /// Prints a progress line on stderr (image builds are long and interactive).
@@ -31,9 +33,12 @@ pub mod guest_bin;
 pub mod image;
 pub mod kernel;
 pub mod manifest;
+pub mod recipe;
+pub mod userland;
 
 pub use image::{BuildOptions, build};
 pub use manifest::Manifest;
+pub use recipe::Recipe;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,6 +74,10 @@ pub enum BuildError {
         path: PathBuf,
         hint: String,
     },
+    #[error("recipe {path}: {why}")]
+    Recipe { path: PathBuf, why: String },
+    #[error("userland: {why}")]
+    Userland { why: String },
     #[error("manifest {path}: {why}")]
     Manifest { path: PathBuf, why: String },
 }

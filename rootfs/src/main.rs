@@ -43,9 +43,14 @@ enum Cmd {
         /// Where kernel builds are cached [default: $NEXUS_CACHE_DIR, or ~/.cache/nexus].
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
-        /// Size of the (sparse) root filesystem image.
-        #[arg(long, default_value_t = 128, value_name = "MIB")]
-        rootfs_mib: u64,
+        /// Size of the (sparse) root filesystem image [default: the
+        /// recipe's, else room for what it holds; 128 for busybox].
+        #[arg(long, value_name = "MIB")]
+        rootfs_mib: Option<u64>,
+        /// What goes into the root filesystem (rootfs/recipes/*.toml);
+        /// without one: busybox only.
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<PathBuf>,
     },
 }
 
@@ -60,7 +65,16 @@ fn main() -> ExitCode {
         guest_mcp,
         cache_dir,
         rootfs_mib,
+        recipe,
     } = cli.command;
+    let recipe = match recipe.as_deref().map(nexus_rootfs::Recipe::load) {
+        None => nexus_rootfs::Recipe::default(),
+        Some(Ok(recipe)) => recipe,
+        Some(Err(e)) => {
+            eprintln!("nexus-rootfs: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let opts = BuildOptions {
         out,
         name,
@@ -70,6 +84,7 @@ fn main() -> ExitCode {
         guest_mcp,
         cache_dir: cache_dir.unwrap_or_else(default_cache_dir),
         rootfs_mib,
+        recipe,
     };
     match build(&opts) {
         Ok(manifest) => {

@@ -31,6 +31,30 @@ pub struct Manifest {
     /// build time: nexusd lists these, not what a running guest says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_tools: Option<Vec<serde_json::Value>>,
+    /// What the root is: "busybox" or "debian SUITE".
+    #[serde(default = "busybox")]
+    pub userland: String,
+    /// The environment guest commands start with (the recipe's `env`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Where guest commands start.
+    #[serde(default = "workspace")]
+    pub workdir: String,
+    /// Who guest commands run as.
+    #[serde(default = "root")]
+    pub user: String,
+}
+
+fn busybox() -> String {
+    "busybox".into()
+}
+
+fn workspace() -> String {
+    crate::image::DEFAULT_WORKDIR.into()
+}
+
+fn root() -> String {
+    "root".into()
 }
 
 /// How the image's kernel must be booted.

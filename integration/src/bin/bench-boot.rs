@@ -9,6 +9,9 @@
 //!   cargo run --release -p nexus-integration --bin bench-boot [-- --runs N]
 //!   ... -- --kernel PATH [--modules DIR]   also measures that kernel
 //!
+//! Also measures the Debian userland image (target/images/userland) when
+//! it is built.
+//!
 //! Last line: `boot ready_ms=<nexus-vmm median> raw_ms=<bare median> ratio=<ready/raw>`.
 
 use std::path::PathBuf;
@@ -59,6 +62,20 @@ async fn main() -> anyhow::Result<()> {
     let (dir, manifest) = ensure_default_image()?;
     let default = measure("default", dir, manifest, args.runs).await?;
 
+    // The Debian userland image, when built (scripts/build-image.sh).
+    let userland = nexus_integration::workspace_root().join("target/images/userland");
+    if let Ok(manifest) = Manifest::load(&userland) {
+        let other = measure("userland", userland, manifest, args.runs).await?;
+        println!(
+            "userland image: median ready {:.0} ms vs busybox {:.0} ms (x{:.2})",
+            other.0,
+            default.0,
+            other.0 / default.0
+        );
+    } else {
+        println!("userland image not built (scripts/build-image.sh): not measured");
+    }
+
     if let Some(kernel) = &args.kernel {
         let out = nexus_integration::workspace_root().join("target/images/bench-kernel");
         let manifest = nexus_rootfs::build(&BuildOptions {
@@ -69,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
             acpi: args.modules.is_some(),
             guest_mcp: None,
             cache_dir: nexus_rootfs::default_cache_dir(),
-            rootfs_mib: 128,
+            rootfs_mib: None,
+            recipe: nexus_rootfs::Recipe::default(),
         })?;
         let other = measure(&manifest.kernel_version.clone(), out, manifest, args.runs).await?;
         println!(
