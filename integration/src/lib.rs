@@ -30,21 +30,22 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// `$NEXUS_IMAGE_DIR`, else `target/images/default` in the workspace.
-pub fn default_image_dir() -> PathBuf {
+/// `$NEXUS_IMAGE_DIR`, else `target/images/minimal` in the workspace.
+pub fn minimal_image_dir() -> PathBuf {
     std::env::var_os("NEXUS_IMAGE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/images/default"))
+        .unwrap_or_else(|| workspace_root().join("target/images/minimal"))
 }
 
-/// Loads the default image, building it first if it is missing.
-pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
-    let dir = default_image_dir();
+/// Loads the minimal image (busybox, the fastest boots: what tests that
+/// need only a shell use), building it first if it is missing.
+pub fn ensure_minimal_image() -> anyhow::Result<(PathBuf, Manifest)> {
+    let dir = minimal_image_dir();
     if Manifest::load(&dir).is_err() {
-        eprintln!("default image missing at {}; building it", dir.display());
+        eprintln!("minimal image missing at {}; building it", dir.display());
         nexus_rootfs::build(&BuildOptions {
             out: dir.clone(),
-            name: "default".into(),
+            name: "minimal".into(),
             kernel: None,
             modules: None,
             acpi: false,
@@ -59,16 +60,16 @@ pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
     Ok((dir, manifest))
 }
 
-/// The Debian userland image (rootfs/recipes/default.toml) in
-/// `target/images/userland`, built or brought up to date first (the
-/// userland itself is cached: a rebuild with the same recipe re-packs
-/// it in seconds).
-pub fn ensure_userland_image() -> anyhow::Result<(PathBuf, Manifest)> {
-    let dir = workspace_root().join("target/images/userland");
+/// The default image, the agent's computer (rootfs/recipes/default.toml:
+/// a Debian userland), in `target/images/default`, built or brought up to
+/// date first (its userland is cached: an unchanged recipe re-packs in
+/// seconds).
+pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
+    let dir = workspace_root().join("target/images/default");
     let recipe = nexus_rootfs::Recipe::load(&workspace_root().join("rootfs/recipes/default.toml"))?;
     nexus_rootfs::build(&BuildOptions {
         out: dir.clone(),
-        name: "userland".into(),
+        name: "default".into(),
         kernel: None,
         modules: None,
         acpi: false,

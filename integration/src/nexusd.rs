@@ -30,10 +30,35 @@ impl StateDir {
 
 impl Drop for StateDir {
     fn drop(&mut self) {
+        // A daemon a stdio front end started exits shortly after its last
+        // front end: wait for it to let go of the pool, then detach it
+        // anyway, so no deleted pool image stays mounted (and its space
+        // held) after the benchmark.
+        let pool = self.0.path().join("pool");
+        for _ in 0..50 {
+            let unmounted = std::process::Command::new("umount")
+                .arg(&pool)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if unmounted || !is_mounted(&pool) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = std::process::Command::new("umount")
-            .arg(self.0.path().join("pool"))
+            .arg("--lazy")
+            .arg(&pool)
             .status();
     }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*path.to_string_lossy()))
+    })
 }
 
 /// Builds the release nexusd; returns its path.

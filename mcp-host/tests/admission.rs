@@ -5,7 +5,7 @@
 mod common;
 
 use common::{State, call, can_run};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use rmcp::ServiceExt;
 use rmcp::transport::TokioChildProcess;
 use serde_json::json;
@@ -15,7 +15,7 @@ async fn each_limit_refuses_clearly_and_changes_nothing() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let config = state.path().join("nexusd.toml");

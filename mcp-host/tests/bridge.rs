@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{State, call, can_run, python_scenario};
-use nexus_integration::{ensure_default_image, processes_mentioning};
+use nexus_integration::{ensure_minimal_image, processes_mentioning};
 use rmcp::ServiceExt;
 use serde_json::json;
 
@@ -19,7 +19,7 @@ async fn stdio_attaches_to_a_running_serve_and_both_see_the_same_vms() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let (serve, url) = common::serve(&state).await;
@@ -111,7 +111,7 @@ async fn harnesses_share_the_daemon_one_starts_and_leaving_ends_only_their_own_s
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
 

@@ -10,7 +10,7 @@
 mod common;
 
 use common::{State, can_run, python_scenario};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 
@@ -26,7 +26,7 @@ async fn python_client_over_stdio_drives_every_tool_in_both_eras_on_both_surface
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let nexusd = env!("CARGO_BIN_EXE_nexusd");
@@ -46,7 +46,7 @@ async fn python_client_over_http_drives_every_tool_in_both_eras_on_both_surfaces
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let (serve, url) = common::serve(&state).await;

@@ -10,7 +10,7 @@
 mod common;
 
 use common::{State, call, can_run};
-use nexus_integration::{ensure_default_image, workspace_root};
+use nexus_integration::{ensure_minimal_image, workspace_root};
 use rmcp::ServiceExt;
 use rmcp::transport::StreamableHttpClientTransport;
 use serde_json::json;
@@ -40,7 +40,7 @@ async fn the_official_conformance_suite_passes() {
         "{} is missing: scripts/test.sh installs the MCP conformance suite there (scripts/install-conformance.sh)",
         suite.display()
     );
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     // The suite cannot send a token (conformance#453): authentication

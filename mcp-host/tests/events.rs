@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{State, call, can_run};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use rmcp::model::{LoggingLevel, LoggingMessageNotificationParam, SetLevelRequestParams};
 use rmcp::service::NotificationContext;
 use rmcp::transport::TokioChildProcess;
@@ -61,7 +61,7 @@ async fn guest_crashes_and_a_vm_powering_off_are_reported_and_the_vm_is_stopped(
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let logs = Logs::default();

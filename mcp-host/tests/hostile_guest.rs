@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::{State, call, can_run};
-use nexus_integration::{ensure_default_image, hostile_guest_binary, processes_mentioning};
+use nexus_integration::{ensure_minimal_image, hostile_guest_binary, processes_mentioning};
 use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{Value, json};
@@ -84,7 +84,7 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let (serve, url) = common::serve(&state).await;

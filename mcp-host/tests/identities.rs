@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{State, call, can_run, python_script};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use rmcp::service::NotificationContext;
 use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::json;
@@ -59,7 +59,7 @@ async fn each_identity_sees_and_drives_only_its_own_vms() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let (serve, url) = common::serve_with(
@@ -316,7 +316,7 @@ async fn roles_and_grants_decide_which_tools_and_vms_an_identity_reaches() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let (serve, url) = common::serve(&state).await;
@@ -676,7 +676,7 @@ async fn python_client_meets_each_refusal_over_http_and_as_another_local_user() 
         return;
     }
     const NOBODY: u32 = 65534;
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     // The state directory is owner-only: the shared socket lives beside it.

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{State, can_run};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use rmcp::model::{CallToolRequestParams, ProtocolVersion, ServerNotification, SubscriptionFilter};
 use rmcp::transport::TokioChildProcess;
 use rmcp::{ClientLifecycleMode, ClientServiceExt};
@@ -20,7 +20,7 @@ async fn a_2026_client_hears_of_new_tools_on_its_subscription() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let client = ()
@@ -94,7 +94,7 @@ async fn a_2026_client_gets_vm_events_as_log_messages_without_losing_its_subscri
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let logs = Logs::default();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{State, call, can_run};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use rmcp::model::{CallToolRequestParams, ClientRequest, ProgressNotificationParam, Request};
 use rmcp::service::{NotificationContext, PeerRequestOptions};
 use rmcp::transport::TokioChildProcess;
@@ -51,7 +51,7 @@ async fn list_changes_progress_and_cancellation_cross_the_proxy() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let watcher = Watcher::default();

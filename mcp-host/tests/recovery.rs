@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{State, call, can_run};
-use nexus_integration::{ensure_default_image, process_alive, processes_mentioning};
+use nexus_integration::{ensure_minimal_image, process_alive, processes_mentioning};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
@@ -30,7 +30,7 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let run = state.path().join("run");
@@ -203,7 +203,7 @@ async fn a_restore_a_crash_interrupted_is_finished_and_the_running_guest_gets_it
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
 

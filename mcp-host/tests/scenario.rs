@@ -10,7 +10,7 @@
 mod common;
 
 use common::{Outcome, State, call, can_run};
-use nexus_integration::{ensure_default_image, processes_mentioning};
+use nexus_integration::{ensure_minimal_image, processes_mentioning};
 use rmcp::model::ProtocolVersion;
 use rmcp::service::RunningService;
 use rmcp::{ClientLifecycleMode, ClientServiceExt, RoleClient};
@@ -21,7 +21,7 @@ async fn snapshot_restore_in_place_fork_and_diverge_in_the_2025_era_per_vm() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let client = state.client().await;
@@ -34,7 +34,7 @@ async fn snapshot_restore_in_place_fork_and_diverge_in_the_2026_era_shared() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let (_serve, url) = common::serve(&state).await;

@@ -1,4 +1,5 @@
-//! The default recipe's Debian userland is an agent's computer: through
+//! The default image (rootfs/recipes/default.toml, a Debian userland) is
+//! an agent's computer: through
 //! nexusd's tools, Python (and a venv), git, Node, a C toolchain, make and
 //! a pseudo-terminal work in /workspace, with the image's environment.
 
@@ -7,7 +8,7 @@
 mod common;
 
 use common::{State, call, can_run};
-use nexus_integration::ensure_userland_image;
+use nexus_integration::ensure_default_image;
 use rmcp::ServiceExt;
 use serde_json::{Value, json};
 
@@ -28,16 +29,16 @@ async fn the_debian_userland_runs_what_agents_reach_for() {
     if !can_run() {
         return;
     }
-    let (image_dir, manifest) = ensure_userland_image().unwrap();
+    let (image_dir, manifest) = ensure_default_image().unwrap();
     assert_eq!(manifest.userland, "debian bookworm");
     let state = State::new();
-    state.with_image("userland", &image_dir);
+    state.with_image("default", &image_dir);
     let (serve, url) = common::serve(&state).await;
     let client = ().serve(state.http(url)).await.unwrap();
     call(
         &client,
         "spawn_vm",
-        json!({"name": "box", "image": "userland", "memory_mib": 1024}),
+        json!({"name": "box", "memory_mib": 1024}),
     )
     .await
     .ok();
@@ -99,6 +100,20 @@ async fn the_debian_userland_runs_what_agents_reach_for() {
     );
     let out = sh(&client, "echo '{\"a\": [1, 2]}' | jq -c '.a | add'").await;
     assert_eq!(out["stdout"], "3\n");
+    // The kernel has what such tools expect: entropy from the host,
+    // namespaces (a user namespace run as root), seccomp, overlayfs, FUSE.
+    let out = sh(
+        &client,
+        "cat /sys/class/misc/hw_random/rng_current; \
+         unshare --user --map-root-user --pid --fork --mount-proc sh -c 'id -u; echo $$'; \
+         grep -E '^Seccomp:' /proc/self/status; \
+         grep -wE 'overlay|fuse' /proc/filesystems | awk '{print $NF}' | sort",
+    )
+    .await;
+    assert_eq!(
+        out["stdout"],
+        "virtio_rng.0\n0\n1\nSeccomp:\t0\nfuse\noverlay\n"
+    );
 
     call(&client, "destroy_vm", json!({"vm": "box"})).await.ok();
     client.cancel().await.unwrap();

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{State, call, can_run};
-use nexus_integration::{ensure_default_image, processes_mentioning};
+use nexus_integration::{ensure_minimal_image, processes_mentioning};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,7 +14,7 @@ async fn spawn_stop_start_and_destroy_leave_nothing_behind() {
     if !can_run() {
         return;
     }
-    let (image_dir, manifest) = ensure_default_image().unwrap();
+    let (image_dir, manifest) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let client = state.client().await;
@@ -133,7 +133,7 @@ async fn bad_requests_are_clear_errors_and_change_nothing() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let client = state.client().await;
@@ -319,7 +319,7 @@ async fn every_listed_name_fits_a_client_even_with_a_63_character_vm_name() {
     if !can_run() {
         return;
     }
-    let (image_dir, _) = ensure_default_image().unwrap();
+    let (image_dir, _) = ensure_minimal_image().unwrap();
     let state = State::new();
     state.with_image("default", &image_dir);
     let client = state.client().await;

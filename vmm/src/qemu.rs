@@ -117,6 +117,12 @@ impl QemuBackend {
             format!("socket,id=vsock,path={}", vhost_socket.display()),
             "-device".into(),
             "vhost-user-vsock-device,chardev=vsock".into(),
+            // Entropy from the host's getrandom(): nothing in the guest
+            // waits for its random pool to fill.
+            "-object".into(),
+            "rng-builtin,id=rng0".into(),
+            "-device".into(),
+            "virtio-rng-device,rng=rng0".into(),
             // A guest that breaks out of the device models finds a process
             // that cannot run programs, use obsolete system calls or change
             // its limits...
@@ -465,6 +471,10 @@ mod tests {
             args.contains("workspace.ext4,format=raw,if=none,cache=none,aio=threads,werror=report,rerror=report,readonly=on")
         );
         assert!(args.contains("path=/run/vm1/vhost.sock"));
+        assert!(
+            args.contains("-object rng-builtin,id=rng0 -device virtio-rng-device,rng=rng0"),
+            "{args}"
+        );
         assert!(
             args.contains("-sandbox on,obsolete=deny,spawn=deny"),
             "{args}"

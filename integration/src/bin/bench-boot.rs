@@ -9,8 +9,7 @@
 //!   cargo run --release -p nexus-integration --bin bench-boot [-- --runs N]
 //!   ... -- --kernel PATH [--modules DIR]   also measures that kernel
 //!
-//! Also measures the Debian userland image (target/images/userland) when
-//! it is built.
+//! Measures the minimal image (busybox) and the default one (Debian).
 //!
 //! Last line: `boot ready_ms=<nexus-vmm median> raw_ms=<bare median> ratio=<ready/raw>`.
 
@@ -19,7 +18,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nexus_integration::{CID_DIR, Harness, ensure_default_image, median_ms};
+use nexus_integration::{CID_DIR, Harness, ensure_minimal_image, median_ms};
 use nexus_rootfs::{BuildOptions, Manifest};
 use nexus_vmm::accel::Accel;
 use nexus_vmm::backend::{LaunchPaths, LaunchRequest};
@@ -59,22 +58,18 @@ fn parse_args() -> anyhow::Result<Args> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let (dir, manifest) = ensure_default_image()?;
-    let default = measure("default", dir, manifest, args.runs).await?;
+    let (dir, manifest) = ensure_minimal_image()?;
+    let default = measure("minimal", dir, manifest, args.runs).await?;
 
-    // The Debian userland image, when built (scripts/build-image.sh).
-    let userland = nexus_integration::workspace_root().join("target/images/userland");
-    if let Ok(manifest) = Manifest::load(&userland) {
-        let other = measure("userland", userland, manifest, args.runs).await?;
-        println!(
-            "userland image: median ready {:.0} ms vs busybox {:.0} ms (x{:.2})",
-            other.0,
-            default.0,
-            other.0 / default.0
-        );
-    } else {
-        println!("userland image not built (scripts/build-image.sh): not measured");
-    }
+    // The default image (a Debian userland) beside it.
+    let (dir, manifest) = nexus_integration::ensure_default_image()?;
+    let debian = measure("default", dir, manifest, args.runs).await?;
+    println!(
+        "default (Debian) image: median ready {:.0} ms vs minimal (busybox) {:.0} ms (x{:.2})",
+        debian.0,
+        default.0,
+        debian.0 / default.0
+    );
 
     if let Some(kernel) = &args.kernel {
         let out = nexus_integration::workspace_root().join("target/images/bench-kernel");
@@ -91,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         })?;
         let other = measure(&manifest.kernel_version.clone(), out, manifest, args.runs).await?;
         println!(
-            "kernel comparison: default {:.0} ms vs {} {:.0} ms (x{:.2})",
+            "kernel comparison: minimal image {:.0} ms vs with {} {:.0} ms (x{:.2})",
             default.0,
             kernel.display(),
             other.0,

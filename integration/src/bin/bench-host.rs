@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use nexus_integration::nexusd::{
     StateDir, admin_token, build_release, http as nexus_http, percentiles_us, serve, serve_with,
     stop,
@@ -88,7 +88,7 @@ async fn time_calls(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let (image, _) = ensure_default_image()?;
+    let (image, _) = ensure_minimal_image()?;
     let nexusd = build_release()?;
 
     // stdio: list latency, and the proxy overhead with a VM.

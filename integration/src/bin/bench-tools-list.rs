@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nexus_integration::ensure_default_image;
+use nexus_integration::ensure_minimal_image;
 use nexus_integration::nexusd::{
     StateDir, admin_token, build_release, http, percentiles_us, serve_with, stop,
 };
@@ -123,7 +123,7 @@ async fn wedged(client: &Client, lists: usize) -> anyhow::Result<(f64, f64)> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let (image, _) = ensure_default_image()?;
+    let (image, _) = ensure_minimal_image()?;
     let nexusd = build_release()?;
     let state = StateDir::new(&image)?;
     // Room for the VMs this bench boots, whatever the host's defaults.
