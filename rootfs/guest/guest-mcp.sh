@@ -1,8 +1,9 @@
-#!/bin/sh
+#!/bin/busybox sh
 # Started, and restarted whenever it exits, by init. guest-mcp itself stays
 # out of /workspace (so the host can unmount it for a rollback); commands
 # it runs start there.
-# The image's environment (its recipe's `env`) is every command's.
+# The image's environment (its recipe's `env`) is every command's. Static
+# busybox's shell, as in rcS: it starts at every boot and restart.
 cd /
 NEXUS_WORKDIR=/workspace
 [ -r /etc/nexus/image.conf ] && . /etc/nexus/image.conf
@@ -11,6 +12,6 @@ if [ -r /etc/nexus/environment ]; then
     . /etc/nexus/environment
     set +a
 fi
-mkdir -p /run/guest-mcp
+busybox mkdir -p /run/guest-mcp
 exec /usr/sbin/guest-mcp --vm --listen vsock:1024 --control vsock:1023 --ready-port 1027 \
     --workdir "$NEXUS_WORKDIR" --process-state /run/guest-mcp/processes.json
