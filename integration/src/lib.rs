@@ -53,6 +53,7 @@ pub fn ensure_minimal_image() -> anyhow::Result<(PathBuf, Manifest)> {
             cache_dir: nexus_rootfs::default_cache_dir(),
             rootfs_mib: None,
             recipe: nexus_rootfs::Recipe::default(),
+            oci: None,
         })?;
     }
     let manifest = Manifest::load(&dir)?;
@@ -77,6 +78,7 @@ pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
         cache_dir: nexus_rootfs::default_cache_dir(),
         rootfs_mib: None,
         recipe,
+        oci: None,
     })?;
     let manifest = Manifest::load(&dir)?;
     manifest.verify(&dir, false)?;

@@ -16,6 +16,7 @@ fn options(out: &std::path::Path, cache: &std::path::Path, recipe: Recipe) -> Bu
         cache_dir: cache.to_owned(),
         rootfs_mib: None,
         recipe,
+        oci: None,
     }
 }
 

@@ -37,6 +37,7 @@ async fn debian_cloud_kernel_boots_through_the_module_loading_initrd() {
         cache_dir: nexus_rootfs::default_cache_dir(),
         rootfs_mib: None,
         recipe: nexus_rootfs::Recipe::default(),
+        oci: None,
     })
     .expect("building the cloud-kernel image");
     assert!(manifest.files.contains_key("initrd"));

@@ -57,6 +57,9 @@ pub struct BuildOptions {
     pub rootfs_mib: Option<u64>,
     /// What goes into the root filesystem (default: busybox only).
     pub recipe: Recipe,
+    /// An OCI image layout whose layers make the root (the recipe then
+    /// may not name a base).
+    pub oci: Option<PathBuf>,
 }
 
 /// Builds the image in `opts.out`, or leaves it as it is when nothing changed.
@@ -67,6 +70,16 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         path: PathBuf::from(&opts.name),
         why,
     })?;
+    if opts.oci.is_some() && recipe.base.is_some() {
+        return Err(BuildError::Oci {
+            why: "an image's root comes from an OCI layout or a recipe's base, not both".into(),
+        });
+    }
+    let oci_digest = opts
+        .oci
+        .as_deref()
+        .map(crate::oci::manifest_digest)
+        .transpose()?;
     if opts.modules.is_some() && opts.kernel.is_none() {
         return Err(BuildError::Kernel {
             why: "--modules only makes sense with --kernel (the default kernel has no modules)"
@@ -112,6 +125,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     );
     if recipe.base.is_some() {
         inputs.push_str(&format!("userland {}\n", userland::digest_of(recipe)));
+    }
+    if let Some(digest) = &oci_digest {
+        inputs.push_str(&format!("oci {digest}\n"));
     }
     for (name, path) in &kernel_files {
         inputs.push_str(&format!("{name} {}\n", digest::file_sha256(path)?));
@@ -161,20 +177,37 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         .cache_dir
         .join(format!("image-work-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    let result = (|| {
+    // What the root was made with: the recipe, with an OCI image's
+    // defaults where it says nothing; and the OCI image's user.
+    let result = (|| -> Result<(Recipe, Option<String>), BuildError> {
         let stage = work.join("root");
+        let mut effective = recipe.clone();
+        let mut oci_user = None;
         if recipe.base.is_some() {
             let tar = userland::tarball(recipe, &opts.cache_dir)?;
             progress!("rootfs: unpacking the userland");
             userland::unpack(&tar, &stage)?;
         }
+        if let Some(layout) = &opts.oci {
+            progress!("rootfs: unpacking OCI image {}", layout.display());
+            let defaults = crate::oci::unpack(layout, &stage)?;
+            // The image's Env under the recipe's; its WorkingDir unless
+            // the recipe says otherwise.
+            for (k, v) in defaults.env {
+                effective.env.entry(k).or_insert(v);
+            }
+            if effective.workdir.is_none() {
+                effective.workdir = defaults.workdir;
+            }
+            oci_user = defaults.user;
+        }
         progress!("rootfs: staging busybox, guest-mcp and init");
-        stage_root(&stage, &guest, recipe)?;
+        stage_root(&stage, &guest, &effective)?;
         let mib = match opts.rootfs_mib.or(recipe.rootfs_mib) {
             Some(mib) => mib,
             // What it holds, half again for what agents install, and a
             // little more: the file is sparse, so room costs nothing.
-            None if recipe.base.is_some() => tree_mib(&stage)? * 3 / 2 + 512,
+            None if recipe.base.is_some() || opts.oci.is_some() => tree_mib(&stage)? * 3 / 2 + 512,
             None => 128,
         };
         progress!("rootfs: mkfs.ext4 -d ({mib} MiB, sparse)");
@@ -190,10 +223,16 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             progress!("initrd: packing {} modules' loader", modules.display());
             build_initrd(modules, &work.join("initrd"), &opts.out.join("initrd"))?;
         }
-        Ok(())
+        Ok((effective, oci_user))
     })();
     let _ = std::fs::remove_dir_all(&work);
-    result?;
+    let (effective, oci_user) = result?;
+    if let Some(user) = oci_user
+        .as_deref()
+        .filter(|u| !matches!(*u, "root" | "0" | "0:0"))
+    {
+        progress!("the image's User is {user:?}: commands run as root for now");
+    }
 
     let mut files = BTreeMap::new();
     let mut names: Vec<&str> = kernel_files.iter().map(|(n, _)| *n).collect();
@@ -236,16 +275,19 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         inputs_digest,
         boot,
         files,
-        userland: match &recipe.base {
-            Some(suite) => format!("debian {suite}"),
-            None => "busybox".into(),
+        userland: match (&recipe.base, &oci_digest) {
+            (Some(suite), _) => format!("debian {suite}"),
+            (None, Some(digest)) => format!("oci {digest}"),
+            (None, None) => "busybox".into(),
         },
-        env: recipe.env.clone(),
-        workdir: recipe
+        env: effective.env.clone(),
+        workdir: effective
             .workdir
             .clone()
             .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
-        user: recipe.user.clone().unwrap_or_else(|| "root".into()),
+        user: oci_user
+            .or_else(|| effective.user.clone())
+            .unwrap_or_else(|| "root".into()),
     };
     manifest.save(&opts.out)?;
     progress!(
@@ -264,7 +306,6 @@ pub const DEFAULT_WORKDIR: &str = "/workspace";
 /// if one is there (busybox then fills only what it lacks, and its users
 /// and groups stay), else busybox alone.
 fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildError> {
-    let userland = recipe.base.is_some();
     for dir in [
         "bin",
         "sbin",
@@ -287,7 +328,7 @@ fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildEr
     install_busybox(stage)?;
     guest_bin::strip_into(guest, &stage.join("usr/sbin/guest-mcp"))?;
     for (path, content, mode) in GUEST_FILES {
-        if userland && USERLAND_OWNS.contains(path) {
+        if USERLAND_OWNS.contains(path) && stage.join(path).exists() {
             continue;
         }
         write_mode(&stage.join(path), content.as_bytes(), *mode)?;
@@ -313,7 +354,7 @@ fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildEr
     Ok(())
 }
 
-/// Files a userland has its own of.
+/// Files a userland (Debian's, an OCI image's) may have its own of.
 const USERLAND_OWNS: &[&str] = &["etc/passwd", "etc/group"];
 
 /// MiB the tree at `dir` takes.

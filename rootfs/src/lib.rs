@@ -19,6 +19,7 @@
 //! - `manifest`: `manifest.json`, read by nexusd and the tests.
 //! - `recipe`: what goes into a root filesystem (TOML).
 //! - `userland`: a recipe's Debian root, made by mmdebstrap and cached.
+//! - `oci`: an OCI image layout's layers as a root.
 //! - `digest`: sha256 helpers.
 
 /// Prints a progress line on stderr (image builds are long and interactive).
@@ -33,6 +34,7 @@ pub mod guest_bin;
 pub mod image;
 pub mod kernel;
 pub mod manifest;
+pub mod oci;
 pub mod recipe;
 pub mod userland;
 
@@ -76,6 +78,8 @@ pub enum BuildError {
     },
     #[error("recipe {path}: {why}")]
     Recipe { path: PathBuf, why: String },
+    #[error("OCI image: {why}")]
+    Oci { why: String },
     #[error("userland: {why}")]
     Userland { why: String },
     #[error("manifest {path}: {why}")]

@@ -51,6 +51,10 @@ enum Cmd {
         /// without one: busybox only.
         #[arg(long, value_name = "FILE")]
         recipe: Option<PathBuf>,
+        /// An OCI image layout whose layers make the root (its Env,
+        /// WorkingDir and User become the image's defaults).
+        #[arg(long, value_name = "DIR")]
+        oci: Option<PathBuf>,
     },
 }
 
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
         cache_dir,
         rootfs_mib,
         recipe,
+        oci,
     } = cli.command;
     let recipe = match recipe.as_deref().map(nexus_rootfs::Recipe::load) {
         None => nexus_rootfs::Recipe::default(),
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
         cache_dir: cache_dir.unwrap_or_else(default_cache_dir),
         rootfs_mib,
         recipe,
+        oci,
     };
     match build(&opts) {
         Ok(manifest) => {

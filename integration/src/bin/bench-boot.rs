@@ -83,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             cache_dir: nexus_rootfs::default_cache_dir(),
             rootfs_mib: None,
             recipe: nexus_rootfs::Recipe::default(),
+            oci: None,
         })?;
         let other = measure(&manifest.kernel_version.clone(), out, manifest, args.runs).await?;
         println!(

@@ -1,0 +1,178 @@
+//! An OCI image layout becomes a root filesystem: layers in order, a
+//! whiteout deletes what a lower layer put, an opaque directory hides all
+//! of it, the config's Env and WorkingDir are every command's, and a layer
+//! whose entry leaves the root is refused with nothing written outside.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::Write;
+use std::path::Path;
+
+use nexus_integration::{Harness, exec, guest_client};
+use nexus_rootfs::{BuildOptions, Manifest, Recipe};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// A layer: (path, content); a path ending in `/` is a directory.
+fn layer(entries: &[(&str, &str)]) -> (Vec<u8>, String) {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, content) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        if path.ends_with('/') {
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o755);
+            header.set_size(0);
+        } else {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_mode(0o644);
+            header.set_size(content.len() as u64);
+        }
+        // Raw name bytes: the builder itself refuses `..`, which a
+        // hostile layer may well hold.
+        let name = &mut header.as_old_mut().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        header.set_cksum();
+        builder.append(&header, content.as_bytes()).unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+fn blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let hex = hex::encode(Sha256::digest(bytes));
+    std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    (format!("sha256:{hex}"), bytes.len())
+}
+
+/// Writes an OCI layout of `layers` with Env and WorkingDir.
+fn layout(dir: &Path, layers: &[Vec<(&str, &str)>]) {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let (mut descriptors, mut diff_ids) = (Vec::new(), Vec::new());
+    for entries in layers {
+        let (gz, diff_id) = layer(entries);
+        let (digest, size) = blob(dir, &gz);
+        descriptors.push(json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": digest, "size": size
+        }));
+        diff_ids.push(diff_id);
+    }
+    let config = json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "FOO=bar baz"], "WorkingDir": "/srv"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids}
+    });
+    let (config_digest, config_size) = blob(dir, config.to_string().as_bytes());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": descriptors
+    });
+    let (manifest_digest, manifest_size) = blob(dir, manifest.to_string().as_bytes());
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": manifest_digest, "size": manifest_size}]
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+}
+
+fn options(out: &Path, oci: &Path) -> BuildOptions {
+    BuildOptions {
+        out: out.to_owned(),
+        name: "oci".into(),
+        kernel: None,
+        modules: None,
+        acpi: false,
+        guest_mcp: None,
+        cache_dir: nexus_rootfs::default_cache_dir(),
+        rootfs_mib: None,
+        recipe: Recipe::default(),
+        oci: Some(oci.to_owned()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oci_layout_boots_with_its_layers_whiteouts_and_env() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "unpacking layers with their owners needs root (CI runs as root)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (oci, out) = (dir.path().join("layout"), dir.path().join("image"));
+    layout(
+        &oci,
+        &[
+            vec![
+                ("data/", ""),
+                ("data/keep", "kept\n"),
+                ("data/gone", "whited out\n"),
+                ("opq/", ""),
+                ("opq/old", "hidden\n"),
+            ],
+            vec![
+                ("data/.wh.gone", ""),
+                ("opq/", ""),
+                ("opq/.wh..wh..opq", ""),
+                ("opq/new", "new\n"),
+            ],
+        ],
+    );
+    let manifest = nexus_rootfs::build(&options(&out, &oci)).unwrap();
+    assert!(
+        manifest.userland.starts_with("oci sha256:"),
+        "{}",
+        manifest.userland
+    );
+    assert_eq!(manifest.env["FOO"], "bar baz");
+    assert_eq!(manifest.workdir, "/srv");
+    // The same layout again is the same image: nothing rebuilt.
+    let again = nexus_rootfs::build(&options(&out, &oci)).unwrap();
+    assert_eq!(again.inputs_digest, manifest.inputs_digest);
+    assert_eq!(again.built_at, manifest.built_at);
+
+    let manifest = Manifest::load(&out).unwrap();
+    let harness = Harness::with_image(out, manifest).unwrap();
+    let vm = harness.boot("oci1").await.unwrap();
+    let client = guest_client(&vm).await.unwrap();
+    let out = exec(
+        &client,
+        "ls /data /opq; echo \"$FOO\"; pwd; cat /data/keep /opq/new",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out["stdout"], "/data:\nkeep\n\n/opq:\nnew\nbar baz\n/srv\nkept\nnew\n",
+        "{out}"
+    );
+    client.cancel().await.unwrap();
+    vm.kill().await;
+}
+
+#[test]
+fn a_layer_leaving_the_root_is_refused_and_writes_nothing_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let (oci, out) = (dir.path().join("layout"), dir.path().join("image"));
+    layout(&oci, &[vec![("ok", "fine\n"), ("../../escaped", "out\n")]]);
+    let err = nexus_rootfs::build(&options(&out, &oci))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("escapes the root"), "{err}");
+    assert!(!dir.path().join("escaped").exists());
+    assert!(!out.join("rootfs.ext4").exists());
+
+    // Not a layout at all.
+    let err = nexus_rootfs::build(&options(&out, dir.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is not an OCI image layout"), "{err}");
+}
