@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use nexus_integration::{Harness, exec, guest_client};
@@ -13,7 +14,8 @@ use nexus_rootfs::{BuildOptions, Manifest, Recipe};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-/// A layer: (path, content); a path ending in `/` is a directory.
+/// A layer: (path, content); a path ending in `/` is a directory, a
+/// content `=>TARGET` a hard link to TARGET.
 fn layer(entries: &[(&str, &str)]) -> (Vec<u8>, String) {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, content) in entries {
@@ -21,7 +23,13 @@ fn layer(entries: &[(&str, &str)]) -> (Vec<u8>, String) {
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(1_700_000_000);
-        if path.ends_with('/') {
+        if let Some(target) = content.strip_prefix("=>") {
+            header.set_entry_type(tar::EntryType::Link);
+            header.set_mode(0o644);
+            header.set_size(0);
+            let link = &mut header.as_old_mut().linkname;
+            link[..target.len()].copy_from_slice(target.as_bytes());
+        } else if path.ends_with('/') {
             header.set_entry_type(tar::EntryType::Directory);
             header.set_mode(0o755);
             header.set_size(0);
@@ -35,7 +43,12 @@ fn layer(entries: &[(&str, &str)]) -> (Vec<u8>, String) {
         let name = &mut header.as_old_mut().name;
         name[..path.len()].copy_from_slice(path.as_bytes());
         header.set_cksum();
-        builder.append(&header, content.as_bytes()).unwrap();
+        let body = if content.starts_with("=>") {
+            ""
+        } else {
+            content
+        };
+        builder.append(&header, body.as_bytes()).unwrap();
     }
     let tar = builder.into_inner().unwrap();
     let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
@@ -124,6 +137,7 @@ async fn an_oci_layout_boots_with_its_layers_whiteouts_and_env() {
                 ("opq/", ""),
                 ("opq/.wh..wh..opq", ""),
                 ("opq/new", "new\n"),
+                ("data/again", "=>data/keep"),
             ],
         ],
     );
@@ -146,12 +160,12 @@ async fn an_oci_layout_boots_with_its_layers_whiteouts_and_env() {
     let client = guest_client(&vm).await.unwrap();
     let out = exec(
         &client,
-        "ls /data /opq; echo \"$FOO\"; pwd; cat /data/keep /opq/new",
+        "ls /data /opq; echo \"$FOO\"; pwd; cat /data/keep /opq/new /data/again",
     )
     .await
     .unwrap();
     assert_eq!(
-        out["stdout"], "/data:\nkeep\n\n/opq:\nnew\nbar baz\n/srv\nkept\nnew\n",
+        out["stdout"], "/data:\nagain\nkeep\n\n/opq:\nnew\nbar baz\n/srv\nkept\nnew\nkept\n",
         "{out}"
     );
     client.cancel().await.unwrap();
@@ -169,6 +183,27 @@ fn a_layer_leaving_the_root_is_refused_and_writes_nothing_outside() {
     assert!(err.contains("escapes the root"), "{err}");
     assert!(!dir.path().join("escaped").exists());
     assert!(!out.join("rootfs.ext4").exists());
+
+    // A hard link to a host file, absolute or by `..`, is refused too.
+    let secret = dir.path().join("host-secret");
+    std::fs::write(&secret, "host only\n").unwrap();
+    for target in [secret.display().to_string(), "../host-secret".to_owned()] {
+        let link = format!("=>{target}");
+        let oci = dir.path().join(format!("link-{}", target.len()));
+        layout(&oci, &[vec![("stolen", link.as_str())]]);
+        let err = nexus_rootfs::build(&options(&out, &oci))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no such file in the image") || err.contains("escapes the root"),
+            "{target}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().nlink(),
+        1,
+        "a link to the host file was made"
+    );
 
     // Not a layout at all.
     let err = nexus_rootfs::build(&options(&out, dir.path()))

@@ -284,16 +284,49 @@ fn extract(
         {
             remove_any(&target);
         }
+        // A hard link is made here, not by tar: its target must be a file
+        // of this root (tar would join an absolute or `..` target outside
+        // it, and the host file would end up in the image).
+        if entry.header().entry_type() == tar::EntryType::Link {
+            let target = entry
+                .link_name()
+                .map_err(|e| bad(format!("layer {layer}: {e}")))?
+                .ok_or_else(|| {
+                    bad(format!(
+                        "layer {layer}: hard link {} has no target",
+                        raw.display()
+                    ))
+                })?
+                .into_owned();
+            let to = inside(&target, layer)?;
+            let (Some(src), Some(dst)) = (real_path(stage, &to), real_path(stage, &rel)) else {
+                return Err(bad(format!(
+                    "layer {layer}: hard link {} goes through a symlink",
+                    raw.display()
+                )));
+            };
+            if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
+                return Err(bad(format!(
+                    "layer {layer}: hard link {} to {}: no such file in the image",
+                    raw.display(),
+                    target.display()
+                )));
+            }
+            remove_any(&dst);
+            std::fs::hard_link(&src, &dst).map_err(|e| BuildError::io("link", &dst, e))?;
+            continue;
+        }
         // unpack_in refuses entries whose path, through symlinks already
         // unpacked, would land outside `stage`.
-        let unpacked = entry
-            .unpack_in(stage)
-            .map_err(|e| {
-                let cause = std::error::Error::source(&e)
-                    .map(|s| format!(": {s}"))
-                    .unwrap_or_default();
-                bad(format!("layer {layer}: entry {}: {e}{cause}", raw.display()))
-            })?;
+        let unpacked = entry.unpack_in(stage).map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            bad(format!(
+                "layer {layer}: entry {}: {e}{cause}",
+                raw.display()
+            ))
+        })?;
         if !unpacked {
             return Err(bad(format!(
                 "layer {layer}: entry {} escapes the root",
