@@ -15,7 +15,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 /// A layer: (path, content); a path ending in `/` is a directory, a
-/// content `=>TARGET` a hard link to TARGET.
+/// content `=>TARGET` a hard link to TARGET, `->TARGET` a symlink.
 fn layer(entries: &[(&str, &str)]) -> (Vec<u8>, String) {
     let mut builder = tar::Builder::new(Vec::new());
     for (path, content) in entries {
@@ -23,7 +23,13 @@ fn layer(entries: &[(&str, &str)]) -> (Vec<u8>, String) {
         header.set_uid(0);
         header.set_gid(0);
         header.set_mtime(1_700_000_000);
-        if let Some(target) = content.strip_prefix("=>") {
+        if let Some(target) = content.strip_prefix("->") {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_mode(0o777);
+            header.set_size(0);
+            let link = &mut header.as_old_mut().linkname;
+            link[..target.len()].copy_from_slice(target.as_bytes());
+        } else if let Some(target) = content.strip_prefix("=>") {
             header.set_entry_type(tar::EntryType::Link);
             header.set_mode(0o644);
             header.set_size(0);
@@ -210,4 +216,56 @@ fn a_layer_leaving_the_root_is_refused_and_writes_nothing_outside() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("is not an OCI image layout"), "{err}");
+}
+
+/// Symlinks a layer plants lead nowhere outside the root: not for a later
+/// layer's opaque marker or whiteout, nor for the files the build itself
+/// writes (init, guest-mcp, busybox).
+#[test]
+fn planted_symlinks_do_not_lead_the_build_onto_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("precious"), "mine\n").unwrap();
+    let v = format!("->{}", victim.display());
+    let precious = format!("->{}", victim.join("precious").display());
+    for (i, layers) in [
+        vec![vec![("x", v.as_str())], vec![("x/.wh..wh..opq", "")]],
+        vec![vec![("x", v.as_str())], vec![("x/.wh.precious", "")]],
+        vec![vec![("etc/", ""), ("etc/nexus", v.as_str())]],
+        vec![vec![("bin/", ""), ("bin/busybox", precious.as_str())]],
+        vec![vec![("usr/", ""), ("usr/sbin", v.as_str())]],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let oci = dir.path().join(format!("layout-{i}"));
+        let out = dir.path().join(format!("image-{i}"));
+        layout(&oci, &layers);
+        let built = nexus_rootfs::build(&options(&out, &oci));
+        let names: Vec<_> = std::fs::read_dir(&victim)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["precious"],
+            "layout {i} ({built:?}) reached the host"
+        );
+        assert_eq!(
+            std::fs::read_to_string(victim.join("precious")).unwrap(),
+            "mine\n"
+        );
+    }
+    // A whiteout of `..` names nothing in the layer: refused.
+    let oci = dir.path().join("layout-dotdot");
+    layout(&oci, &[vec![("a/", "")], vec![("a/.wh..", "")]]);
+    let err = nexus_rootfs::build(&options(&dir.path().join("image-dotdot"), &oci))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("names no entry") || err.contains("escapes"),
+        "{err}"
+    );
 }

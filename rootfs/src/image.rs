@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use crate::manifest::{BootHints, FileEntry, Manifest};
 use crate::recipe::Recipe;
-use crate::{BuildError, digest, guest_bin, kernel, run, userland};
+use crate::{BuildError, digest, guest_bin, inroot, kernel, run, userland};
 
 /// Bumped whenever the image layout or its init changes.
-const RECIPE_VERSION: &str = "nexus-image-recipe-1";
+const RECIPE_VERSION: &str = "nexus-image-recipe-2";
 
 /// The guest's init configuration, copied into every root filesystem.
 const GUEST_FILES: &[(&str, &str, u32)] = &[
@@ -173,10 +173,15 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         }
     }
 
-    let work = opts
-        .cache_dir
-        .join(format!("image-work-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
+    // Private (0700: it holds the image's setuid files) and unique per
+    // build; removed with its guard.
+    std::fs::create_dir_all(&opts.cache_dir)
+        .map_err(|e| BuildError::io("create", &opts.cache_dir, e))?;
+    let work_dir = tempfile::Builder::new()
+        .prefix("image-work-")
+        .tempdir_in(&opts.cache_dir)
+        .map_err(|e| BuildError::io("create", &opts.cache_dir, e))?;
+    let work = work_dir.path().to_path_buf();
     // What the root was made with: the recipe, with an OCI image's
     // defaults where it says nothing; and the OCI image's user.
     let result = (|| -> Result<(Recipe, Option<String>), BuildError> {
@@ -200,6 +205,10 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
                 effective.workdir = defaults.workdir;
             }
             oci_user = defaults.user;
+            // What the image brought is held to the recipe's rules.
+            effective.check().map_err(|why| BuildError::Oci {
+                why: format!("its config: {why}"),
+            })?;
         }
         progress!("rootfs: staging busybox, guest-mcp and init");
         stage_root(&stage, &guest, &effective)?;
@@ -212,11 +221,15 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         };
         progress!("rootfs: mkfs.ext4 -d ({mib} MiB, sparse)");
         let tmp = opts.out.join(".rootfs.ext4.tmp");
-        run(Command::new("mkfs.ext4")
+        let made = run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "nexus-root", "-E", "root_owner=0:0", "-d"])
             .arg(&stage)
             .arg(&tmp)
-            .arg(format!("{mib}M")))?;
+            .arg(format!("{mib}M")));
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, opts.out.join("rootfs.ext4"))
             .map_err(|e| BuildError::io("rename", &tmp, e))?;
         if let Some(modules) = &opts.modules {
@@ -225,7 +238,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         }
         Ok((effective, oci_user))
     })();
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work_dir);
     let (effective, oci_user) = result?;
     if let Some(user) = oci_user
         .as_deref()
@@ -285,9 +298,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             .workdir
             .clone()
             .unwrap_or_else(|| DEFAULT_WORKDIR.into()),
-        user: oci_user
-            .or_else(|| effective.user.clone())
-            .unwrap_or_else(|| "root".into()),
+        // Commands run as root whatever an OCI image's User says (shown
+        // at build time).
+        user: effective.user.clone().unwrap_or_else(|| "root".into()),
     };
     manifest.save(&opts.out)?;
     progress!(
@@ -306,7 +319,11 @@ pub const DEFAULT_WORKDIR: &str = "/workspace";
 /// if one is there (busybox then fills only what it lacks, and its users
 /// and groups stay), else busybox alone.
 fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildError> {
-    for dir in [
+    std::fs::create_dir_all(stage).map_err(|e| BuildError::io("create", stage, e))?;
+    // Every path through `inroot`: a userland's symlinks lead somewhere
+    // in the root, never out of it onto the host.
+    let dir = |rel: &str| inroot::make_dir(stage, Path::new(rel)).map(|_| ());
+    for rel in [
         "bin",
         "sbin",
         "usr/bin",
@@ -322,36 +339,47 @@ fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildEr
         "workspace",
         "lib/modules",
     ] {
-        let path = stage.join(dir);
-        std::fs::create_dir_all(&path).map_err(|e| BuildError::io("create", &path, e))?;
+        dir(rel)?;
     }
     install_busybox(stage)?;
-    guest_bin::strip_into(guest, &stage.join("usr/sbin/guest-mcp"))?;
+    let guest_target = inroot::for_writing(stage, Path::new("usr/sbin/guest-mcp"))?;
+    guest_bin::strip_into(guest, &guest_target)?;
     for (path, content, mode) in GUEST_FILES {
-        if USERLAND_OWNS.contains(path) && stage.join(path).exists() {
+        let target = inroot::resolve(stage, Path::new(path), true)?;
+        if USERLAND_OWNS.contains(path) && std::fs::symlink_metadata(&target).is_ok() {
             continue;
         }
-        write_mode(&stage.join(path), content.as_bytes(), *mode)?;
+        write_in(stage, path, content.as_bytes(), *mode)?;
     }
     for file in &recipe.files {
-        let path = stage.join(file.path.trim_start_matches('/'));
-        write_mode(&path, file.content.as_bytes(), file.mode.unwrap_or(0o644))?;
+        write_in(
+            stage,
+            &file.path,
+            file.content.as_bytes(),
+            file.mode.unwrap_or(0o644),
+        )?;
     }
-    write_mode(
-        &stage.join("etc/nexus/environment"),
+    write_in(
+        stage,
+        "etc/nexus/environment",
         recipe.environment_file().as_bytes(),
         0o644,
     )?;
     let workdir = recipe.workdir.as_deref().unwrap_or(DEFAULT_WORKDIR);
-    let workdir_path = stage.join(workdir.trim_start_matches('/'));
-    std::fs::create_dir_all(&workdir_path)
-        .map_err(|e| BuildError::io("create", &workdir_path, e))?;
-    write_mode(
-        &stage.join("etc/nexus/image.conf"),
+    dir(workdir.trim_start_matches('/'))?;
+    write_in(
+        stage,
+        "etc/nexus/image.conf",
         format!("NEXUS_WORKDIR={}\n", shell_quote(workdir)).as_bytes(),
         0o644,
     )?;
     Ok(())
+}
+
+/// Writes `rel` in the root at `stage` (see `inroot`).
+fn write_in(stage: &Path, rel: &str, content: &[u8], mode: u32) -> Result<(), BuildError> {
+    let path = inroot::for_writing(stage, Path::new(rel.trim_start_matches('/')))?;
+    write_mode(&path, content, mode)
 }
 
 /// Files a userland (Debian's, an OCI image's) may have its own of.
@@ -378,7 +406,7 @@ fn tree_mib(dir: &Path) -> Result<u64, BuildError> {
 
 /// Copies busybox into `stage/bin` and links every applet to it.
 fn install_busybox(stage: &Path) -> Result<(), BuildError> {
-    let target = stage.join("bin/busybox");
+    let target = inroot::for_writing(stage, Path::new("bin/busybox"))?;
     std::fs::copy(BUSYBOX, &target).map_err(|e| BuildError::io("copy", Path::new(BUSYBOX), e))?;
     let out = Command::new(BUSYBOX)
         .arg("--list-full")
@@ -388,12 +416,9 @@ fn install_busybox(stage: &Path) -> Result<(), BuildError> {
             source,
         })?;
     for applet in String::from_utf8_lossy(&out.stdout).lines() {
-        let link = stage.join(applet.trim_start_matches('/'));
-        if link.exists() || link.symlink_metadata().is_ok() {
+        let link = inroot::resolve(stage, Path::new(applet.trim_start_matches('/')), true)?;
+        if link.symlink_metadata().is_ok() {
             continue;
-        }
-        if let Some(parent) = link.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| BuildError::io("create", parent, e))?;
         }
         std::os::unix::fs::symlink("/bin/busybox", &link)
             .map_err(|e| BuildError::io("link", &link, e))?;

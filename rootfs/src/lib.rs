@@ -20,6 +20,7 @@
 //! - `recipe`: what goes into a root filesystem (TOML).
 //! - `userland`: a recipe's Debian root, made by mmdebstrap and cached.
 //! - `oci`: an OCI image layout's layers as a root.
+//! - `inroot`: paths in a root being built, never followed out of it.
 //! - `digest`: sha256 helpers.
 
 /// Prints a progress line on stderr (image builds are long and interactive).
@@ -32,6 +33,7 @@ macro_rules! progress {
 pub mod digest;
 pub mod guest_bin;
 pub mod image;
+pub mod inroot;
 pub mod kernel;
 pub mod manifest;
 pub mod oci;

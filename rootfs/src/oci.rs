@@ -79,10 +79,32 @@ fn blob_path(layout: &Path, descriptor: &Descriptor) -> Result<PathBuf, BuildErr
     Ok(layout.join("blobs/sha256").join(hex))
 }
 
+/// The largest index, manifest or config read (they are JSON documents).
+const MAX_DOCUMENT: u64 = 4 << 20;
+
+/// A blob file: a regular file of the size its descriptor says.
+fn blob_file(path: &Path, descriptor: &Descriptor) -> Result<std::fs::File, BuildError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| BuildError::io("stat", path, e))?;
+    if !meta.is_file() || meta.len() != descriptor.size() {
+        return Err(bad(format!(
+            "blob {} is not a regular file of {} bytes",
+            descriptor.digest(),
+            descriptor.size()
+        )));
+    }
+    blob_reader(path)
+}
+
 /// A small blob (index, manifest, config), checked against its digest.
 fn read_blob(layout: &Path, descriptor: &Descriptor) -> Result<Vec<u8>, BuildError> {
     let path = blob_path(layout, descriptor)?;
-    let bytes = std::fs::read(&path).map_err(|e| BuildError::io("read", &path, e))?;
+    if descriptor.size() > MAX_DOCUMENT {
+        return Err(bad(format!("blob {} is too large", descriptor.digest())));
+    }
+    let mut bytes = Vec::new();
+    blob_file(&path, descriptor)?
+        .read_to_end(&mut bytes)
+        .map_err(|e| BuildError::io("read", &path, e))?;
     if hex::encode(Sha256::digest(&bytes)) != descriptor.digest().digest() {
         return Err(bad(format!(
             "blob {} does not match its digest",
@@ -112,10 +134,10 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
             layer.size() >> 20
         );
         let path = blob_path(layout, layer)?;
-        let hex = hex::encode(Sha256::digest(
-            std::fs::read(&path).map_err(|e| BuildError::io("read", &path, e))?,
-        ));
-        if hex != layer.digest().digest() {
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut blob_file(&path, layer)?, &mut hasher)
+            .map_err(|e| BuildError::io("read", &path, e))?;
+        if hex::encode(hasher.finalize()) != layer.digest().digest() {
             return Err(bad(format!(
                 "layer {} does not match its digest",
                 layer.digest()
@@ -177,23 +199,6 @@ fn inside(raw: &Path, layer: &str) -> Result<PathBuf, BuildError> {
     Ok(out)
 }
 
-/// `stage/rel` if no directory on the way there is a symlink (which
-/// could lead out of the root); None otherwise.
-fn real_path(stage: &Path, rel: &Path) -> Option<PathBuf> {
-    let mut at = stage.to_path_buf();
-    let parts: Vec<_> = rel.components().collect();
-    for (i, part) in parts.iter().enumerate() {
-        at.push(part);
-        if i + 1 < parts.len() {
-            match std::fs::symlink_metadata(&at) {
-                Ok(m) if m.file_type().is_symlink() => return None,
-                _ => {}
-            }
-        }
-    }
-    Some(at)
-}
-
 fn remove_any(path: &Path) {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => {
@@ -226,8 +231,11 @@ fn apply_whiteouts(
         };
         let parent = rel.parent().unwrap_or(Path::new(""));
         if name == ".wh..wh..opq" {
-            // Everything lower layers put in this directory goes.
-            if let Some(dir) = real_path(stage, parent)
+            // Everything lower layers put in this directory goes; a
+            // symlink there is not a directory to empty (this layer's
+            // own entry for it replaces it).
+            let dir = crate::inroot::resolve(stage, parent, false)?;
+            if std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
                 && let Ok(children) = std::fs::read_dir(&dir)
             {
                 for child in children.flatten() {
@@ -235,15 +243,13 @@ fn apply_whiteouts(
                 }
             }
         } else if let Some(hidden) = name.strip_prefix(".wh.") {
-            match real_path(stage, &parent.join(hidden)) {
-                Some(target) => remove_any(&target),
-                None => {
-                    return Err(bad(format!(
-                        "layer {layer}: whiteout {} goes through a symlink",
-                        raw.display()
-                    )));
-                }
+            if matches!(hidden, "" | "." | "..") {
+                return Err(bad(format!(
+                    "layer {layer}: whiteout {} names no entry",
+                    raw.display()
+                )));
             }
+            remove_any(&crate::inroot::resolve(stage, &parent.join(hidden), false)?);
         }
     }
     Ok(())
@@ -278,7 +284,7 @@ fn extract(
         }
         // A directory over a file, or a file over a directory: the new
         // entry replaces what was there.
-        if let Some(target) = real_path(stage, &rel)
+        if let Ok(target) = crate::inroot::resolve(stage, &rel, false)
             && let Ok(existing) = std::fs::symlink_metadata(&target)
             && (existing.is_dir() != entry.header().entry_type().is_dir())
         {
@@ -299,12 +305,8 @@ fn extract(
                 })?
                 .into_owned();
             let to = inside(&target, layer)?;
-            let (Some(src), Some(dst)) = (real_path(stage, &to), real_path(stage, &rel)) else {
-                return Err(bad(format!(
-                    "layer {layer}: hard link {} goes through a symlink",
-                    raw.display()
-                )));
-            };
+            let src = crate::inroot::resolve(stage, &to, false)?;
+            let dst = crate::inroot::for_writing(stage, &rel)?;
             if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
                 return Err(bad(format!(
                     "layer {layer}: hard link {} to {}: no such file in the image",

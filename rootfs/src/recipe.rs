@@ -115,7 +115,8 @@ impl Recipe {
             _ => {}
         }
         if let Some(mirror) = &self.mirror
-            && !(mirror.starts_with("http://") || mirror.starts_with("https://"))
+            && (!(mirror.starts_with("http://") || mirror.starts_with("https://"))
+                || mirror.chars().any(char::is_whitespace))
         {
             return Err(format!(
                 "`mirror` {mirror:?} must be an http:// or https:// URL"
@@ -165,9 +166,9 @@ impl Recipe {
             ));
         }
         if let Some(dir) = &self.workdir
-            && !dir.starts_with('/')
+            && (!dir.starts_with('/') || dir.split('/').any(|p| p == "..") || dir.contains('\0'))
         {
-            return Err(format!("`workdir` {dir:?} must be absolute"));
+            return Err(format!("`workdir` {dir:?} must be absolute, without `..`"));
         }
         if self
             .rootfs_mib
