@@ -52,14 +52,7 @@ impl Storage {
             .connection()
             .prepare("SELECT name, spec, created_at, updated_at FROM roles ORDER BY name")?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok(RoleRecord {
-                    name: r.get(0)?,
-                    spec: r.get(1)?,
-                    created_at: r.get(2)?,
-                    updated_at: r.get(3)?,
-                })
-            })?
+            .query_map([], role)?
             .collect::<std::result::Result<_, _>>()?;
         Ok(rows)
     }
@@ -71,14 +64,7 @@ impl Storage {
             .query_row(
                 "SELECT name, spec, created_at, updated_at FROM roles WHERE name = ?1",
                 params![name],
-                |r| {
-                    Ok(RoleRecord {
-                        name: r.get(0)?,
-                        spec: r.get(1)?,
-                        created_at: r.get(2)?,
-                        updated_at: r.get(3)?,
-                    })
-                },
+                role,
             )
             .optional()?)
     }
@@ -147,6 +133,15 @@ impl Storage {
             .collect::<std::result::Result<_, _>>()?;
         Ok(rows)
     }
+}
+
+fn role(r: &rusqlite::Row<'_>) -> rusqlite::Result<RoleRecord> {
+    Ok(RoleRecord {
+        name: r.get(0)?,
+        spec: r.get(1)?,
+        created_at: r.get(2)?,
+        updated_at: r.get(3)?,
+    })
 }
 
 fn grant(r: &rusqlite::Row<'_>) -> rusqlite::Result<GrantRecord> {

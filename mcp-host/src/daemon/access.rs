@@ -38,6 +38,18 @@ pub struct RoleView {
     pub updated_at: String,
 }
 
+/// A catalog role as the tools show it; None if its spec does not read.
+fn view(r: nexus_storage::RoleRecord) -> Option<RoleView> {
+    let spec = serde_json::from_str(&r.spec).ok()?;
+    Some(RoleView {
+        builtin: [ADMIN_ROLE, crate::policy::USER_ROLE].contains(&r.name.as_str()),
+        name: r.name,
+        spec,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    })
+}
+
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -181,30 +193,18 @@ impl Daemon {
         self.reload_access().await?;
         self.roles_changed();
         tracing::info!(role = name, new, "role set");
+        let key = name.to_owned();
         let view = self
-            .list_roles()
+            .blocking(move |s| s.role(&key))
             .await?
-            .into_iter()
-            .find(|r| r.name == name)
+            .and_then(view)
             .ok_or_else(|| DaemonError::Internal(format!("role {name:?} vanished")))?;
         Ok((view, new))
     }
 
     pub async fn list_roles(&self) -> Result<Vec<RoleView>> {
         let records = self.blocking(|s| s.roles()).await?;
-        Ok(records
-            .into_iter()
-            .filter_map(|r| {
-                let spec = serde_json::from_str(&r.spec).ok()?;
-                Some(RoleView {
-                    builtin: [ADMIN_ROLE, crate::policy::USER_ROLE].contains(&r.name.as_str()),
-                    name: r.name,
-                    spec,
-                    created_at: r.created_at,
-                    updated_at: r.updated_at,
-                })
-            })
-            .collect())
+        Ok(records.into_iter().filter_map(view).collect())
     }
 
     /// Deletes role `name`, refused while a token that is not revoked
