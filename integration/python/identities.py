@@ -139,6 +139,9 @@ async def over_http(url, admin_token):
         assert listed["vms"] == [], listed
         await reader.err("spawn_vm", {"name": "mine"}, "does not allow tool spawn_vm")
         await reader.err("create_token", {"name": "mine"}, "needs the admin role")
+        # Building and importing images act as root on the host.
+        await reader.err("build_image", {"name": "mine", "recipe": ""}, "needs the admin role")
+        await reader.err("import_image", {"name": "mine", "path": "/tmp"}, "needs the admin role")
         for tool, args in [
             ("pyvm__read_file", {"path": "/etc/hostname"}),
             ("vm_read_file", {"vm": "pyvm", "path": "/etc/hostname"}),
@@ -192,6 +195,7 @@ async def over_socket(path):
             me = Caller(client)
             names = await me.tools()
             assert "list_vms" in names and "create_token" not in names, names
+            assert "build_image" not in names and "list_images" in names, names
             await me.err("create_token", {"name": "mine"}, f"(uid:{uid}) has role \"user\"")
             await me.err("get_vm", {"vm": "rootvm"}, f"does not exist among yours (uid:{uid})")
             await me.err("rootvm__exec", {"command": "id"}, "does not exist among yours")

@@ -36,6 +36,7 @@ MANAGEMENT_TOOLS = [
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
     "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit", "give_vm",
     "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
+    "build_image", "import_image", "delete_image",
 ]
 
 
@@ -115,6 +116,21 @@ async def run(s, prefix, mode):
         assert tool in names, f"{tool} missing from {names}"
     images = await s.ok("list_images")
     assert "default" in [i["name"] for i in images["images"]], images
+
+    # An image from a recipe (on the default image's kernel), its build
+    # reported line by line as progress.
+    built_lines = []
+
+    async def on_build(progress, total, message):
+        built_lines.append(message)
+
+    made = await s.ok("build_image", {"name": f"{prefix}-img", "recipe": 'env = { BUILT = "yes" }\n'},
+                      progress=on_build)
+    assert made["change"] == "added" and made["image"]["env"]["BUILT"] == "yes", made
+    assert made["image"]["digest"].startswith("sha256:"), made
+    assert any("mkfs.ext4" in line for line in built_lines), built_lines
+    message = await s.err("import_image", {"name": f"{prefix}-x", "path": "relative/layout"})
+    assert "must be absolute" in message, message
 
     # Tokens (this client is an admin: root over stdio, the admin token
     # over HTTP): the secret once, never in the list, revoked for good.
@@ -260,8 +276,11 @@ async def run(s, prefix, mode):
             break
         await asyncio.sleep(0.05)
     assert {"spawn_vm", "snapshot_drive", "restore_snapshot"} <= tools, tools
+    message = await s.err("delete_image", {"image": "default"})
+    assert "is used by VMs" in message and a in message, message
     for vm in (b, a):
         await s.ok("destroy_vm", {"vm": vm})
+    await s.ok("delete_image", {"image": f"{prefix}-img"})
     listed = await s.ok("list_vms")
     assert not [v for v in listed["vms"] if v["name"] in (a, b)], listed
 

@@ -8,6 +8,7 @@
 //! for the benchmarks.
 
 pub mod nexusd;
+pub mod oci_fixture;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,6 +55,7 @@ pub fn ensure_minimal_image() -> anyhow::Result<(PathBuf, Manifest)> {
             rootfs_mib: None,
             recipe: nexus_rootfs::Recipe::default(),
             oci: None,
+            base: None,
         })?;
     }
     let manifest = Manifest::load(&dir)?;
@@ -79,6 +81,7 @@ pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
         rootfs_mib: None,
         recipe,
         oci: None,
+        base: None,
     })?;
     let manifest = Manifest::load(&dir)?;
     manifest.verify(&dir, false)?;

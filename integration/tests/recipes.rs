@@ -17,6 +17,7 @@ fn options(out: &std::path::Path, cache: &std::path::Path, recipe: Recipe) -> Bu
         rootfs_mib: None,
         recipe,
         oci: None,
+        base: None,
     }
 }
 

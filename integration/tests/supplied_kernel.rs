@@ -38,6 +38,7 @@ async fn debian_cloud_kernel_boots_through_the_module_loading_initrd() {
         rootfs_mib: None,
         recipe: nexus_rootfs::Recipe::default(),
         oci: None,
+        base: None,
     })
     .expect("building the cloud-kernel image");
     assert!(manifest.files.contains_key("initrd"));

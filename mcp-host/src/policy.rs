@@ -20,9 +20,13 @@ pub const ADMIN_ROLE: &str = "admin";
 /// an admin may change what it allows.
 pub const USER_ROLE: &str = "user";
 
-/// Tools that administer identities: only the admin role has them,
-/// whatever another role's patterns say.
-pub const ADMIN_TOOLS: [&str; 11] = [
+/// Tools that administer identities, and those that act as root on the
+/// host (image builds run recipe commands; imports read host paths):
+/// only the admin role has them, whatever another role's patterns say.
+pub const ADMIN_TOOLS: [&str; 14] = [
+    "build_image",
+    "import_image",
+    "delete_image",
     "create_token",
     "list_tokens",
     "revoke_token",

@@ -8,6 +8,16 @@ use common::{State, call, can_run};
 use serde_json::json;
 
 fn write_image(dir: &std::path::Path, name: &str, kernel: &str) -> std::path::PathBuf {
+    write_image_of(dir, name, kernel, "0")
+}
+
+/// An image whose root filesystem's recorded sha256 is `sha`.
+fn write_image_of(
+    dir: &std::path::Path,
+    name: &str,
+    kernel: &str,
+    sha: &str,
+) -> std::path::PathBuf {
     let image = dir.join("built").join(name);
     std::fs::create_dir_all(&image).unwrap();
     std::fs::write(image.join("rootfs.ext4"), vec![0u8; 4096]).unwrap();
@@ -20,7 +30,7 @@ fn write_image(dir: &std::path::Path, name: &str, kernel: &str) -> std::path::Pa
         "built_at": "2026-11-24T00:00:00Z",
         "inputs_digest": "0",
         "boot": { "cmdline": "root=/dev/vda", "acpi": false },
-        "files": { "rootfs.ext4": { "size": 4096, "sha256": "0" } }
+        "files": { "rootfs.ext4": { "size": 4096, "sha256": sha } }
     });
     std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
     image
@@ -63,7 +73,34 @@ async fn list_images_over_stdio_shows_the_imported_images() {
     assert_eq!(names, ["default", "other"]);
     assert_eq!(images[0]["kernel_version"], "6.1.192-nexus");
     assert_eq!(images[0]["size_bytes"], 4096);
-    // Imported into the pool: the build directory can go.
-    assert!(state.pool().join("images/default/rootfs.ext4").is_file());
+    // Imported into the pool (a directory per version): the build
+    // directory can go.
+    let digest = images[0]["digest"].as_str().unwrap().to_owned();
+    let other = images[1].clone();
+    let hex = &digest["sha256:".len()..];
+    assert!(
+        state
+            .pool()
+            .join(format!("images/default@{}/rootfs.ext4", &hex[..16]))
+            .is_file()
+    );
+    client.cancel().await.unwrap();
+
+    // Rebuilt where it was built, it is imported again at the next start;
+    // unchanged, it is left as it is.
+    write_image_of(built.path(), "default", "6.1.999-rebuilt", "1");
+    let pid = state.daemon_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(state.wait_daemon_gone(std::time::Duration::from_secs(30)));
+    let client = state.client().await;
+    let result = call(&client, "list_images", json!({})).await.ok();
+    let images = result["images"].as_array().unwrap();
+    assert_eq!(images[0]["kernel_version"], "6.1.999-rebuilt");
+    assert_ne!(images[0]["digest"], digest.as_str());
+    assert_eq!(images[1], other, "an unchanged image is left as it is");
     client.cancel().await.unwrap();
 }

@@ -40,6 +40,27 @@ pub fn locate_or_build(explicit: Option<&Path>) -> Result<PathBuf, BuildError> {
     }
 }
 
+/// Copies the guest-mcp out of an image's root filesystem into `into`
+/// (debugfs reads ext4 without mounting it).
+pub fn from_image(dir: &Path, into: &Path) -> Result<PathBuf, BuildError> {
+    let rootfs = dir.join("rootfs.ext4");
+    let out = into.join("guest-mcp");
+    let _ = std::fs::remove_file(&out);
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump -p \"/{GUEST_PATH}\" \"{}\"", out.display()))
+        .arg(&rootfs))?;
+    if !out.is_file() {
+        return Err(BuildError::GuestBinary {
+            why: format!("{} holds no /{GUEST_PATH}", rootfs.display()),
+        });
+    }
+    locate_or_build(Some(&out))
+}
+
+/// Where guest-mcp lives in every root filesystem.
+pub const GUEST_PATH: &str = "usr/sbin/guest-mcp";
+
 fn build_from_workspace() -> Result<PathBuf, BuildError> {
     let root = workspace_root().ok_or_else(|| BuildError::GuestBinary {
         why: "this nexus-rootfs was not run from its source tree: pass --guest-mcp PATH".into(),

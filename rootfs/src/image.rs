@@ -60,6 +60,10 @@ pub struct BuildOptions {
     /// An OCI image layout whose layers make the root (the recipe then
     /// may not name a base).
     pub oci: Option<PathBuf>,
+    /// An image directory whose kernel and guest-mcp this image takes
+    /// (when `kernel` and `guest_mcp` are not given): how nexusd builds
+    /// without a kernel source tree or a Rust toolchain.
+    pub base: Option<PathBuf>,
 }
 
 /// Builds the image in `opts.out`, or leaves it as it is when nothing changed.
@@ -87,11 +91,34 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         });
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| BuildError::io("create", &opts.out, e))?;
-    let kernel = match &opts.kernel {
-        Some(path) => kernel::from_path(path)?,
-        None => kernel::build_default(&opts.cache_dir)?,
+    std::fs::create_dir_all(&opts.cache_dir)
+        .map_err(|e| BuildError::io("create", &opts.cache_dir, e))?;
+    let base_manifest = opts.base.as_deref().map(Manifest::load).transpose()?;
+    let kernel = match (&opts.kernel, &opts.base) {
+        (Some(path), _) => kernel::from_path(path)?,
+        (None, Some(base)) => kernel::from_image(base)?,
+        (None, None) => kernel::build_default(&opts.cache_dir)?,
     };
-    let guest = guest_bin::locate_or_build(opts.guest_mcp.as_deref())?;
+    // Where a base image's guest-mcp is copied to; removed with its guard.
+    let base_guest = tempfile::Builder::new()
+        .prefix("base-guest-")
+        .tempdir_in(&opts.cache_dir)
+        .map_err(|e| BuildError::io("create", &opts.cache_dir, e))?;
+    let guest = match (&opts.guest_mcp, &opts.base) {
+        (None, Some(base)) => guest_bin::from_image(base, base_guest.path())?,
+        (explicit, _) => guest_bin::locate_or_build(explicit.as_deref())?,
+    };
+    let acpi =
+        opts.acpi || (opts.kernel.is_none() && base_manifest.as_ref().is_some_and(|m| m.boot.acpi));
+    // A base image's guest-mcp is described by its manifest: a binary
+    // out of an image is never run on the host.
+    let (guest_mcp_version, guest_tools) = match (&opts.guest_mcp, base_manifest) {
+        (None, Some(m)) => (m.guest_mcp_version, m.guest_tools),
+        _ => (
+            guest_bin::version_of(&guest)?,
+            Some(guest_bin::tools_of(&guest)?),
+        ),
+    };
     let busybox = Path::new(BUSYBOX);
     let busybox_bytes = std::fs::read(busybox).map_err(|_| BuildError::Missing {
         what: "static busybox",
@@ -120,7 +147,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         digest::sha256_hex(&busybox_bytes),
         digest::file_sha256(&guest)?,
         opts.rootfs_mib,
-        opts.acpi,
+        acpi,
         recipe.canonical(),
     );
     if recipe.base.is_some() {
@@ -274,7 +301,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     } else {
         BootHints {
             cmdline: "root=/dev/vda rw rootfstype=ext4 init=/sbin/init".into(),
-            acpi: opts.acpi,
+            acpi,
         }
     };
     let manifest = Manifest {
@@ -282,8 +309,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         kernel_version: kernel.release,
         kernel_config_digest: kernel.config_digest,
         kernel_source: kernel.source,
-        guest_mcp_version: guest_bin::version_of(&guest)?,
-        guest_tools: Some(guest_bin::tools_of(&guest)?),
+        guest_mcp_version,
+        guest_tools,
         built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         inputs_digest,
         boot,
@@ -342,7 +369,7 @@ fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildEr
         dir(rel)?;
     }
     install_busybox(stage)?;
-    let guest_target = inroot::for_writing(stage, Path::new("usr/sbin/guest-mcp"))?;
+    let guest_target = inroot::for_writing(stage, Path::new(guest_bin::GUEST_PATH))?;
     guest_bin::strip_into(guest, &guest_target)?;
     for (path, content, mode) in GUEST_FILES {
         let target = inroot::resolve(stage, Path::new(path), true)?;

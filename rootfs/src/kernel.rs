@@ -104,6 +104,35 @@ pub fn build_default(cache: &Path) -> Result<Kernel, BuildError> {
 }
 
 /// Describes a kernel the caller supplied with `--kernel`.
+/// The kernel of an existing image (its files and what its manifest says
+/// of them): images built by nexusd reuse the kernel of one at hand.
+pub fn from_image(dir: &Path) -> Result<Kernel, BuildError> {
+    let manifest = crate::Manifest::load(dir)?;
+    if manifest.files.contains_key("initrd") {
+        return Err(BuildError::Kernel {
+            why: format!(
+                "image {} boots a modular kernel through an initrd: build on an image \
+                 with Nexus's kernel",
+                manifest.name
+            ),
+        });
+    }
+    let file = |name: &str| manifest.files.contains_key(name).then(|| dir.join(name));
+    let (bzimage, vmlinux) = (file("kernel"), file("vmlinux"));
+    if bzimage.is_none() && vmlinux.is_none() {
+        return Err(BuildError::Kernel {
+            why: format!("image {} lists no kernel file", manifest.name),
+        });
+    }
+    Ok(Kernel {
+        bzimage,
+        vmlinux,
+        release: manifest.kernel_version,
+        config_digest: manifest.kernel_config_digest,
+        source: manifest.kernel_source,
+    })
+}
+
 pub fn from_path(path: &Path) -> Result<Kernel, BuildError> {
     let bytes = std::fs::read(path).map_err(|e| BuildError::io("read", path, e))?;
     let release = release_of(&bytes).ok_or_else(|| BuildError::Kernel {

@@ -23,11 +23,36 @@
 //! - `inroot`: paths in a root being built, never followed out of it.
 //! - `digest`: sha256 helpers.
 
-/// Prints a progress line on stderr (image builds are long and interactive).
+/// Reports a progress line: to the sink [`with_progress`] set on this
+/// thread, else on stderr (image builds are long and interactive).
 macro_rules! progress {
     ($($arg:tt)*) => {
-        eprintln!("[nexus-rootfs] {}", format_args!($($arg)*))
+        $crate::report_progress(&format!($($arg)*))
     };
+}
+
+type ProgressSink = Box<dyn Fn(&str)>;
+
+thread_local! {
+    static PROGRESS: std::cell::RefCell<Option<ProgressSink>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `work` (a build, on this thread) with its progress lines going
+/// to `sink` instead of stderr.
+pub fn with_progress<T>(sink: impl Fn(&str) + 'static, work: impl FnOnce() -> T) -> T {
+    let previous = PROGRESS.with(|p| p.borrow_mut().replace(Box::new(sink)));
+    let out = work();
+    PROGRESS.with(|p| *p.borrow_mut() = previous);
+    out
+}
+
+#[doc(hidden)]
+pub fn report_progress(line: &str) {
+    PROGRESS.with(|p| match &*p.borrow() {
+        Some(sink) => sink(line),
+        None => eprintln!("[nexus-rootfs] {line}"),
+    })
 }
 
 pub mod digest;

@@ -91,6 +91,7 @@ fn main() -> ExitCode {
         rootfs_mib,
         recipe,
         oci,
+        base: None,
     };
     match build(&opts) {
         Ok(manifest) => {

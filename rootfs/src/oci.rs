@@ -143,17 +143,23 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
                 layer.digest()
             )));
         }
-        let gzip = match layer.media_type() {
-            MediaType::ImageLayer => false,
-            MediaType::ImageLayerGzip => true,
-            MediaType::Other(t) if t == "application/vnd.docker.image.rootfs.diff.tar.gzip" => true,
-            other => return Err(bad(format!("layer media type {other} is not supported"))),
+        let packing = match layer.media_type() {
+            MediaType::ImageLayer => Packing::Tar,
+            MediaType::ImageLayerGzip => Packing::Gzip,
+            MediaType::ImageLayerZstd => Packing::Zstd,
+            MediaType::Other(t) if t == DOCKER_LAYER_GZIP => Packing::Gzip,
+            MediaType::Other(t) if t == DOCKER_LAYER_TAR => Packing::Tar,
+            other => {
+                return Err(bad(format!(
+                    "layer media type {other} is not supported (tar, tar+gzip, tar+zstd)"
+                )));
+            }
         };
         let label = layer.digest().to_string();
         // Deletions first (whiteouts, opaque directories) apply to the
         // layers below; then the entries.
-        apply_whiteouts(&mut archive(&path, gzip)?, stage, &label)?;
-        extract(&mut archive(&path, gzip)?, stage, &label)?;
+        apply_whiteouts(&mut archive(&path, packing)?, stage, &label)?;
+        extract(&mut archive(&path, packing)?, stage, &label)?;
     }
     let mut defaults = OciDefaults {
         manifest_digest,
@@ -171,14 +177,166 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
     Ok(defaults)
 }
 
-fn archive(path: &Path, gzip: bool) -> Result<tar::Archive<Box<dyn Read>>, BuildError> {
-    let file = blob_reader(path)?;
-    let reader: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
-    } else {
-        Box::new(std::io::BufReader::new(file))
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+
+/// How a layer's tar is packed.
+#[derive(Debug, Clone, Copy)]
+enum Packing {
+    Tar,
+    Gzip,
+    Zstd,
+}
+
+fn archive(path: &Path, packing: Packing) -> Result<tar::Archive<Box<dyn Read>>, BuildError> {
+    let file = std::io::BufReader::new(blob_reader(path)?);
+    let reader: Box<dyn Read> = match packing {
+        Packing::Tar => Box::new(file),
+        Packing::Gzip => Box::new(flate2::read::GzDecoder::new(file)),
+        Packing::Zstd => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(file)
+                .map_err(|e| bad(format!("{}: not zstd: {e}", path.display())))?,
+        ),
     };
     Ok(tar::Archive::new(reader))
+}
+
+/// The most entries an image archive may hold.
+const MAX_ARCHIVE_ENTRIES: usize = 100_000;
+
+/// Opens an image archive (`docker save` or `skopeo copy oci-archive:`):
+/// unpacks its plain files into `into` and returns the OCI layout there.
+/// A Docker archive (`manifest.json` naming a config and layer tars, as
+/// Docker before 25 writes) is made into a layout of the same layers.
+pub fn layout_from_archive(tar_path: &Path, into: &Path) -> Result<PathBuf, BuildError> {
+    let file = blob_reader(tar_path)?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let raw = into.join("archive");
+    std::fs::create_dir_all(&raw).map_err(|e| BuildError::io("create", &raw, e))?;
+    let label = tar_path.display().to_string();
+    let entries = archive
+        .entries()
+        .map_err(|e| bad(format!("{label}: not a tar archive: {e}")))?;
+    for (count, entry) in entries.enumerate() {
+        if count >= MAX_ARCHIVE_ENTRIES {
+            return Err(bad(format!(
+                "{label}: more than {MAX_ARCHIVE_ENTRIES} entries"
+            )));
+        }
+        let mut entry = entry.map_err(|e| {
+            bad(format!(
+                "{label} is not an image archive (a tar from docker save or oci-archive): {e}"
+            ))
+        })?;
+        let kind = entry.header().entry_type();
+        // An image archive holds files and directories; links and devices
+        // are left out (nothing in one needs them).
+        if !(kind.is_file() || kind.is_dir()) {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(|e| bad(format!("{label}: {e}")))?
+            .into_owned();
+        let rel = inside(&path, &label)?;
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let dest = raw.join(&rel);
+        if kind.is_dir() {
+            std::fs::create_dir_all(&dest).map_err(|e| BuildError::io("create", &dest, e))?;
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| BuildError::io("create", parent, e))?;
+        }
+        let mut out =
+            std::fs::File::create(&dest).map_err(|e| BuildError::io("create", &dest, e))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| BuildError::io("write", &dest, e))?;
+    }
+    if raw.join("oci-layout").is_file() {
+        return Ok(raw);
+    }
+    if raw.join("manifest.json").is_file() {
+        return layout_from_docker(&raw, &into.join("layout"));
+    }
+    Err(bad(format!(
+        "{label} is neither an OCI archive (no oci-layout) nor a `docker save` archive (no manifest.json)"
+    )))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerImage {
+    config: String,
+    layers: Vec<String>,
+}
+
+/// A Docker archive's one image as an OCI layout in `layout`.
+fn layout_from_docker(raw: &Path, layout: &Path) -> Result<PathBuf, BuildError> {
+    let manifest_path = raw.join("manifest.json");
+    let text =
+        std::fs::read(&manifest_path).map_err(|e| BuildError::io("read", &manifest_path, e))?;
+    let images: Vec<DockerImage> = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("docker archive manifest.json: {e}")))?;
+    let [image] = &images[..] else {
+        return Err(bad(format!(
+            "the docker archive holds {} images: save one",
+            images.len()
+        )));
+    };
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).map_err(|e| BuildError::io("create", &blobs, e))?;
+    // Moves a member into the layout's blobs; returns (digest, size).
+    let put = |member: &str| -> Result<(String, u64), BuildError> {
+        let from = raw.join(inside(Path::new(member), "docker archive")?);
+        let mut file = blob_reader(&from)?;
+        let mut hasher = Sha256::new();
+        let size =
+            std::io::copy(&mut file, &mut hasher).map_err(|e| BuildError::io("read", &from, e))?;
+        let hex = hex::encode(hasher.finalize());
+        let to = blobs.join(&hex);
+        std::fs::rename(&from, &to).map_err(|e| BuildError::io("move", &from, e))?;
+        Ok((format!("sha256:{hex}"), size))
+    };
+    let (config_digest, config_size) = put(&image.config)?;
+    let mut layers = Vec::new();
+    for member in &image.layers {
+        let (digest, size) = put(member)?;
+        let mut magic = [0u8; 4];
+        let path = blobs.join(digest.trim_start_matches("sha256:"));
+        let _ = blob_reader(&path)?.read(&mut magic);
+        let media = match magic {
+            [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
+            [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
+            _ => "application/vnd.oci.image.layer.v1.tar",
+        };
+        layers.push(serde_json::json!({"mediaType": media, "digest": digest, "size": size}));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": layers,
+    })
+    .to_string();
+    let hex = hex::encode(Sha256::digest(manifest.as_bytes()));
+    let write = |path: PathBuf, bytes: &[u8]| {
+        std::fs::write(&path, bytes).map_err(|e| BuildError::io("write", &path, e))
+    };
+    write(blobs.join(&hex), manifest.as_bytes())?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{hex}"), "size": manifest.len()}],
+    });
+    write(layout.join("index.json"), index.to_string().as_bytes())?;
+    write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    Ok(layout.to_path_buf())
 }
 
 /// An entry's path inside the root, or an error if it leaves it.

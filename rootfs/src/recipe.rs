@@ -86,7 +86,12 @@ impl Recipe {
     /// Reads and checks a recipe file.
     pub fn load(path: &Path) -> Result<Self, BuildError> {
         let text = std::fs::read_to_string(path).map_err(|e| BuildError::io("read", path, e))?;
-        let recipe: Recipe = toml::from_str(&text).map_err(|e| BuildError::Recipe {
+        Self::parse(&text, path)
+    }
+
+    /// Reads and checks a recipe's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, BuildError> {
+        let recipe: Recipe = toml::from_str(text).map_err(|e| BuildError::Recipe {
             path: path.to_owned(),
             why: e.to_string(),
         })?;

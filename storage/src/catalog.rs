@@ -90,6 +90,22 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL,
         PRIMARY KEY (vm, identity)
      ) STRICT;",
+    // 8: image versions. `images` holds each name's current version (its
+    // content digest and where it came from); a VM records the version
+    // it was made from, and a replaced version some VM still boots from
+    // stays in `image_versions` until the last such VM is gone.
+    "ALTER TABLE images ADD COLUMN digest TEXT;
+     ALTER TABLE images ADD COLUMN source TEXT NOT NULL DEFAULT 'directory';
+     ALTER TABLE vms ADD COLUMN image_digest TEXT;
+     CREATE TABLE image_versions (
+        name        TEXT NOT NULL REFERENCES images(name) ON DELETE CASCADE,
+        digest      TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        manifest    TEXT NOT NULL,
+        source      TEXT NOT NULL,
+        imported_at TEXT NOT NULL,
+        PRIMARY KEY (name, digest)
+     ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -1,17 +1,73 @@
-//! Images: imported into the pool once, cloned into every VM's root drive.
+//! Images: imported into the pool, cloned into every VM's root drive.
+//!
+//! An image name points at its current version, named by a digest of its
+//! files. Importing different files under a name makes them the current
+//! version for new VMs; the VMs made from the old one keep booting it (its
+//! directory stays, recorded in `image_versions`) until the last of them
+//! is destroyed. A version's directory is put in place before any row
+//! names it, so a crash leaves at most a directory no row knows, which
+//! the reconciliation at open removes.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{OptionalExtension, params};
+use sha2::{Digest, Sha256};
 
 use crate::{ImageInfo, Result, Storage, StorageError, names::validate_name, now};
 
-/// Steps of `import_image`, in order.
-pub const IMPORT_STEPS: &[&str] = &["import:recorded", "import:copied", "import:moved"];
+/// Steps of `import_image`, in order: a crash at any of them leaves the
+/// image as it was.
+pub const IMPORT_STEPS: &[&str] = &["import:copied", "import:moved"];
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageChange {
+    /// The name is new.
+    Added,
+    /// The name's files changed: new VMs get these; `kept_for` are the
+    /// VMs that keep booting the previous version.
+    Replaced {
+        previous: String,
+        kept_for: Vec<String>,
+    },
+    /// The name already had exactly these files.
+    Unchanged,
+}
+
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub image: ImageInfo,
+    pub change: ImageChange,
+}
+
+impl ImageInfo {
+    /// Bytes the image's files take on disk (their allocated blocks; the
+    /// root filesystem is sparse).
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
 
 impl Storage {
-    /// Copies an image directory (with its `manifest.json`) into the pool.
+    /// Copies an image directory (with its `manifest.json`) into the pool
+    /// as `name`'s current version.
     pub fn import_image(&self, name: &str, src: &Path) -> Result<ImageInfo> {
+        Ok(self.import_image_from(name, src, "directory")?.image)
+    }
+
+    /// [`Storage::import_image`], recording where the image came from
+    /// (`source`: a recipe, an OCI reference, a path; shown as it is).
+    pub fn import_image_from(&self, name: &str, src: &Path, source: &str) -> Result<Imported> {
         validate_name("image", name)?;
         let manifest_path = src.join("manifest.json");
         let manifest = std::fs::read_to_string(&manifest_path).map_err(|_| {
@@ -27,99 +83,298 @@ impl Storage {
                 ));
             }
         }
-        if self.image(name)?.is_some() {
-            return Err(StorageError::ImageExists(name.to_owned()));
+        let digest = manifest_digest(&manifest)
+            .map_err(|why| StorageError::BadImage(src.to_path_buf(), why))?;
+        let current = self.image(name)?;
+        if let Some(current) = &current
+            && current.digest == digest
+        {
+            return Ok(Imported {
+                image: current.clone(),
+                change: ImageChange::Unchanged,
+            });
         }
-        let dest = self.pool().image_dir(name);
-        let staging = dest.with_extension("importing");
-        self.db().connection().execute(
-            "INSERT INTO images (name, path, manifest, imported_at, op) VALUES (?1, ?2, ?3, ?4, 'import')",
-            params![name, dest.display().to_string(), manifest, now()],
-        )?;
-        let result = (|| {
-            self.step("import:recorded")?;
-            let _ = std::fs::remove_dir_all(&staging);
-            std::fs::create_dir_all(&staging).map_err(StorageError::io("create", &staging))?;
-            for file in files.iter().map(String::as_str).chain(["manifest.json"]) {
-                copy_file(&src.join(file), &staging.join(file))?;
+        // A version some VM still boots may come back as the current one.
+        let retired: Option<String> = self
+            .db()
+            .connection()
+            .query_row(
+                "SELECT path FROM image_versions WHERE name = ?1 AND digest = ?2",
+                params![name, digest],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let dest = match retired {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let dest = self.pool().image_version_dir(name, &digest);
+                let staging = dest.with_extension("importing");
+                let _ = std::fs::remove_dir_all(&staging);
+                let _ = std::fs::remove_dir_all(&dest);
+                let placed = (|| {
+                    std::fs::create_dir_all(&staging)
+                        .map_err(StorageError::io("create", &staging))?;
+                    for file in files.iter().map(String::as_str).chain(["manifest.json"]) {
+                        copy_file(&src.join(file), &staging.join(file))?;
+                    }
+                    self.step("import:copied")?;
+                    std::fs::rename(&staging, &dest)
+                        .map_err(StorageError::io("rename", &staging))?;
+                    self.step("import:moved")
+                })();
+                if let Err(e) = placed {
+                    // An injected failure stands for a crash: the sweep
+                    // at open removes what is left.
+                    if !e.is_injected() {
+                        let _ = std::fs::remove_dir_all(&staging);
+                        let _ = std::fs::remove_dir_all(&dest);
+                    }
+                    return Err(e);
+                }
+                dest
             }
-            self.step("import:copied")?;
-            std::fs::rename(&staging, &dest).map_err(StorageError::io("rename", &staging))?;
-            self.step("import:moved")?;
-            self.db()
-                .connection()
-                .execute("UPDATE images SET op = NULL WHERE name = ?1", params![name])?;
-            Ok(())
-        })();
-        self.settle_image(name, result)?;
-        self.image(name)?
-            .ok_or_else(|| StorageError::NoImage(name.to_owned()))
+        };
+        let change = {
+            let mut db = self.db();
+            let tx = db.connection_mut().transaction()?;
+            let change = match &current {
+                None => {
+                    tx.execute(
+                        "INSERT INTO images (name, path, manifest, imported_at, digest, source)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            name,
+                            dest.display().to_string(),
+                            manifest,
+                            now(),
+                            digest,
+                            source
+                        ],
+                    )?;
+                    ImageChange::Added
+                }
+                Some(old) => {
+                    let kept_for: Vec<String> = {
+                        let mut stmt = tx.prepare(
+                            "SELECT name FROM vms WHERE image = ?1 AND image_digest = ?2 ORDER BY name",
+                        )?;
+                        stmt.query_map(params![name, old.digest], |r| r.get(0))?
+                            .collect::<std::result::Result<_, _>>()?
+                    };
+                    tx.execute(
+                        "INSERT OR IGNORE INTO image_versions
+                            (name, digest, path, manifest, source, imported_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![
+                            name,
+                            old.digest,
+                            old.path.display().to_string(),
+                            old.manifest,
+                            old.source,
+                            old.imported_at
+                        ],
+                    )?;
+                    tx.execute(
+                        "UPDATE images SET path = ?2, manifest = ?3, imported_at = ?4,
+                             digest = ?5, source = ?6
+                         WHERE name = ?1",
+                        params![
+                            name,
+                            dest.display().to_string(),
+                            manifest,
+                            now(),
+                            digest,
+                            source
+                        ],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM image_versions WHERE name = ?1 AND digest = ?2",
+                        params![name, digest],
+                    )?;
+                    ImageChange::Replaced {
+                        previous: old.digest.clone(),
+                        kept_for,
+                    }
+                }
+            };
+            tx.commit()?;
+            change
+        };
+        self.collect_image_versions()?;
+        let image = self
+            .image(name)?
+            .ok_or_else(|| StorageError::NoImage(name.to_owned()))?;
+        Ok(Imported { image, change })
     }
 
+    /// The current version of image `name`.
     pub fn image(&self, name: &str) -> Result<Option<ImageInfo>> {
         Ok(self
             .db()
             .connection()
             .query_row(
-                "SELECT name, path, manifest, imported_at FROM images WHERE name = ?1 AND op IS NULL",
+                &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1 AND op IS NULL"),
                 params![name],
                 image_row,
             )
             .optional()?)
     }
 
+    /// The image version VM `vm` was made from (and boots).
+    pub fn vm_image(&self, vm: &str) -> Result<ImageInfo> {
+        let (name, digest): (String, Option<String>) = self
+            .db()
+            .connection()
+            .query_row(
+                "SELECT image, image_digest FROM vms WHERE name = ?1",
+                params![vm],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StorageError::NoVm(vm.to_owned()))?;
+        let current = self
+            .image(&name)?
+            .ok_or_else(|| StorageError::NoImage(name.clone()))?;
+        let Some(digest) = digest.filter(|d| *d != current.digest) else {
+            return Ok(current);
+        };
+        self.db()
+            .connection()
+            .query_row(
+                &format!(
+                    "SELECT {IMAGE_COLUMNS} FROM image_versions WHERE name = ?1 AND digest = ?2"
+                ),
+                params![name, digest],
+                image_row,
+            )
+            .optional()?
+            .ok_or_else(|| StorageError::NoImage(format!("{name}@{digest}")))
+    }
+
     pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
         let db = self.db();
-        let mut stmt = db.connection().prepare(
-            "SELECT name, path, manifest, imported_at FROM images WHERE op IS NULL ORDER BY name",
-        )?;
+        let mut stmt = db.connection().prepare(&format!(
+            "SELECT {IMAGE_COLUMNS} FROM images WHERE op IS NULL ORDER BY name"
+        ))?;
         let rows = stmt
             .query_map([], image_row)?
             .collect::<std::result::Result<_, _>>()?;
         Ok(rows)
     }
 
-    /// Removes an image no VM uses.
+    /// The VMs made from any version of image `name`.
+    pub fn image_users(&self, name: &str) -> Result<Vec<String>> {
+        let db = self.db();
+        let mut stmt = db
+            .connection()
+            .prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
+        let users = stmt
+            .query_map(params![name], |r| r.get(0))?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(users)
+    }
+
+    /// Removes an image no VM uses (a VM's snapshots go with it, so they
+    /// are named through their VMs).
     pub fn delete_image(&self, name: &str) -> Result<()> {
         validate_name("image", name)?;
-        if self.image(name)?.is_none() {
+        let Some(image) = self.image(name)? else {
             return Err(StorageError::NoImage(name.to_owned()));
-        }
-        let users: Vec<String> = {
-            let db = self.db();
-            let mut stmt = db
-                .connection()
-                .prepare("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
-            stmt.query_map(params![name], |r| r.get(0))?
-                .collect::<std::result::Result<_, _>>()?
         };
+        let users = self.image_users(name)?;
         if !users.is_empty() {
             return Err(StorageError::ImageInUse {
                 image: name.to_owned(),
                 vms: users,
             });
         }
-        self.db().connection().execute(
-            "UPDATE images SET op = 'delete' WHERE name = ?1",
-            params![name],
-        )?;
-        let result = self.step("image-delete:recorded");
-        self.settle_image(name, result)?;
-        self.finish_image_op(name)
+        let mut dirs = vec![image.path];
+        {
+            let mut db = self.db();
+            let tx = db.connection_mut().transaction()?;
+            {
+                let mut stmt = tx.prepare("SELECT path FROM image_versions WHERE name = ?1")?;
+                for path in stmt.query_map(params![name], |r| r.get::<_, String>(0))? {
+                    dirs.push(path?.into());
+                }
+            }
+            // A VM recorded meanwhile would hold the name (foreign key):
+            // the delete then fails and changes nothing.
+            tx.execute("DELETE FROM images WHERE name = ?1", params![name])
+                .map_err(|e| match e {
+                    rusqlite::Error::SqliteFailure(f, _)
+                        if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        StorageError::ImageInUse {
+                            image: name.to_owned(),
+                            vms: vec!["(a VM made meanwhile)".into()],
+                        }
+                    }
+                    other => other.into(),
+                })?;
+            tx.commit()?;
+        }
+        self.step("image-delete:recorded")?;
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
     }
 
-    /// After an operation on an image: on a real error, recover at once
-    /// (an injected one stands for a crash: recovery waits for `open`).
-    fn settle_image(&self, name: &str, result: Result<()>) -> Result<()> {
-        if let Err(e) = result {
-            if !e.is_injected() {
-                let _ = self.finish_image_op(name);
-            }
-            return Err(e);
+    /// Forgets replaced image versions no VM boots any more, and removes
+    /// their files.
+    pub fn collect_image_versions(&self) -> Result<()> {
+        let unused: Vec<(String, String, String)> = {
+            let db = self.db();
+            let mut stmt = db.connection().prepare(
+                "SELECT name, digest, path FROM image_versions v WHERE NOT EXISTS
+                    (SELECT 1 FROM vms WHERE image = v.name AND image_digest = v.digest)",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<std::result::Result<_, _>>()?
+        };
+        for (name, digest, path) in unused {
+            self.db().connection().execute(
+                "DELETE FROM image_versions WHERE name = ?1 AND digest = ?2",
+                params![name, digest],
+            )?;
+            tracing::info!(image = name, digest, "removed an image version no VM uses");
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(())
+    }
+
+    /// Gives images imported before versions existed their digest, and
+    /// their VMs that version.
+    pub(crate) fn backfill_image_digests(&self) -> Result<()> {
+        let missing: Vec<(String, String)> = {
+            let db = self.db();
+            let mut stmt = db
+                .connection()
+                .prepare("SELECT name, manifest FROM images WHERE digest IS NULL")?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<std::result::Result<_, _>>()?
+        };
+        for (name, manifest) in missing {
+            let digest = manifest_digest(&manifest)
+                .unwrap_or_else(|_| format!("sha256:{}", hex::encode(Sha256::digest(&manifest))));
+            let mut db = self.db();
+            let tx = db.connection_mut().transaction()?;
+            tx.execute(
+                "UPDATE images SET digest = ?2 WHERE name = ?1",
+                params![name, digest],
+            )?;
+            tx.execute(
+                "UPDATE vms SET image_digest = ?2 WHERE image = ?1 AND image_digest IS NULL",
+                params![name, digest],
+            )?;
+            tx.commit()?;
         }
         Ok(())
     }
 }
+
+const IMAGE_COLUMNS: &str = "name, path, manifest, imported_at, digest, source";
 
 fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageInfo> {
     Ok(ImageInfo {
@@ -127,7 +382,36 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageInfo> {
         path: r.get::<_, String>(1)?.into(),
         manifest: r.get(2)?,
         imported_at: r.get(3)?,
+        digest: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+        source: r.get(5)?,
     })
+}
+
+/// An image's identity: sha256 over its files' names, sizes and sha256s
+/// as its manifest lists them (equal files, equal digest; the build time
+/// and other notes do not count).
+pub fn manifest_digest(manifest: &str) -> std::result::Result<String, String> {
+    let value: serde_json::Value = serde_json::from_str(manifest)
+        .map_err(|e| format!("its manifest.json is not JSON: {e}"))?;
+    let files = value
+        .get("files")
+        .and_then(|f| f.as_object())
+        .ok_or("its manifest.json has no `files` object")?;
+    let mut names: Vec<&String> = files.keys().collect();
+    names.sort();
+    let mut hasher = Sha256::new();
+    for name in names {
+        let entry = &files[name];
+        let sha = entry.get("sha256").and_then(|s| s.as_str());
+        let size = entry.get("size").and_then(|s| s.as_u64());
+        let (Some(sha), Some(size)) = (sha, size) else {
+            return Err(format!(
+                "its manifest's entry for {name} lacks a size or sha256"
+            ));
+        };
+        hasher.update(format!("{name} {size} {sha}\n"));
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
 /// The file names a manifest lists (its `files` object's keys), each a

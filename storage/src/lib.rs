@@ -57,6 +57,7 @@ pub mod steps {
 
 pub use audit::{AuditQuery, AuditRecord};
 pub use catalog::{Catalog, CatalogError};
+pub use images::{ImageChange, Imported, manifest_digest};
 pub use names::{NameError, validate_name};
 pub use pool::{Pool, PoolConfig, PoolKind};
 pub use reconcile::ReconcileReport;
@@ -92,8 +93,6 @@ pub enum StorageError {
     },
     #[error("image {0:?} does not exist: import it first (list_images shows what exists)")]
     NoImage(String),
-    #[error("image {0:?} exists already")]
-    ImageExists(String),
     #[error("image {image:?} is used by VMs {vms:?}: destroy them first")]
     ImageInUse { image: String, vms: Vec<String> },
     #[error("{0} is not an image directory: {1}")]
@@ -221,12 +220,18 @@ pub struct ImageInfo {
     /// The image's manifest.json, as imported.
     pub manifest: String,
     pub imported_at: String,
+    /// `sha256:HEX` over the files its manifest lists.
+    pub digest: String,
+    /// Where it came from: "directory", "recipe NAME", an OCI reference.
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VmDrives {
     pub vm: String,
     pub image: String,
+    /// The version of the image it was made from (and boots).
+    pub image_digest: String,
     pub root: PathBuf,
     pub workspace: PathBuf,
     /// The snapshot its workspace last came from (`vm/snapshot`), if any.
@@ -293,6 +298,7 @@ impl Storage {
             catalog: Mutex::new(catalog),
             failpoint: Mutex::new(None),
         };
+        storage.backfill_image_digests()?;
         let report = storage.reconcile()?;
         Ok((storage, report))
     }

@@ -133,8 +133,17 @@ impl Pool {
         Ok(())
     }
 
+    /// Where an image imported before versions existed lives.
     pub fn image_dir(&self, image: &str) -> PathBuf {
         self.root.join("images").join(image)
+    }
+
+    /// Where version `digest` (`sha256:HEX`) of an image lives.
+    pub fn image_version_dir(&self, image: &str, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.root
+            .join("images")
+            .join(format!("{image}@{}", &hex[..hex.len().min(16)]))
     }
 
     pub fn vm_dir(&self, vm: &str) -> PathBuf {

@@ -8,7 +8,7 @@
 //! caller had already asked for it), left as it was if not, and either
 //! way the VM is marked as owed its drive (`Storage::pending_reattach`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
@@ -194,7 +194,12 @@ impl Storage {
 
     fn remove_orphans(&self) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
-        let images = self.names("SELECT name FROM images")?;
+        // An image version's directory is known by the path its row holds.
+        let images: Vec<String> = self
+            .names("SELECT path FROM images UNION SELECT path FROM image_versions")?
+            .iter()
+            .filter_map(|p| Some(Path::new(p).file_name()?.to_string_lossy().into_owned()))
+            .collect();
         let vms = self.names("SELECT name FROM vms")?;
         let snapshots = self.names("SELECT vm || '/' || name FROM snapshots")?;
         let root = self.pool().root();
@@ -259,9 +264,9 @@ impl Storage {
         )? {
             problems.push(format!("{what} is still marked {op}"));
         }
-        for image in self.names("SELECT name FROM images")? {
-            if !self.pool().image_dir(&image).join("rootfs.ext4").is_file() {
-                problems.push(format!("image {image}: files missing"));
+        for path in self.names("SELECT path FROM images UNION SELECT path FROM image_versions")? {
+            if !Path::new(&path).join("rootfs.ext4").is_file() {
+                problems.push(format!("image at {path}: files missing"));
             }
         }
         for vm in self.names("SELECT name FROM vms")? {

@@ -99,7 +99,12 @@ impl Storage {
             return Err(StorageError::VmExists(vm.to_owned()));
         }
         let dir = self.pool().vm_dir(vm);
-        self.record_vm(vm, image, base.as_deref(), Attrs::Given(attrs))?;
+        self.record_vm(
+            vm,
+            (image, &image_info.digest),
+            base.as_deref(),
+            Attrs::Given(attrs),
+        )?;
         let result = (|| {
             self.step("create:recorded")?;
             create_subvolume(&dir)?;
@@ -154,7 +159,7 @@ impl Storage {
         }
         self.record_vm(
             vm,
-            "",
+            ("", ""),
             Some(&format!("{from}/{snapshot}")),
             Attrs::From(from, owner),
         )?;
@@ -183,7 +188,8 @@ impl Storage {
         }
         let result = self.step("destroy:recorded");
         self.settle_vm(vm, result)?;
-        self.finish_vm_op(vm)
+        self.finish_vm_op(vm)?;
+        self.collect_image_versions()
     }
 
     /// The drives of a VM.
@@ -192,24 +198,26 @@ impl Storage {
             .db()
             .connection()
             .query_row(
-                "SELECT image, base_snapshot, op FROM vms WHERE name = ?1",
+                "SELECT image, base_snapshot, op, image_digest FROM vms WHERE name = ?1",
                 params![vm],
                 |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, Option<String>>(1)?,
                         r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
                     ))
                 },
             )
             .optional()?;
         match row {
             // A VM still being created has no drives yet.
-            Some((image, base_snapshot, op)) if op.as_deref() != Some("create") => {
+            Some((image, base_snapshot, op, image_digest)) if op.as_deref() != Some("create") => {
                 let dir = self.pool().vm_dir(vm);
                 Ok(VmDrives {
                     vm: vm.to_owned(),
                     image,
+                    image_digest: image_digest.unwrap_or_default(),
                     root: dir.join(drive_file(ROOT_DRIVE)),
                     workspace: dir.join(drive_file(WORKSPACE_DRIVE)),
                     base_snapshot,
@@ -303,23 +311,40 @@ impl Storage {
             .is_some())
     }
 
-    fn record_vm(&self, vm: &str, image: &str, base: Option<&str>, attrs: Attrs<'_>) -> Result<()> {
+    fn record_vm(
+        &self,
+        vm: &str,
+        image: (&str, &str),
+        base: Option<&str>,
+        attrs: Attrs<'_>,
+    ) -> Result<()> {
+        let (image, image_digest) = image;
         let dir = self.pool().vm_dir(vm);
         let mut db = self.db();
         let tx = db.connection_mut().transaction()?;
         match attrs {
             Attrs::Given(attrs) => {
                 tx.execute(
-                    "INSERT INTO vms (name, image, created_at, base_snapshot, op, config, owner)
-                     VALUES (?1, ?2, ?3, ?4, 'create', ?5, ?6)",
-                    params![vm, image, now(), base, attrs.config, attrs.owner],
+                    "INSERT INTO vms
+                        (name, image, created_at, base_snapshot, op, config, owner, image_digest)
+                     VALUES (?1, ?2, ?3, ?4, 'create', ?5, ?6, ?7)",
+                    params![
+                        vm,
+                        image,
+                        now(),
+                        base,
+                        attrs.config,
+                        attrs.owner,
+                        image_digest
+                    ],
                 )?;
             }
             Attrs::From(from, owner) => {
                 let added = tx.execute(
-                    "INSERT INTO vms (name, image, created_at, base_snapshot, op, config, owner)
+                    "INSERT INTO vms
+                        (name, image, created_at, base_snapshot, op, config, owner, image_digest)
                      SELECT ?1, image, ?3, ?4, 'create', config,
-                            CASE WHEN ?5 THEN ?6 ELSE owner END
+                            CASE WHEN ?5 THEN ?6 ELSE owner END, image_digest
                      FROM vms WHERE name = ?2",
                     params![vm, from, now(), base, owner.is_some(), owner.flatten()],
                 )?;

@@ -8,10 +8,10 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 
-use common::{Fixture, byte_at, can_run, scribble};
+use common::{Fixture, VARIANT_AT, byte_at, can_run, scribble};
 use nexus_storage::{
-    NoQuiesce, NoReattach, PoolKind, Quiesce, Reattach, Storage, StorageError, WORKSPACE_DRIVE,
-    WorkspaceSource, pool::is_btrfs, steps,
+    ImageChange, NoQuiesce, NoReattach, PoolKind, Quiesce, Reattach, Storage, StorageError,
+    WORKSPACE_DRIVE, WorkspaceSource, pool::is_btrfs, steps,
 };
 
 const WS: WorkspaceSource = WorkspaceSource::New { bytes: 64 << 20 };
@@ -316,8 +316,14 @@ fn bad_input_is_refused_and_changes_nothing() {
             "is used by VMs [\"vm1\"]",
         ),
         (
-            err(storage.import_image("default", &fx.image_src).map(|_| ())),
-            "image \"default\" exists already",
+            err(storage
+                .import_image("other", &fx.broken_image())
+                .map(|_| ())),
+            "lists rootfs.ext4, which is missing",
+        ),
+        (
+            err(storage.import_image("Bad", &fx.image_src).map(|_| ())),
+            "image name \"Bad\" is invalid",
         ),
         (
             err(storage.import_image("other", fx.dir.path()).map(|_| ())),
@@ -344,7 +350,93 @@ fn bad_input_is_refused_and_changes_nothing() {
     for (got, expected) in cases {
         assert!(got.contains(expected), "{got:?} lacks {expected:?}");
     }
+    // The same files again: nothing to do.
+    let again = storage
+        .import_image_from("default", &fx.image_src, "directory")
+        .unwrap();
+    assert_eq!(again.change, ImageChange::Unchanged);
     assert_eq!(state(&storage), before, "nothing changed");
+    assert!(storage.problems().unwrap().is_empty());
+}
+
+/// A rebuilt image serves new VMs; the VMs made from the old version
+/// (and their forks) keep it until the last is gone; deleting is refused
+/// while any VM uses the image, naming them.
+#[test]
+fn a_replaced_image_serves_new_vms_and_old_ones_keep_theirs() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    let v1 = storage
+        .import_image_from("img", &fx.image_src, "recipe one")
+        .unwrap();
+    assert_eq!(v1.change, ImageChange::Added);
+    assert!(
+        v1.image.digest.starts_with("sha256:"),
+        "{:?}",
+        v1.image.digest
+    );
+    storage.create_vm_drives("old", "img", WS).unwrap();
+    storage
+        .snapshot_drive("old", WORKSPACE_DRIVE, Some("s"), &mut NoQuiesce)
+        .unwrap();
+    storage.fork("old", "s", "old-fork").unwrap();
+
+    let v2_src = fx.image_variant(b'2');
+    let v2 = storage
+        .import_image_from("img", &v2_src, "recipe two")
+        .unwrap();
+    assert_eq!(
+        v2.change,
+        ImageChange::Replaced {
+            previous: v1.image.digest.clone(),
+            kept_for: vec!["old".into(), "old-fork".into()],
+        }
+    );
+    assert_ne!(v2.image.digest, v1.image.digest);
+    assert_eq!(v2.image.source, "recipe two");
+    assert_eq!(
+        storage.image("img").unwrap().unwrap().digest,
+        v2.image.digest
+    );
+    storage.create_vm_drives("new", "img", WS).unwrap();
+    for (vm, version) in [
+        ("old", &v1.image),
+        ("old-fork", &v1.image),
+        ("new", &v2.image),
+    ] {
+        let booted = storage.vm_image(vm).unwrap();
+        assert_eq!(booted.digest, version.digest, "{vm}");
+        assert_eq!(booted.path, version.path, "{vm}");
+        assert!(booted.path.join("rootfs.ext4").is_file(), "{vm}");
+    }
+    let root_byte = |vm: &str| byte_at(&storage.vm_drives(vm).unwrap().root, VARIANT_AT);
+    assert_eq!(root_byte("new"), b'2');
+    assert_ne!(root_byte("old"), b'2');
+    assert_eq!(storage.list_images().unwrap().len(), 1);
+
+    let refused = storage.delete_image("img").unwrap_err().to_string();
+    assert!(
+        refused.contains(r#"["new", "old", "old-fork"]"#),
+        "{refused}"
+    );
+
+    // The old version lives as long as a VM boots it.
+    storage.destroy_vm_drives("old").unwrap();
+    assert!(v1.image.path.is_dir(), "old-fork still boots it");
+    storage.destroy_vm_drives("old-fork").unwrap();
+    assert!(!v1.image.path.exists(), "no VM boots it any more");
+    drop(storage);
+    let (storage, report) = Storage::open(&fx.config).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(storage.vm_image("new").unwrap().digest, v2.image.digest);
+
+    storage.destroy_vm_drives("new").unwrap();
+    storage.delete_image("img").unwrap();
+    assert!(storage.image("img").unwrap().is_none());
+    assert!(!v2.image.path.exists());
     assert!(storage.problems().unwrap().is_empty());
 }
 

@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             rootfs_mib: None,
             recipe: nexus_rootfs::Recipe::default(),
             oci: None,
+            base: None,
         })?;
         let other = measure(&manifest.kernel_version.clone(), out, manifest, args.runs).await?;
         println!(

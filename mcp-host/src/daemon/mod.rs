@@ -14,6 +14,7 @@ pub mod admission;
 pub mod audit;
 mod events;
 mod hooks;
+mod images;
 mod lifecycle;
 mod owners;
 pub mod quota;
@@ -36,6 +37,7 @@ use tokio::sync::Mutex;
 
 pub use access::RoleView;
 pub use events::{EventKind, Severity, VmEvent};
+pub use images::{ImageInput, ImageOutcome};
 pub use quota::QuotaConfig;
 
 use crate::Config;
@@ -60,6 +62,10 @@ pub enum DaemonError {
     NoBackend(String),
     #[error("image {image:?} is damaged: {why}")]
     BadImage { image: String, why: String },
+    /// A build or import that could not be done (told whole: only
+    /// admins build and import).
+    #[error("image {image:?} could not be made: {why}")]
+    Image { image: String, why: String },
     #[error("VM {0:?} is being destroyed")]
     Destroying(String),
     #[error("VM {vm:?}: guest control channel: {why}")]
@@ -87,6 +93,9 @@ pub struct VmInfo {
     /// `running` or `stopped`.
     pub state: String,
     pub image: String,
+    /// The version of the image it was made from and boots
+    /// (`sha256:HEX`; a rebuilt image serves new VMs, not this one).
+    pub image_digest: String,
     pub vcpus: u32,
     pub memory_mib: u32,
     /// The VM whose snapshot its workspace came from, if any.
@@ -169,6 +178,8 @@ pub struct Daemon {
     booting: std::sync::Mutex<HashMap<String, (u32, u64)>>,
     /// Held while counting VMs and making a new one's drives.
     creating: Mutex<()>,
+    /// Held by an image build, import or delete.
+    image_ops: Mutex<()>,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -236,6 +247,7 @@ impl Daemon {
             limits: admission::Limits::resolve(&limits),
             booting: std::sync::Mutex::default(),
             creating: Mutex::new(()),
+            image_ops: Mutex::new(()),
             _lock: lock,
         });
         for (name, vm) in running {
@@ -431,6 +443,7 @@ impl Daemon {
             name: name.to_owned(),
             state: if vm.is_some() { "running" } else { "stopped" }.to_owned(),
             image: drives.image,
+            image_digest: drives.image_digest,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             from_vm: from_vm.map(str::to_owned),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nexus_storage::{Reattach, Storage, validate_name};
+use nexus_storage::{ImageChange, Reattach, Storage, validate_name};
 use nexus_vmm::{Vm, Vmm};
 
 use super::hooks::GuestHooks;
@@ -62,7 +62,8 @@ pub(super) async fn adopt_leftovers(
 }
 
 /// Images built into `<state>/images/<name>` (scripts/run-nexusd.sh does)
-/// are imported into the pool once.
+/// are imported into the pool, and imported again when rebuilt (new VMs
+/// get the new version; the VMs of the old one keep it).
 pub(super) async fn import_built_images(
     storage: &Arc<Storage>,
     dir: &std::path::Path,
@@ -78,11 +79,16 @@ pub(super) async fn import_built_images(
         }
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            if storage.image(&name)?.is_none() {
-                tracing::info!(image = name, from = %path.display(), "importing image");
-                if let Err(e) = storage.import_image(&name, &path) {
-                    tracing::warn!(image = name, error = %e, "could not import image");
-                }
+            match storage.import_image_from(&name, &path, "state images directory") {
+                Ok(done) if done.change == ImageChange::Unchanged => {}
+                Ok(done) => tracing::info!(
+                    image = name,
+                    digest = done.image.digest,
+                    change = ?done.change,
+                    from = %path.display(),
+                    "imported image"
+                ),
+                Err(e) => tracing::warn!(image = name, error = %e, "could not import image"),
             }
             Ok(())
         })

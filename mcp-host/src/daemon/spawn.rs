@@ -80,14 +80,7 @@ impl Daemon {
     /// The tools the image of VM `name` recorded, if it did.
     pub(super) async fn image_tools(&self, name: &str) -> Option<Vec<rmcp::model::Tool>> {
         let owned = name.to_owned();
-        let image = self
-            .blocking(move |s| {
-                let drives = s.vm_drives(&owned)?;
-                s.image(&drives.image)
-            })
-            .await
-            .ok()
-            .flatten()?;
+        let image = self.blocking(move |s| s.vm_image(&owned)).await.ok()?;
         let manifest: Manifest = serde_json::from_str(&image.manifest).ok()?;
         trusted_tools(&manifest)
     }
@@ -285,11 +278,8 @@ impl Daemon {
             .map_err(|e| DaemonError::Internal(format!("VM config: {e}")))?;
         let size = (config.vcpus, u64::from(config.memory_mib));
         let booking = self.book(name, size).await?;
-        let image_name = drives.image.clone();
-        let image = self
-            .blocking(move |s| s.image(&image_name))
-            .await?
-            .ok_or_else(|| DaemonError::Storage(StorageError::NoImage(drives.image.clone())))?;
+        let owned = name.to_owned();
+        let image = self.blocking(move |s| s.vm_image(&owned)).await?;
         let manifest: Manifest =
             serde_json::from_str(&image.manifest).map_err(|e| DaemonError::BadImage {
                 image: image.name.clone(),

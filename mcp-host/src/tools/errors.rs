@@ -65,6 +65,7 @@ fn hidden_as(error: &DaemonError) -> Option<&'static str> {
         | DaemonError::Running(_)
         | DaemonError::Destroying(_)
         | DaemonError::Guest { .. }
+        | DaemonError::Image { .. }
         | DaemonError::Refused(_) => None,
     }
 }

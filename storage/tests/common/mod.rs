@@ -7,6 +7,9 @@ use std::process::Command;
 
 use nexus_storage::{Storage, StorageConfig};
 
+/// Past the ext4 metadata of the test image's root filesystem.
+pub const VARIANT_AT: u64 = 8 << 20;
+
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub config: StorageConfig,
@@ -50,6 +53,35 @@ impl Fixture {
             config,
             image_src,
         }
+    }
+
+    /// An image whose manifest lists a root filesystem it lacks.
+    pub fn broken_image(&self) -> PathBuf {
+        let dir = self.dir.path().join("broken");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            r#"{"files": {"rootfs.ext4": {"size": 1, "sha256": "0"}}}"#,
+        )
+        .unwrap();
+        dir
+    }
+
+    /// The image with `mark` written into its root filesystem at
+    /// [`VARIANT_AT`] (a rebuild with different content).
+    pub fn image_variant(&self, mark: u8) -> PathBuf {
+        let dir = self.dir.path().join(format!("image-{mark}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(self.image_src.join("rootfs.ext4"), dir.join("rootfs.ext4")).unwrap();
+        scribble(&dir.join("rootfs.ext4"), VARIANT_AT, 1, mark);
+        std::fs::write(
+            dir.join("manifest.json"),
+            format!(
+                r#"{{"name": "test", "files": {{"rootfs.ext4": {{"size": 16777216, "sha256": "{mark}"}}}}}}"#
+            ),
+        )
+        .unwrap();
+        dir
     }
 
     pub fn open(&self) -> Storage {
