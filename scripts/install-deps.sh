@@ -14,6 +14,7 @@ PACKAGES=(
     mmdebstrap                   # Debian userlands for guest images
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev  # the guest kernel
     python3 python3-venv         # tests with the Python MCP client
+    docker-registry skopeo       # tests: an OCI registry on loopback for pull_image
     kmod                         # depmod, for supplied modular kernels
     pkg-config ca-certificates
 )

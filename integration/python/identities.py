@@ -142,6 +142,7 @@ async def over_http(url, admin_token):
         # Building and importing images act as root on the host.
         await reader.err("build_image", {"name": "mine", "recipe": ""}, "needs the admin role")
         await reader.err("import_image", {"name": "mine", "path": "/tmp"}, "needs the admin role")
+        await reader.err("pull_image", {"name": "mine", "reference": "a.b/c:d"}, "needs the admin role")
         for tool, args in [
             ("pyvm__read_file", {"path": "/etc/hostname"}),
             ("vm_read_file", {"vm": "pyvm", "path": "/etc/hostname"}),

@@ -36,7 +36,7 @@ MANAGEMENT_TOOLS = [
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
     "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit", "give_vm",
     "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
-    "build_image", "import_image", "delete_image",
+    "build_image", "import_image", "pull_image", "delete_image",
 ]
 
 
@@ -131,6 +131,8 @@ async def run(s, prefix, mode):
     assert any("mkfs.ext4" in line for line in built_lines), built_lines
     message = await s.err("import_image", {"name": f"{prefix}-x", "path": "relative/layout"})
     assert "must be absolute" in message, message
+    message = await s.err("pull_image", {"name": f"{prefix}-x", "reference": "Not A Reference"})
+    assert "is not an image reference" in message, message
 
     # Tokens (this client is an admin: root over stdio, the admin token
     # over HTTP): the secret once, never in the list, revoked for good.

@@ -161,11 +161,19 @@ pub fn admin_token(state: &Path) -> anyhow::Result<String> {
         .to_owned())
 }
 
+/// Installs the TLS crypto nexusd uses (ring) for this process's HTTP
+/// clients: reqwest is built with rustls and no provider of its own
+/// (nexusd's registry pulls), so every client needs one installed first.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// rmcp's HTTP client transport to `url`, sending `token`.
 pub fn http(
     url: impl Into<std::sync::Arc<str>>,
     token: impl Into<String>,
 ) -> impl rmcp::transport::Transport<rmcp::RoleClient> + 'static {
+    install_tls_provider();
     rmcp::transport::StreamableHttpClientTransport::from_config(
         rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(url)
             .auth_header(token),

@@ -86,6 +86,8 @@ async fn main() -> anyhow::Result<()> {
     // in it as root, bypassing nexusd.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
+    // TLS clients (registry pulls) use the same crypto as nexusd's server.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

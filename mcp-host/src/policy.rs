@@ -23,9 +23,10 @@ pub const USER_ROLE: &str = "user";
 /// Tools that administer identities, and those that act as root on the
 /// host (image builds run recipe commands; imports read host paths):
 /// only the admin role has them, whatever another role's patterns say.
-pub const ADMIN_TOOLS: [&str; 14] = [
+pub const ADMIN_TOOLS: [&str; 15] = [
     "build_image",
     "import_image",
+    "pull_image",
     "delete_image",
     "create_token",
     "list_tokens",

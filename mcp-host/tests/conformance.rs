@@ -46,6 +46,7 @@ async fn the_official_conformance_suite_passes() {
     // The suite cannot send a token (conformance#453): authentication
     // off, which the configuration allows on loopback only.
     let (_serve, url) = common::serve_with(&state, "http_auth = false\n").await;
+    nexus_integration::nexusd::install_tls_provider();
     let client = ().serve(StreamableHttpClientTransport::from_uri(url.clone())).await.unwrap();
     // Without authentication every caller is a user: no tokens can be
     // made that would outlive the setting.

@@ -1,5 +1,6 @@
 //! Images through nexusd's tools: built from a recipe, imported from an
-//! OCI layout and a `docker save` archive, versioned (a rebuilt image
+//! OCI layout and a `docker save` archive, pulled from a registry on
+//! loopback (the same digest as the layout it was copied from), versioned (a rebuilt image
 //! serves new VMs while the VMs of the old version keep booting it),
 //! deleted only when no VM uses them; bad input changes nothing.
 
@@ -311,5 +312,183 @@ async fn images_are_built_versioned_imported_and_deleted_through_nexusd() {
         "{:?}",
         versions(&state)
     );
+    client.cancel().await.unwrap();
+}
+
+/// The pulls' scratch directories in the shared cache.
+fn pull_scratch() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(nexus_rootfs::default_cache_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pull-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// `docker-registry` (Debian's distribution server) on a loopback port,
+/// storing in `dir`; killed on drop.
+struct Registry {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is missing: scripts/install-deps.sh installs it");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not listen on {addr}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self { child, addr }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pulled_from_a_loopback_registry_is_the_layouts_image() {
+    if !can_run() {
+        return;
+    }
+    let (minimal, _) = ensure_minimal_image().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let registry = Registry::start(scratch.path());
+    let oci = scratch.path().join("layout");
+    layout(
+        &oci,
+        &[
+            vec![("data/", ""), ("data/keep", "kept\n"), ("data/gone", "x\n")],
+            vec![("data/.wh.gone", ""), ("data/new", "new\n")],
+        ],
+    );
+    let reference = format!("{}/nexus/test:v1", registry.addr);
+    let copied = std::process::Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}", oci.display()))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo is missing: scripts/install-deps.sh installs it");
+    assert!(
+        copied.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+
+    let state = State::new();
+    state.with_image("minimal", &minimal);
+    let client = state.client().await;
+    let from_layout = call(
+        &client,
+        "import_image",
+        json!({"name": "local", "path": oci.display().to_string(), "base": "minimal"}),
+    )
+    .await
+    .ok();
+    let pulled = call(
+        &client,
+        "pull_image",
+        json!({"name": "pulled", "reference": reference, "plain_http": true, "base": "minimal"}),
+    )
+    .await
+    .ok();
+    assert_eq!(pulled["change"], "added", "{pulled}");
+    assert_eq!(
+        pulled["image"]["source"],
+        format!("registry {reference}").as_str()
+    );
+    // The same OCI image: the same manifest digest.
+    assert!(
+        pulled["image"]["userland"]
+            .as_str()
+            .unwrap()
+            .starts_with("oci sha256:")
+    );
+    assert_eq!(
+        pulled["image"]["userland"],
+        from_layout["image"]["userland"]
+    );
+    call(
+        &client,
+        "spawn_vm",
+        json!({"name": "p1", "image": "pulled", "memory_mib": 128}),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        sh(&client, "p1", "ls /data; echo \"$FOO\"; pwd").await,
+        "keep\nnew\nbar baz\n/srv\n"
+    );
+
+    // Bad references and unreachable registries: clear, and nothing changes.
+    let listed = images(&client).await;
+    let pool = versions(&state);
+    let scratch_before = pull_scratch();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (args, expected) in [
+        (
+            json!({"name": "x", "reference": "Not A Reference"}),
+            "is not an image reference",
+        ),
+        (
+            json!({"name": "x", "reference": format!("127.0.0.1:{closed}/nexus/test:v1"), "plain_http": true}),
+            &*format!("pulling 127.0.0.1:{closed}/nexus/test:v1 from 127.0.0.1:{closed}"),
+        ),
+        (
+            json!({"name": "x", "reference": format!("{}/nexus/test:nope", registry.addr), "plain_http": true}),
+            "manifest",
+        ),
+        (
+            json!({"name": "x", "reference": format!("{}/nexus/absent:v1", registry.addr), "plain_http": true}),
+            "manifest",
+        ),
+    ] {
+        let err = call(&client, "pull_image", args.clone()).await.err();
+        assert!(err.contains(expected), "{args}: {err}");
+    }
+    assert_eq!(images(&client).await, listed);
+    assert_eq!(versions(&state), pool);
+    let leftovers: Vec<_> = pull_scratch()
+        .into_iter()
+        .filter(|p| !scratch_before.contains(p))
+        .collect();
+    assert!(leftovers.is_empty(), "pull scratch left: {leftovers:?}");
     client.cancel().await.unwrap();
 }

@@ -20,6 +20,7 @@
 //! - `recipe`: what goes into a root filesystem (TOML).
 //! - `userland`: a recipe's Debian root, made by mmdebstrap and cached.
 //! - `oci`: an OCI image layout's layers as a root.
+//! - `registry`: an image pulled from a registry into an OCI layout.
 //! - `inroot`: paths in a root being built, never followed out of it.
 //! - `digest`: sha256 helpers.
 
@@ -63,6 +64,7 @@ pub mod kernel;
 pub mod manifest;
 pub mod oci;
 pub mod recipe;
+pub mod registry;
 pub mod userland;
 
 pub use image::{BuildOptions, build};

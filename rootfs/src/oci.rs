@@ -39,7 +39,10 @@ fn manifest_of(layout: &Path) -> Result<(ImageManifest, String), BuildError> {
         .map_err(|e| bad(format!("index.json: {e}")))?;
     let mut descriptor = pick(index.manifests())?;
     // A manifest list (an index) one level down.
-    if matches!(descriptor.media_type(), MediaType::ImageIndex) {
+    let docker_list = "application/vnd.docker.distribution.manifest.list.v2+json";
+    if matches!(descriptor.media_type(), MediaType::ImageIndex)
+        || matches!(descriptor.media_type(), MediaType::Other(t) if t == docker_list)
+    {
         let nested = ImageIndex::from_reader(&read_blob(layout, &descriptor)?[..])
             .map_err(|e| bad(format!("nested index: {e}")))?;
         descriptor = pick(nested.manifests())?;

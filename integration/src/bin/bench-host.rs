@@ -336,6 +336,7 @@ async fn policy_cost(
 /// nexusd's policy decision histogram: (sum of seconds, count).
 async fn decisions(url: &str, token: &str) -> anyhow::Result<(f64, f64)> {
     let metrics = url.trim_end_matches("/mcp").to_owned() + "/metrics";
+    nexus_integration::nexusd::install_tls_provider();
     let text = reqwest::Client::new()
         .get(&metrics)
         .bearer_auth(token)

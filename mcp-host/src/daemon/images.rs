@@ -24,7 +24,12 @@ pub enum ImageInput {
     Recipe(String),
     /// A path on the host: an image directory, an OCI layout, or an archive.
     Path(PathBuf),
+    /// An image in an OCI registry; `plain_http` for one on loopback.
+    Reference { reference: String, plain_http: bool },
 }
+
+/// How long a pull may take in all.
+const PULL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// What `build_image` / `import_image` did.
 #[derive(Debug, Clone)]
@@ -62,8 +67,27 @@ impl Daemon {
         progress: Option<Progress>,
     ) -> Result<ImageOutcome> {
         validate_name("image", name).map_err(StorageError::from)?;
-        let (plan, source) = plan(input)?;
         let started = std::time::Instant::now();
+        let (plan, source, pulled) = match input {
+            ImageInput::Reference {
+                reference,
+                plain_http,
+            } => {
+                nexus_rootfs::registry::parse_reference(&reference)
+                    .map_err(|e| DaemonError::Invalid(chain(&e)))?;
+                let _one_at_a_time = self.image_ops.lock().await;
+                let scratch = pull(name, &reference, plain_http, progress.clone()).await?;
+                let plan = Plan::Build {
+                    recipe: Box::default(),
+                    oci: Some(Oci::Layout(scratch.path().join("layout"))),
+                };
+                (plan, format!("registry {reference}"), Some(scratch))
+            }
+            input => {
+                let (plan, source) = plan(input)?;
+                (plan, source, None)
+            }
+        };
         let _one_at_a_time = self.image_ops.lock().await;
         let base_dir = match &plan {
             Plan::Build { .. } => Some(self.base_dir(base.as_deref()).await?),
@@ -73,6 +97,8 @@ impl Daemon {
         let storage = self.storage.clone();
         let name = name.to_owned();
         let task = tokio::task::spawn_blocking(move || -> Result<nexus_storage::Imported> {
+            // The pulled layout lives until the build is done with it.
+            let _pulled = pulled;
             let dir = match plan {
                 Plan::Import(dir) => dir,
                 Plan::Build { recipe, oci } => {
@@ -144,6 +170,53 @@ impl Daemon {
     }
 }
 
+/// Pulls `reference` into a layout in a scratch directory (gone with the
+/// guard returned).
+async fn pull(
+    name: &str,
+    reference: &str,
+    plain_http: bool,
+    progress: Option<Progress>,
+) -> Result<tempfile::TempDir> {
+    let cache_dir = nexus_rootfs::default_cache_dir();
+    std::fs::create_dir_all(&cache_dir)
+        .map_err(|e| DaemonError::Internal(format!("{}: {e}", cache_dir.display())))?;
+    let scratch = tempfile::Builder::new()
+        .prefix("pull-")
+        .tempdir_in(&cache_dir)
+        .map_err(|e| DaemonError::Internal(format!("{}: {e}", cache_dir.display())))?;
+    let layout = scratch.path().join("layout");
+    let failed = |why: String| DaemonError::Image {
+        image: name.to_owned(),
+        why,
+    };
+    let say = move |line: &str| {
+        tracing::info!(target: "nexus_host::image_build", "{line}");
+        if let Some(progress) = &progress {
+            let _ = progress.send((0.0, line.to_owned()));
+        }
+    };
+    // The registry module's own lines (per layer) go to nexusd's log: a
+    // thread-local sink cannot follow an async task between threads.
+    say(&format!("pulling {reference}"));
+    match tokio::time::timeout(
+        PULL_DEADLINE,
+        nexus_rootfs::registry::pull_to_layout(reference, &layout, plain_http),
+    )
+    .await
+    {
+        Ok(Ok(digest)) => {
+            say(&format!("pulled {reference} ({digest})"));
+            Ok(scratch)
+        }
+        Ok(Err(e)) => Err(failed(chain(&e))),
+        Err(_) => Err(failed(format!(
+            "pulling {reference} took longer than {} minutes",
+            PULL_DEADLINE.as_secs() / 60
+        ))),
+    }
+}
+
 /// What `input` asks for, and how the image's source is recorded.
 fn plan(input: ImageInput) -> Result<(Plan, String)> {
     match input {
@@ -162,6 +235,9 @@ fn plan(input: ImageInput) -> Result<(Plan, String)> {
                 source,
             ))
         }
+        ImageInput::Reference { .. } => Err(DaemonError::Internal(
+            "a reference is pulled before it is planned".into(),
+        )),
         ImageInput::Path(path) => {
             if !path.is_absolute() {
                 return Err(DaemonError::Invalid(format!(

@@ -1,4 +1,5 @@
-//! Images: list_images, build_image, import_image, delete_image.
+//! Images: list_images, build_image, import_image, pull_image,
+//! delete_image.
 
 use std::path::PathBuf;
 
@@ -98,6 +99,24 @@ pub struct ImportImageParams {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+pub struct PullImageParams {
+    /// The image's name: 1-63 of a-z, 0-9 and '-'. An existing image of
+    /// that name is replaced for new VMs; its VMs keep their version.
+    pub name: String,
+    /// The image reference: REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]
+    /// (e.g. "registry.example:5000/team/tools:1.2").
+    pub reference: String,
+    /// Speak plain HTTP to the registry (one on loopback); default HTTPS.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// The image whose kernel and guest-mcp it gets (default: "default",
+    /// else "minimal").
+    #[serde(default)]
+    pub base: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DeleteImageParams {
     /// The image to delete (refused while VMs use it).
     pub image: String,
@@ -165,6 +184,34 @@ impl NexusTools {
             .make_image(
                 &p.name,
                 ImageInput::Path(PathBuf::from(p.path)),
+                p.base,
+                progress,
+            )
+            .await;
+        if let Some(forwarder) = forwarder {
+            let _ = forwarder.await;
+        }
+        self.made(made.map_err(super::errors::shown)?).await
+    }
+
+    #[tool(
+        description = "Pull an image from an OCI registry (anonymously) and make it a VM image: its linux/amd64 variant, layers applied in order, its Env and WorkingDir every command's; the kernel and guest-mcp come from a base image. The image's OCI manifest digest is its userland (`oci sha256:...`). Admins only.",
+        output_schema = schema_for_output::<ImageMade>()
+    )]
+    async fn pull_image(
+        &self,
+        Parameters(p): Parameters<PullImageParams>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, String> {
+        let (progress, forwarder) = progress_lines(&ctx);
+        let made = self
+            .daemon
+            .make_image(
+                &p.name,
+                ImageInput::Reference {
+                    reference: p.reference,
+                    plain_http: p.plain_http,
+                },
                 p.base,
                 progress,
             )
