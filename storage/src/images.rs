@@ -435,12 +435,48 @@ fn image_files(manifest: &str) -> std::result::Result<Vec<String>, String> {
     Ok(names)
 }
 
-/// A reflink when source and pool share a btrfs filesystem, a copy otherwise.
+/// A reflink when source and pool share a btrfs filesystem, else a copy
+/// that keeps the source's holes (a root filesystem is mostly holes: a
+/// plain copy made the default image's 818 MiB take 1.7 GiB in the pool).
 fn copy_file(from: &Path, to: &Path) -> Result<()> {
     if crate::pool::reflink(from, to).is_ok() {
         return Ok(());
     }
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .map_err(StorageError::io("copy", from))
+    sparse_copy(from, to).map_err(StorageError::io("copy", from))
+}
+
+/// Copies only the data extents (SEEK_DATA / SEEK_HOLE), then sets the
+/// length: what is a hole in `from` stays one in `to`.
+fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    let mut src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len();
+    let mut dst = std::fs::File::create(to)?;
+    let seek = |fd: &std::fs::File, at: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on an fd `fd` owns; no memory is passed.
+        let got = unsafe { libc::lseek(fd.as_raw_fd(), at as libc::off_t, whence) };
+        if got >= 0 {
+            return Ok(Some(got as u64));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None) // no data past `at`
+        } else {
+            Err(err)
+        }
+    };
+    let mut at = 0;
+    while at < len {
+        let Some(data) = seek(&src, at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(&src, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        src.seek(SeekFrom::Start(data))?;
+        dst.seek(SeekFrom::Start(data))?;
+        std::io::copy(&mut (&mut src).take(hole - data), &mut dst)?;
+        at = hole;
+    }
+    dst.set_len(len)?;
+    dst.sync_all()
 }

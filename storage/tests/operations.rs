@@ -373,6 +373,20 @@ fn a_replaced_image_serves_new_vms_and_old_ones_keep_theirs() {
         .import_image_from("img", &fx.image_src, "recipe one")
         .unwrap();
     assert_eq!(v1.change, ImageChange::Added);
+    // Copied (the source is not on the pool's filesystem) with its holes:
+    // the same bytes, no more blocks.
+    let (src, copy) = (
+        fx.image_src.join("rootfs.ext4"),
+        v1.image.path.join("rootfs.ext4"),
+    );
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&copy).unwrap());
+    let blocks = |p: &std::path::Path| std::fs::metadata(p).unwrap().blocks();
+    assert!(
+        blocks(&copy) <= blocks(&src) + 64,
+        "the copy filled the holes: {} blocks for {}",
+        blocks(&copy),
+        blocks(&src)
+    );
     assert!(
         v1.image.digest.starts_with("sha256:"),
         "{:?}",
