@@ -8,19 +8,20 @@ use common::{State, call, can_run};
 use serde_json::json;
 
 fn write_image(dir: &std::path::Path, name: &str, kernel: &str) -> std::path::PathBuf {
-    write_image_of(dir, name, kernel, "0")
+    write_image_of(dir, name, kernel, 0)
 }
 
 /// An image whose root filesystem's recorded sha256 is `sha`.
-fn write_image_of(
-    dir: &std::path::Path,
-    name: &str,
-    kernel: &str,
-    sha: &str,
-) -> std::path::PathBuf {
+fn write_image_of(dir: &std::path::Path, name: &str, kernel: &str, mark: u8) -> std::path::PathBuf {
     let image = dir.join("built").join(name);
     std::fs::create_dir_all(&image).unwrap();
-    std::fs::write(image.join("rootfs.ext4"), vec![0u8; 4096]).unwrap();
+    // Imports check the files against the manifest: its real sha256.
+    let rootfs = vec![mark; 4096];
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&rootfs))
+    };
+    std::fs::write(image.join("rootfs.ext4"), &rootfs).unwrap();
     let manifest = json!({
         "name": name,
         "kernel_version": kernel,
@@ -78,17 +79,19 @@ async fn list_images_over_stdio_shows_the_imported_images() {
     let digest = images[0]["digest"].as_str().unwrap().to_owned();
     let other = images[1].clone();
     let hex = &digest["sha256:".len()..];
-    assert!(
-        state
-            .pool()
-            .join(format!("images/default@{}/rootfs.ext4", &hex[..16]))
-            .is_file()
-    );
+    let prefix = format!("default@{}-", &hex[..16]);
+    let copied: Vec<_> = std::fs::read_dir(state.pool().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert_eq!(copied.len(), 1, "{prefix}");
+    assert!(copied[0].path().join("rootfs.ext4").is_file());
     client.cancel().await.unwrap();
 
     // Rebuilt where it was built, it is imported again at the next start;
     // unchanged, it is left as it is.
-    write_image_of(built.path(), "default", "6.1.999-rebuilt", "1");
+    write_image_of(built.path(), "default", "6.1.999-rebuilt", 1);
     let pid = state.daemon_pid().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -102,5 +105,28 @@ async fn list_images_over_stdio_shows_the_imported_images() {
     assert_eq!(images[0]["kernel_version"], "6.1.999-rebuilt");
     assert_ne!(images[0]["digest"], digest.as_str());
     assert_eq!(images[1], other, "an unchanged image is left as it is");
+
+    // Deleted through the tools, it stays deleted across a restart (its
+    // directory there is what was imported last).
+    call(&client, "delete_image", json!({"image": "other"}))
+        .await
+        .ok();
+    client.cancel().await.unwrap();
+    let pid = state.daemon_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(state.wait_daemon_gone(std::time::Duration::from_secs(30)));
+    let client = state.client().await;
+    let result = call(&client, "list_images", json!({})).await.ok();
+    let names: Vec<&str> = result["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default"], "a deleted image came back");
     client.cancel().await.unwrap();
 }

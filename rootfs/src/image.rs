@@ -91,8 +91,16 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         });
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| BuildError::io("create", &opts.out, e))?;
+    // One build of a directory at a time (tests of one run all make sure
+    // of the shared images): a second waits, then finds it up to date.
+    let lock_path = opts.out.join(".build.lock");
+    let lock =
+        std::fs::File::create(&lock_path).map_err(|e| BuildError::io("create", &lock_path, e))?;
+    lock.lock()
+        .map_err(|e| BuildError::io("lock", &lock_path, e))?;
     std::fs::create_dir_all(&opts.cache_dir)
         .map_err(|e| BuildError::io("create", &opts.cache_dir, e))?;
+    crate::prune_scratch(&opts.cache_dir);
     let base_manifest = opts.base.as_deref().map(Manifest::load).transpose()?;
     let kernel = match (&opts.kernel, &opts.base) {
         (Some(path), _) => kernel::from_path(path)?,
@@ -247,7 +255,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             None => 128,
         };
         progress!("rootfs: mkfs.ext4 -d ({mib} MiB, sparse)");
-        let tmp = opts.out.join(".rootfs.ext4.tmp");
+        let tmp = opts
+            .out
+            .join(format!(".rootfs.ext4.tmp-{}", std::process::id()));
         let made = run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "nexus-root", "-E", "root_owner=0:0", "-d"])
             .arg(&stage)
@@ -586,7 +596,7 @@ fn write_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), BuildError> 
 }
 
 fn copy_atomic(from: &Path, to: &Path) -> Result<(), BuildError> {
-    let tmp = to.with_extension("tmp");
+    let tmp = to.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::copy(from, &tmp).map_err(|e| BuildError::io("copy", from, e))?;
     std::fs::rename(&tmp, to).map_err(|e| BuildError::io("rename", &tmp, e))
 }

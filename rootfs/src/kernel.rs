@@ -103,7 +103,6 @@ pub fn build_default(cache: &Path) -> Result<Kernel, BuildError> {
     })
 }
 
-/// Describes a kernel the caller supplied with `--kernel`.
 /// The kernel of an existing image (its files and what its manifest says
 /// of them): images built by nexusd reuse the kernel of one at hand.
 pub fn from_image(dir: &Path) -> Result<Kernel, BuildError> {
@@ -133,6 +132,7 @@ pub fn from_image(dir: &Path) -> Result<Kernel, BuildError> {
     })
 }
 
+/// Describes a kernel the caller supplied with `--kernel`.
 pub fn from_path(path: &Path) -> Result<Kernel, BuildError> {
     let bytes = std::fs::read(path).map_err(|e| BuildError::io("read", path, e))?;
     let release = release_of(&bytes).ok_or_else(|| BuildError::Kernel {

@@ -143,6 +143,28 @@ pub(crate) fn run(cmd: &mut Command) -> Result<(), BuildError> {
     }
 }
 
+/// Scratch directories builds and pulls make in the cache; one this old
+/// is a dead process's.
+const SCRATCH_PREFIXES: [&str; 4] = ["image-work-", "base-guest-", "archive-", "pull-"];
+const STALE_SCRATCH: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Removes scratch directories that crashed builds left in `cache_dir`.
+pub fn prune_scratch(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_SCRATCH));
+        if stale && SCRATCH_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Nexus's cache directory: `$NEXUS_CACHE_DIR`, else `$XDG_CACHE_HOME/nexus`,
 /// else `~/.cache/nexus`.
 pub fn default_cache_dir() -> PathBuf {

@@ -129,6 +129,7 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
     let config = ImageConfiguration::from_reader(&config_bytes[..])
         .map_err(|e| bad(format!("config: {e}")))?;
     std::fs::create_dir_all(stage).map_err(|e| BuildError::io("create", stage, e))?;
+    let mut unpacked = 0u64;
     for (i, layer) in manifest.layers().iter().enumerate() {
         progress!(
             "oci: layer {}/{} ({} MiB)",
@@ -137,9 +138,11 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
             layer.size() >> 20
         );
         let path = blob_path(layout, layer)?;
+        // One open file for the hash and both passes: what was checked is
+        // what is unpacked, whatever happens to the path meanwhile.
+        let mut blob = blob_file(&path, layer)?;
         let mut hasher = Sha256::new();
-        std::io::copy(&mut blob_file(&path, layer)?, &mut hasher)
-            .map_err(|e| BuildError::io("read", &path, e))?;
+        std::io::copy(&mut blob, &mut hasher).map_err(|e| BuildError::io("read", &path, e))?;
         if hex::encode(hasher.finalize()) != layer.digest().digest() {
             return Err(bad(format!(
                 "layer {} does not match its digest",
@@ -161,8 +164,13 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
         let label = layer.digest().to_string();
         // Deletions first (whiteouts, opaque directories) apply to the
         // layers below; then the entries.
-        apply_whiteouts(&mut archive(&path, packing)?, stage, &label)?;
-        extract(&mut archive(&path, packing)?, stage, &label)?;
+        apply_whiteouts(&mut archive(&blob, &path, packing)?, stage, &label)?;
+        extract(
+            &mut archive(&blob, &path, packing)?,
+            stage,
+            &label,
+            &mut unpacked,
+        )?;
     }
     let mut defaults = OciDefaults {
         manifest_digest,
@@ -191,8 +199,18 @@ enum Packing {
     Zstd,
 }
 
-fn archive(path: &Path, packing: Packing) -> Result<tar::Archive<Box<dyn Read>>, BuildError> {
-    let file = std::io::BufReader::new(blob_reader(path)?);
+/// A tar reader over `blob` from its start (a clone of the same open file).
+fn archive(
+    blob: &std::fs::File,
+    path: &Path,
+    packing: Packing,
+) -> Result<tar::Archive<Box<dyn Read>>, BuildError> {
+    use std::io::Seek;
+    let mut file = blob
+        .try_clone()
+        .map_err(|e| BuildError::io("reopen", path, e))?;
+    file.rewind().map_err(|e| BuildError::io("seek", path, e))?;
+    let file = std::io::BufReader::new(file);
     let reader: Box<dyn Read> = match packing {
         Packing::Tar => Box::new(file),
         Packing::Gzip => Box::new(flate2::read::GzDecoder::new(file)),
@@ -290,9 +308,14 @@ fn layout_from_docker(raw: &Path, layout: &Path) -> Result<PathBuf, BuildError> 
     };
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).map_err(|e| BuildError::io("create", &blobs, e))?;
-    // Moves a member into the layout's blobs; returns (digest, size).
-    let put = |member: &str| -> Result<(String, u64), BuildError> {
+    // Moves a member into the layout's blobs; returns (digest, size). A
+    // member named twice (two images sharing a layer) is moved once.
+    let mut placed = std::collections::HashMap::<PathBuf, (String, u64)>::new();
+    let mut put = |member: &str| -> Result<(String, u64), BuildError> {
         let from = raw.join(inside(Path::new(member), "docker archive")?);
+        if let Some(done) = placed.get(&from) {
+            return Ok(done.clone());
+        }
         let mut file = blob_reader(&from)?;
         let mut hasher = Sha256::new();
         let size =
@@ -300,7 +323,9 @@ fn layout_from_docker(raw: &Path, layout: &Path) -> Result<PathBuf, BuildError> 
         let hex = hex::encode(hasher.finalize());
         let to = blobs.join(&hex);
         std::fs::rename(&from, &to).map_err(|e| BuildError::io("move", &from, e))?;
-        Ok((format!("sha256:{hex}"), size))
+        let done = (format!("sha256:{hex}"), size);
+        placed.insert(from, done.clone());
+        Ok(done)
     };
     let (config_digest, config_size) = put(&image.config)?;
     let mut layers = Vec::new();
@@ -416,10 +441,15 @@ fn apply_whiteouts(
     Ok(())
 }
 
+/// The most an image's layers may unpack to (a compressed layer can
+/// claim far more than it weighs).
+const MAX_UNPACKED_BYTES: u64 = 64 << 30;
+
 fn extract(
     archive: &mut tar::Archive<Box<dyn Read>>,
     stage: &Path,
     layer: &str,
+    unpacked: &mut u64,
 ) -> Result<(), BuildError> {
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
@@ -430,6 +460,13 @@ fn extract(
         .map_err(|e| bad(format!("layer {layer}: {e}")))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| bad(format!("layer {layer}: {e}")))?;
+        *unpacked += entry.header().size().unwrap_or(0);
+        if *unpacked > MAX_UNPACKED_BYTES {
+            return Err(bad(format!(
+                "the layers unpack to more than {} GiB",
+                MAX_UNPACKED_BYTES >> 30
+            )));
+        }
         let raw = entry
             .path()
             .map_err(|e| bad(format!("layer {layer}: {e}")))?

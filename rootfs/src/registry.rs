@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
@@ -15,6 +16,7 @@ use oci_client::manifest::{
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde_json::Value;
+use tokio::io::AsyncWriteExt as _;
 
 use crate::BuildError;
 
@@ -22,6 +24,8 @@ use crate::BuildError;
 const MAX_DOCUMENT: usize = 4 << 20;
 /// The most layers an image may have.
 const MAX_LAYERS: usize = 256;
+/// The most an image's config and layers may hold together.
+const MAX_IMAGE_BYTES: u64 = 32 << 30;
 
 fn bad(why: impl Into<String>) -> BuildError {
     BuildError::Oci { why: why.into() }
@@ -104,6 +108,14 @@ pub async fn pull_to_layout(
     for layer in layers {
         wanted.push(descriptor(layer, "layer")?);
     }
+    let total: u64 = wanted.iter().map(|(_, size)| size).sum();
+    if total > MAX_IMAGE_BYTES {
+        return Err(bad(format!(
+            "the image is {} MiB: at most {} MiB",
+            total >> 20,
+            MAX_IMAGE_BYTES >> 20
+        )));
+    }
     for (i, (digest, size)) in wanted.iter().enumerate() {
         let hex = digest_hex(digest)?;
         let path = blobs.join(hex);
@@ -114,16 +126,31 @@ pub async fn pull_to_layout(
                 size >> 20
             ));
         }
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| BuildError::io("create", &path, e))?;
-        client
-            .pull_blob(&image, digest.as_str(), file)
+        // Streamed (oci-client checks the digest at its end) and held to
+        // the descriptor's size as it comes: a registry cannot fill the disk.
+        let mut stream = client
+            .pull_blob_stream(&image, digest.as_str())
             .await
             .map_err(|e| failed(&format!("blob {digest}"), e))?;
-        let got = std::fs::metadata(&path)
-            .map_err(|e| BuildError::io("stat", &path, e))?
-            .len();
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| BuildError::io("create", &path, e))?;
+        let mut got = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| bad(format!("pulling blob {digest}: {e}")))?;
+            got += chunk.len() as u64;
+            if got > *size {
+                return Err(bad(format!(
+                    "blob {digest} is larger than its descriptor's {size} bytes"
+                )));
+            }
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| BuildError::io("write", &path, e))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| BuildError::io("write", &path, e))?;
         if got != *size {
             return Err(bad(format!(
                 "blob {digest} is {got} bytes, its descriptor says {size}"
@@ -172,10 +199,13 @@ fn pick(index: &Value) -> Result<String, BuildError> {
     };
     let mut fitting = manifests.iter().filter(fits);
     match (fitting.next(), fitting.next()) {
-        (Some(one), None) => one["digest"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| bad("the index's linux/amd64 entry has no digest")),
+        (Some(one), None) => {
+            let digest = one["digest"]
+                .as_str()
+                .ok_or_else(|| bad("the index's linux/amd64 entry has no digest"))?;
+            digest_hex(digest)?;
+            Ok(digest.to_owned())
+        }
         (None, _) => Err(bad("the image has no linux/amd64 variant")),
         (Some(_), Some(_)) => Err(bad("the index names several linux/amd64 images")),
     }

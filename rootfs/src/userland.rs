@@ -48,6 +48,9 @@ pub fn tarball(recipe: &Recipe, cache_dir: &Path) -> Result<PathBuf, BuildError>
     let digest = digest_of(recipe);
     let tar = dir.join(format!("{}-{}.tar", suite, &digest[..16]));
     if tar.is_file() {
+        // Used now: the pruning below goes by last use.
+        let _ =
+            std::fs::File::open(&tar).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         progress!(
             "userland: Debian {suite} with {} packages, cached ({})",
             recipe.packages.len(),
@@ -59,8 +62,18 @@ pub fn tarball(recipe: &Recipe, cache_dir: &Path) -> Result<PathBuf, BuildError>
         "mmdebstrap",
         "apt-get install mmdebstrap (scripts/install-deps.sh does)",
     )?;
-    let partial = tar.with_extension("tar.partial");
-    let _ = std::fs::remove_file(&partial);
+    // Each build its own partial file: two builds of one recipe at once
+    // must not write into the same one.
+    let partial = dir.join(format!(
+        ".{}-{}.partial-{}-{}",
+        suite,
+        &digest[..16],
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
     let started = Instant::now();
     progress!(
         "userland: mmdebstrap Debian {suite} with {} packages (downloads; a few minutes)",
@@ -97,7 +110,43 @@ pub fn tarball(recipe: &Recipe, cache_dir: &Path) -> Result<PathBuf, BuildError>
         started.elapsed().as_secs_f64(),
         std::fs::metadata(&tar).map(|m| m.len() >> 20).unwrap_or(0)
     );
+    prune(&dir, &tar);
     Ok(tar)
+}
+
+/// How many userland tarballs the cache keeps (each some hundreds of MiB).
+const KEEP_TARBALLS: usize = 4;
+/// A partial file this old is a dead build's.
+const STALE_PARTIAL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Keeps the [`KEEP_TARBALLS`] most recently used tarballs (`keep` among
+/// them) and removes dead builds' partial files.
+fn prune(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut tarballs = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else { continue };
+        let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains(".partial-") {
+            if modified.elapsed().is_ok_and(|age| age > STALE_PARTIAL) {
+                let _ = std::fs::remove_file(&path);
+            }
+        } else if name.ends_with(".tar") && path != keep {
+            tarballs.push((modified, path));
+        }
+    }
+    tarballs.sort_by_key(|t| std::cmp::Reverse(t.0));
+    for (_, path) in tarballs.into_iter().skip(KEEP_TARBALLS - 1) {
+        progress!(
+            "userland: removing {} (least recently used)",
+            path.display()
+        );
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Unpacks a userland tarball into `stage` (as root: owners kept).

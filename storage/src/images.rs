@@ -20,6 +20,9 @@ use crate::{ImageInfo, Result, Storage, StorageError, names::validate_name, now}
 /// image as it was.
 pub const IMPORT_STEPS: &[&str] = &["import:copied", "import:moved"];
 
+/// Steps of `delete_image`: a crash there leaves the image deleted.
+pub const DELETE_IMAGE_STEPS: &[&str] = &["image-delete:recorded"];
+
 /// What an import did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageChange {
@@ -76,135 +79,148 @@ impl Storage {
         let files =
             image_files(&manifest).map_err(|why| StorageError::BadImage(src.to_path_buf(), why))?;
         for file in &files {
-            if !src.join(file).is_file() {
+            if !src.join(&file.name).is_file() {
                 return Err(StorageError::BadImage(
                     src.to_path_buf(),
-                    format!("its manifest lists {file}, which is missing"),
+                    format!("its manifest lists {}, which is missing", file.name),
                 ));
             }
         }
         let digest = manifest_digest(&manifest)
             .map_err(|why| StorageError::BadImage(src.to_path_buf(), why))?;
-        let current = self.image(name)?;
-        if let Some(current) = &current
+        if let Some(current) = self.image(name)?
             && current.digest == digest
         {
             return Ok(Imported {
-                image: current.clone(),
+                image: current,
                 change: ImageChange::Unchanged,
             });
         }
-        // A version some VM still boots may come back as the current one.
-        let retired: Option<String> = self
-            .db()
-            .connection()
-            .query_row(
-                "SELECT path FROM image_versions WHERE name = ?1 AND digest = ?2",
-                params![name, digest],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let dest = match retired {
-            Some(path) => PathBuf::from(path),
-            None => {
-                let dest = self.pool().image_version_dir(name, &digest);
-                let staging = dest.with_extension("importing");
+        // The files are put in place first, in a directory of this
+        // import's own; only then does a row name them.
+        let dest = self.pool().image_version_dir(name, &digest);
+        let staging = dest.with_extension("importing");
+        let placed = (|| {
+            std::fs::create_dir_all(&staging).map_err(StorageError::io("create", &staging))?;
+            for file in &files {
+                copy_verified(&src.join(&file.name), &staging.join(&file.name), file)?;
+            }
+            std::fs::write(staging.join("manifest.json"), &manifest)
+                .map_err(StorageError::io("write", &staging))?;
+            self.step("import:copied")?;
+            std::fs::rename(&staging, &dest).map_err(StorageError::io("rename", &staging))?;
+            self.step("import:moved")
+        })();
+        if let Err(e) = placed {
+            // An injected failure stands for a crash: the sweep at open
+            // removes what is left.
+            if !e.is_injected() {
                 let _ = std::fs::remove_dir_all(&staging);
                 let _ = std::fs::remove_dir_all(&dest);
-                let placed = (|| {
-                    std::fs::create_dir_all(&staging)
-                        .map_err(StorageError::io("create", &staging))?;
-                    for file in files.iter().map(String::as_str).chain(["manifest.json"]) {
-                        copy_file(&src.join(file), &staging.join(file))?;
-                    }
-                    self.step("import:copied")?;
-                    std::fs::rename(&staging, &dest)
-                        .map_err(StorageError::io("rename", &staging))?;
-                    self.step("import:moved")
-                })();
-                if let Err(e) = placed {
-                    // An injected failure stands for a crash: the sweep
-                    // at open removes what is left.
-                    if !e.is_injected() {
-                        let _ = std::fs::remove_dir_all(&staging);
-                        let _ = std::fs::remove_dir_all(&dest);
-                    }
-                    return Err(e);
-                }
-                dest
+            }
+            return Err(e);
+        }
+        let switched = self.switch_version(name, &dest, &manifest, &digest, source);
+        let (change, unused) = match switched {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dest);
+                return Err(e);
             }
         };
-        let change = {
-            let mut db = self.db();
-            let tx = db.connection_mut().transaction()?;
-            let change = match &current {
-                None => {
-                    tx.execute(
-                        "INSERT INTO images (name, path, manifest, imported_at, digest, source)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            name,
-                            dest.display().to_string(),
-                            manifest,
-                            now(),
-                            digest,
-                            source
-                        ],
-                    )?;
-                    ImageChange::Added
-                }
-                Some(old) => {
-                    let kept_for: Vec<String> = {
-                        let mut stmt = tx.prepare(
-                            "SELECT name FROM vms WHERE image = ?1 AND image_digest = ?2 ORDER BY name",
-                        )?;
-                        stmt.query_map(params![name, old.digest], |r| r.get(0))?
-                            .collect::<std::result::Result<_, _>>()?
-                    };
-                    tx.execute(
-                        "INSERT OR IGNORE INTO image_versions
-                            (name, digest, path, manifest, source, imported_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                        params![
-                            name,
-                            old.digest,
-                            old.path.display().to_string(),
-                            old.manifest,
-                            old.source,
-                            old.imported_at
-                        ],
-                    )?;
-                    tx.execute(
-                        "UPDATE images SET path = ?2, manifest = ?3, imported_at = ?4,
-                             digest = ?5, source = ?6
-                         WHERE name = ?1",
-                        params![
-                            name,
-                            dest.display().to_string(),
-                            manifest,
-                            now(),
-                            digest,
-                            source
-                        ],
-                    )?;
-                    tx.execute(
-                        "DELETE FROM image_versions WHERE name = ?1 AND digest = ?2",
-                        params![name, digest],
-                    )?;
-                    ImageChange::Replaced {
-                        previous: old.digest.clone(),
-                        kept_for,
-                    }
-                }
-            };
-            tx.commit()?;
-            change
-        };
-        self.collect_image_versions()?;
+        // What no row names any more: this import's copy when the version
+        // was there already, an earlier copy of a version this one revives.
+        for dir in unused {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        if let Err(e) = self.collect_image_versions() {
+            tracing::warn!(image = name, error = %e, "could not remove unused image versions");
+        }
         let image = self
             .image(name)?
             .ok_or_else(|| StorageError::NoImage(name.to_owned()))?;
         Ok(Imported { image, change })
+    }
+
+    /// Makes the files at `dest` image `name`'s current version, in one
+    /// transaction (so no VM creation, import or cleanup sees half of it);
+    /// returns what changed and the directories no row names any more.
+    fn switch_version(
+        &self,
+        name: &str,
+        dest: &Path,
+        manifest: &str,
+        digest: &str,
+        source: &str,
+    ) -> Result<(ImageChange, Vec<PathBuf>)> {
+        let mut db = self.db();
+        let tx = db.connection_mut().transaction()?;
+        let current = tx
+            .query_row(
+                &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"),
+                params![name],
+                image_row,
+            )
+            .optional()?;
+        let dest_text = dest.display().to_string();
+        let change = match &current {
+            // Imported meanwhile by another caller.
+            Some(current) if current.digest == digest => {
+                return Ok((ImageChange::Unchanged, vec![dest.to_path_buf()]));
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO images (name, path, manifest, imported_at, digest, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![name, dest_text, manifest, now(), digest, source],
+                )?;
+                ImageChange::Added
+            }
+            Some(old) => {
+                let kept_for: Vec<String> = {
+                    let mut stmt = tx.prepare(
+                        "SELECT name FROM vms WHERE image = ?1 AND image_digest = ?2 ORDER BY name",
+                    )?;
+                    stmt.query_map(params![name, old.digest], |r| r.get(0))?
+                        .collect::<std::result::Result<_, _>>()?
+                };
+                tx.execute(
+                    "INSERT OR IGNORE INTO image_versions
+                        (name, digest, path, manifest, source, imported_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        name,
+                        old.digest,
+                        old.path.display().to_string(),
+                        old.manifest,
+                        old.source,
+                        old.imported_at
+                    ],
+                )?;
+                tx.execute(
+                    "UPDATE images SET path = ?2, manifest = ?3, imported_at = ?4,
+                         digest = ?5, source = ?6
+                     WHERE name = ?1",
+                    params![name, dest_text, manifest, now(), digest, source],
+                )?;
+                ImageChange::Replaced {
+                    previous: old.digest.clone(),
+                    kept_for,
+                }
+            }
+        };
+        // A retired copy of the version now current: its VMs boot the new
+        // copy (same files) and the old one goes.
+        let revived: Vec<PathBuf> = {
+            let mut stmt = tx.prepare(
+                "DELETE FROM image_versions WHERE name = ?1 AND digest = ?2 RETURNING path",
+            )?;
+            stmt.query_map(params![name, digest], |r| r.get::<_, String>(0))?
+                .map(|p| p.map(PathBuf::from))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        tx.commit()?;
+        Ok((change, revived))
     }
 
     /// The current version of image `name`.
@@ -248,7 +264,10 @@ impl Storage {
                 image_row,
             )
             .optional()?
-            .ok_or_else(|| StorageError::NoImage(format!("{name}@{digest}")))
+            .ok_or_else(|| StorageError::ImageVersionGone {
+                vm: vm.to_owned(),
+                image: name,
+            })
     }
 
     pub fn list_images(&self) -> Result<Vec<ImageInfo>> {
@@ -322,22 +341,20 @@ impl Storage {
     }
 
     /// Forgets replaced image versions no VM boots any more, and removes
-    /// their files.
+    /// their files. One statement: a VM recorded meanwhile either keeps
+    /// its version's row or was not there to need it.
     pub fn collect_image_versions(&self) -> Result<()> {
         let unused: Vec<(String, String, String)> = {
             let db = self.db();
             let mut stmt = db.connection().prepare(
-                "SELECT name, digest, path FROM image_versions v WHERE NOT EXISTS
-                    (SELECT 1 FROM vms WHERE image = v.name AND image_digest = v.digest)",
+                "DELETE FROM image_versions AS v WHERE NOT EXISTS
+                    (SELECT 1 FROM vms WHERE image = v.name AND image_digest = v.digest)
+                 RETURNING name, digest, path",
             )?;
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                 .collect::<std::result::Result<_, _>>()?
         };
         for (name, digest, path) in unused {
-            self.db().connection().execute(
-                "DELETE FROM image_versions WHERE name = ?1 AND digest = ?2",
-                params![name, digest],
-            )?;
             tracing::info!(image = name, digest, "removed an image version no VM uses");
             let _ = std::fs::remove_dir_all(path);
         }
@@ -387,52 +404,123 @@ fn image_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageInfo> {
     })
 }
 
-/// An image's identity: sha256 over its files' names, sizes and sha256s
-/// as its manifest lists them (equal files, equal digest; the build time
-/// and other notes do not count).
+/// Manifest fields that note how an image was built, not what it is.
+const BUILD_NOTES: [&str; 3] = ["name", "built_at", "inputs_digest"];
+
+/// An image's identity: sha256 over its manifest less its build notes
+/// ([`BUILD_NOTES`]), as canonical JSON (keys sorted). The manifest holds
+/// each file's size and sha256 (checked at import), the boot settings,
+/// environment and tools: equal digests, the same image.
 pub fn manifest_digest(manifest: &str) -> std::result::Result<String, String> {
+    let mut value: serde_json::Value = serde_json::from_str(manifest)
+        .map_err(|e| format!("its manifest.json is not JSON: {e}"))?;
+    let object = value
+        .as_object_mut()
+        .ok_or("its manifest.json is not a JSON object")?;
+    for note in BUILD_NOTES {
+        object.remove(note);
+    }
+    let mut canonical = String::new();
+    write_canonical(&value, &mut canonical);
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    ))
+}
+
+/// JSON with every object's keys in order, whatever the map type keeps.
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// A file an image's manifest lists.
+struct ListedFile {
+    name: String,
+    size: u64,
+    sha256: String,
+}
+
+/// The files a manifest lists (its `files` object), each a plain file
+/// name with a size and a sha256.
+fn image_files(manifest: &str) -> std::result::Result<Vec<ListedFile>, String> {
     let value: serde_json::Value = serde_json::from_str(manifest)
         .map_err(|e| format!("its manifest.json is not JSON: {e}"))?;
     let files = value
         .get("files")
         .and_then(|f| f.as_object())
         .ok_or("its manifest.json has no `files` object")?;
-    let mut names: Vec<&String> = files.keys().collect();
-    names.sort();
-    let mut hasher = Sha256::new();
-    for name in names {
-        let entry = &files[name];
-        let sha = entry.get("sha256").and_then(|s| s.as_str());
-        let size = entry.get("size").and_then(|s| s.as_u64());
-        let (Some(sha), Some(size)) = (sha, size) else {
+    if !files.contains_key("rootfs.ext4") {
+        return Err("its manifest lists no rootfs.ext4".into());
+    }
+    let mut listed = Vec::new();
+    for (name, entry) in files {
+        if name.contains('/') || name.starts_with('.') || name == "manifest.json" {
+            return Err(format!("its manifest lists an unsafe file name {name:?}"));
+        }
+        let (Some(size), Some(sha256)) = (
+            entry.get("size").and_then(|s| s.as_u64()),
+            entry.get("sha256").and_then(|s| s.as_str()),
+        ) else {
             return Err(format!(
                 "its manifest's entry for {name} lacks a size or sha256"
             ));
         };
-        hasher.update(format!("{name} {size} {sha}\n"));
+        listed.push(ListedFile {
+            name: name.clone(),
+            size,
+            sha256: sha256.to_owned(),
+        });
     }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+    Ok(listed)
 }
 
-/// The file names a manifest lists (its `files` object's keys), each a
-/// plain file name.
-fn image_files(manifest: &str) -> std::result::Result<Vec<String>, String> {
-    let value: serde_json::Value = serde_json::from_str(manifest)
-        .map_err(|e| format!("its manifest.json is not JSON: {e}"))?;
-    let files = value
-        .get("files")
-        .and_then(|f| f.as_object())
-        .ok_or("its manifest.json has no `files` object")?;
-    let names: Vec<String> = files.keys().cloned().collect();
-    if !names.iter().any(|n| n == "rootfs.ext4") {
-        return Err("its manifest lists no rootfs.ext4".into());
+/// Copies `from` to `to` and checks the copy against its manifest entry:
+/// what the catalog records is what the manifest says.
+fn copy_verified(from: &Path, to: &Path, file: &ListedFile) -> Result<()> {
+    copy_file(from, to)?;
+    let bad = |why: String| StorageError::BadImage(from.to_path_buf(), why);
+    let mut copy = std::fs::File::open(to).map_err(StorageError::io("open", to))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut copy, &mut hasher).map_err(StorageError::io("read", to))?;
+    if size != file.size {
+        return Err(bad(format!(
+            "{} is {size} bytes, its manifest says {}",
+            file.name, file.size
+        )));
     }
-    for name in &names {
-        if name.contains('/') || name.starts_with('.') || name == "manifest.json" {
-            return Err(format!("its manifest lists an unsafe file name {name:?}"));
-        }
+    if hex::encode(hasher.finalize()) != file.sha256 {
+        return Err(bad(format!(
+            "{}'s sha256 differs from its manifest's",
+            file.name
+        )));
     }
-    Ok(names)
+    Ok(())
 }
 
 /// A reflink when source and pool share a btrfs filesystem, else a copy

@@ -50,7 +50,7 @@ use std::sync::Mutex;
 /// crash-injection tests with [`Storage::set_failpoint`]).
 #[doc(hidden)]
 pub mod steps {
-    pub use crate::images::IMPORT_STEPS;
+    pub use crate::images::{DELETE_IMAGE_STEPS, IMPORT_STEPS};
     pub use crate::snapshots::{DELETE_STEPS, ROLLBACK_STEPS, SNAPSHOT_STEPS};
     pub use crate::vms::{CREATE_STEPS, DESTROY_STEPS, FORK_STEPS};
 }
@@ -93,6 +93,10 @@ pub enum StorageError {
     },
     #[error("image {0:?} does not exist: import it first (list_images shows what exists)")]
     NoImage(String),
+    #[error(
+        "VM {vm:?} was made from a version of image {image:?} that is gone from the pool: destroy the VM and make it again"
+    )]
+    ImageVersionGone { vm: String, image: String },
     #[error("image {image:?} is used by VMs {vms:?}: destroy them first")]
     ImageInUse { image: String, vms: Vec<String> },
     #[error("{0} is not an image directory: {1}")]

@@ -138,12 +138,20 @@ impl Pool {
         self.root.join("images").join(image)
     }
 
-    /// Where version `digest` (`sha256:HEX`) of an image lives.
+    /// A new directory for version `digest` (`sha256:HEX`) of an image:
+    /// `NAME@HEX16-N`, N unique to this import (two imports never share
+    /// one; a row records which is whose).
     pub fn image_version_dir(&self, image: &str, digest: &str) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let unique = format!(
+            "{:x}{:x}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         self.root
             .join("images")
-            .join(format!("{image}@{}", &hex[..hex.len().min(16)]))
+            .join(format!("{image}@{}-{unique}", &hex[..hex.len().min(16)]))
     }
 
     pub fn vm_dir(&self, vm: &str) -> PathBuf {

@@ -71,6 +71,8 @@ impl Storage {
                 );
             }
         }
+        // Replaced versions whose last VM went in a crash.
+        self.collect_image_versions()?;
         report.removed = self.remove_orphans()?;
         // What could not be finished, then every other inconsistency.
         report.missing = unfinished;
@@ -268,6 +270,13 @@ impl Storage {
             if !Path::new(&path).join("rootfs.ext4").is_file() {
                 problems.push(format!("image at {path}: files missing"));
             }
+        }
+        for vm in self.names(
+            "SELECT v.name FROM vms v JOIN images i ON i.name = v.image
+             WHERE v.image_digest IS NOT i.digest AND NOT EXISTS
+                (SELECT 1 FROM image_versions x WHERE x.name = v.image AND x.digest = v.image_digest)",
+        )? {
+            problems.push(format!("VM {vm}: its image version is gone"));
         }
         for vm in self.names("SELECT name FROM vms")? {
             let dir = self.pool().vm_dir(&vm);

@@ -1,5 +1,7 @@
 //! A VM's drives: created from an image, forked from a snapshot, destroyed.
 
+use std::path::PathBuf;
+
 use rusqlite::{OptionalExtension, params};
 
 use crate::pool::{self, create_subvolume, delete_subvolume, snapshot_subvolume};
@@ -74,9 +76,9 @@ impl Storage {
         attrs: VmAttrs<'_>,
     ) -> Result<VmDrives> {
         validate_name("VM", vm)?;
-        let image_info = self
-            .image(image)?
-            .ok_or_else(|| StorageError::NoImage(image.to_owned()))?;
+        if self.image(image)?.is_none() {
+            return Err(StorageError::NoImage(image.to_owned()));
+        }
         let (ws_from, base) = match &workspace {
             WorkspaceSource::New { bytes } => {
                 if !(1 << 20..=MAX_WORKSPACE_BYTES).contains(bytes) {
@@ -99,18 +101,17 @@ impl Storage {
             return Err(StorageError::VmExists(vm.to_owned()));
         }
         let dir = self.pool().vm_dir(vm);
-        self.record_vm(
-            vm,
-            (image, &image_info.digest),
-            base.as_deref(),
-            Attrs::Given(attrs),
-        )?;
+        // The version is read in the transaction that records the VM: from
+        // then on, no replace or cleanup takes its files away.
+        let image_path = self
+            .record_vm(vm, image, base.as_deref(), Attrs::Given(attrs))?
+            .ok_or_else(|| StorageError::NoImage(image.to_owned()))?;
         let result = (|| {
             self.step("create:recorded")?;
             create_subvolume(&dir)?;
             self.step("create:subvolume")?;
             pool::reflink(
-                &image_info.path.join("rootfs.ext4"),
+                &image_path.join("rootfs.ext4"),
                 &dir.join(drive_file(ROOT_DRIVE)),
             )?;
             self.step("create:root")?;
@@ -159,7 +160,7 @@ impl Storage {
         }
         self.record_vm(
             vm,
-            ("", ""),
+            "",
             Some(&format!("{from}/{snapshot}")),
             Attrs::From(from, owner),
         )?;
@@ -311,33 +312,38 @@ impl Storage {
             .is_some())
     }
 
+    /// Records a VM being created; for a new one (`Attrs::Given`), with
+    /// the current version of `image`, whose directory it returns.
     fn record_vm(
         &self,
         vm: &str,
-        image: (&str, &str),
+        image: &str,
         base: Option<&str>,
         attrs: Attrs<'_>,
-    ) -> Result<()> {
-        let (image, image_digest) = image;
+    ) -> Result<Option<PathBuf>> {
         let dir = self.pool().vm_dir(vm);
         let mut db = self.db();
         let tx = db.connection_mut().transaction()?;
+        let mut image_path = None;
         match attrs {
             Attrs::Given(attrs) => {
+                let Some((digest, path)) = tx
+                    .query_row(
+                        "SELECT digest, path FROM images WHERE name = ?1 AND op IS NULL",
+                        params![image],
+                        |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, String>(1)?)),
+                    )
+                    .optional()?
+                else {
+                    return Err(StorageError::NoImage(image.to_owned()));
+                };
                 tx.execute(
                     "INSERT INTO vms
                         (name, image, created_at, base_snapshot, op, config, owner, image_digest)
                      VALUES (?1, ?2, ?3, ?4, 'create', ?5, ?6, ?7)",
-                    params![
-                        vm,
-                        image,
-                        now(),
-                        base,
-                        attrs.config,
-                        attrs.owner,
-                        image_digest
-                    ],
+                    params![vm, image, now(), base, attrs.config, attrs.owner, digest],
                 )?;
+                image_path = Some(PathBuf::from(path));
             }
             Attrs::From(from, owner) => {
                 let added = tx.execute(
@@ -360,7 +366,7 @@ impl Storage {
             )?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(image_path)
     }
 
     fn finish_vm_record(&self, vm: &str) -> Result<()> {

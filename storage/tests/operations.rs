@@ -359,6 +359,37 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert!(storage.problems().unwrap().is_empty());
 }
 
+/// A crash while an image is being replaced leaves the old version current,
+/// its VM booting it, and no trace of the new one.
+#[test]
+fn a_crash_while_replacing_an_image_leaves_the_old_version() {
+    if !can_run() {
+        return;
+    }
+    for step in steps::IMPORT_STEPS {
+        let fx = Fixture::new();
+        let storage = fx.open();
+        let v1 = storage.import_image("img", &fx.image_src).unwrap();
+        storage.create_vm_drives("vm", "img", WS).unwrap();
+        storage.set_failpoint(Some(step));
+        let got = storage.import_image("img", &fx.image_variant(b'2'));
+        assert!(
+            matches!(got, Err(StorageError::Injected(_))),
+            "{step}: {got:?}"
+        );
+        drop(storage);
+        let (storage, report) = Storage::open(&fx.config).unwrap();
+        assert!(!report.removed.is_empty(), "{step}: {report:?}");
+        assert_eq!(storage.image("img").unwrap().unwrap().digest, v1.digest);
+        assert_eq!(storage.vm_image("vm").unwrap().path, v1.path);
+        assert!(storage.problems().unwrap().is_empty(), "{step}");
+        let dirs = std::fs::read_dir(storage.pool().root().join("images"))
+            .unwrap()
+            .count();
+        assert_eq!(dirs, 1, "{step}: the new version's files are gone");
+    }
+}
+
 /// A rebuilt image serves new VMs; the VMs made from the old version
 /// (and their forks) keep it until the last is gone; deleting is refused
 /// while any VM uses the image, naming them.
@@ -502,6 +533,20 @@ fn a_crash_between_any_two_steps_leaves_catalog_and_pool_consistent() {
     type Op = fn(&Storage, usize) -> Result<(), StorageError>;
     type Check = fn(&Storage, usize);
     let ops: Vec<(&str, &[&str], Op, Check)> = vec![
+        (
+            "delete image",
+            steps::DELETE_IMAGE_STEPS,
+            |s, i| {
+                s.import_image(&format!("d{i}"), &s_image())?;
+                s.delete_image(&format!("d{i}"))
+            },
+            |s, i| {
+                assert!(
+                    s.image(&format!("d{i}")).unwrap().is_none(),
+                    "a delete recorded is finished"
+                );
+            },
+        ),
         (
             "import",
             steps::IMPORT_STEPS,

@@ -85,6 +85,13 @@ impl Daemon {
             }
             input => {
                 let (plan, source) = plan(input)?;
+                if base.is_some() && matches!(plan, Plan::Import(_)) {
+                    return Err(DaemonError::Invalid(
+                        "`base` is for recipes and OCI images: a built image directory has its \
+                         own kernel and guest-mcp"
+                            .into(),
+                    ));
+                }
                 (plan, source, None)
             }
         };
@@ -106,7 +113,16 @@ impl Daemon {
                     out
                 }
             };
-            Ok(storage.import_image_from(&name, &dir, &source)?)
+            storage
+                .import_image_from(&name, &dir, &source)
+                .map_err(|e| match e {
+                    // Told whole: the caller is an admin, the path theirs.
+                    StorageError::BadImage(path, why) => DaemonError::Image {
+                        image: name.clone(),
+                        why: format!("{}: {why}", path.display()),
+                    },
+                    other => other.into(),
+                })
         });
         let imported = task
             .await
@@ -251,10 +267,12 @@ fn plan(input: ImageInput) -> Result<(Plan, String)> {
                 recipe: Box::default(),
                 oci: Some(oci),
             };
-            if meta.is_dir() && path.join("manifest.json").is_file() {
-                Ok((Plan::Import(path), "image directory".into()))
-            } else if meta.is_dir() && path.join("oci-layout").is_file() {
+            // An unpacked `docker save` (Docker 25 on) holds both an
+            // oci-layout and a Docker manifest.json: a layout first.
+            if meta.is_dir() && path.join("oci-layout").is_file() {
                 Ok((build(Oci::Layout(path)), "OCI layout".into()))
+            } else if meta.is_dir() && path.join("manifest.json").is_file() {
+                Ok((Plan::Import(path), "image directory".into()))
             } else if meta.is_file() {
                 Ok((build(Oci::Archive(path)), "image archive".into()))
             } else {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nexus_storage::{ImageChange, Reattach, Storage, validate_name};
+use nexus_storage::{ImageChange, Reattach, Storage, manifest_digest, validate_name};
 use nexus_vmm::{Vm, Vmm};
 
 use super::hooks::GuestHooks;
@@ -62,8 +62,11 @@ pub(super) async fn adopt_leftovers(
 }
 
 /// Images built into `<state>/images/<name>` (scripts/run-nexusd.sh does)
-/// are imported into the pool, and imported again when rebuilt (new VMs
-/// get the new version; the VMs of the old one keep it).
+/// are imported into the pool, and imported again when rebuilt there (new
+/// VMs get the new version; the VMs of the old one keep it). What was
+/// last imported from there is noted beside it (`.<name>.imported`), so
+/// an image an admin replaced or deleted through the tools since does
+/// not come back at the next start.
 pub(super) async fn import_built_images(
     storage: &Arc<Storage>,
     dir: &std::path::Path,
@@ -79,15 +82,28 @@ pub(super) async fn import_built_images(
         }
         let storage = storage.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let note = path.with_file_name(format!(".{name}.imported"));
+            let digest = std::fs::read_to_string(path.join("manifest.json"))
+                .ok()
+                .and_then(|m| manifest_digest(&m).ok());
+            if digest.is_some() && std::fs::read_to_string(&note).ok() == digest {
+                return Ok(());
+            }
             match storage.import_image_from(&name, &path, "state images directory") {
-                Ok(done) if done.change == ImageChange::Unchanged => {}
-                Ok(done) => tracing::info!(
-                    image = name,
-                    digest = done.image.digest,
-                    change = ?done.change,
-                    from = %path.display(),
-                    "imported image"
-                ),
+                Ok(done) => {
+                    if done.change != ImageChange::Unchanged {
+                        tracing::info!(
+                            image = name,
+                            digest = done.image.digest,
+                            change = ?done.change,
+                            from = %path.display(),
+                            "imported image"
+                        );
+                    }
+                    if let Err(e) = std::fs::write(&note, &done.image.digest) {
+                        tracing::warn!(path = %note.display(), error = %e, "could not note an import");
+                    }
+                }
                 Err(e) => tracing::warn!(image = name, error = %e, "could not import image"),
             }
             Ok(())

@@ -43,11 +43,7 @@ impl Fixture {
             .output()
             .unwrap();
         assert!(out.status.success());
-        std::fs::write(
-            image_src.join("manifest.json"),
-            r#"{"name": "test", "files": {"rootfs.ext4": {"size": 16777216, "sha256": "0"}}}"#,
-        )
-        .unwrap();
+        write_manifest(&image_src);
         Self {
             dir,
             config,
@@ -74,13 +70,7 @@ impl Fixture {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(self.image_src.join("rootfs.ext4"), dir.join("rootfs.ext4")).unwrap();
         scribble(&dir.join("rootfs.ext4"), VARIANT_AT, 1, mark);
-        std::fs::write(
-            dir.join("manifest.json"),
-            format!(
-                r#"{{"name": "test", "files": {{"rootfs.ext4": {{"size": 16777216, "sha256": "{mark}"}}}}}}"#
-            ),
-        )
-        .unwrap();
+        write_manifest(&dir);
         dir
     }
 
@@ -95,6 +85,18 @@ impl Drop for Fixture {
         let pool = self.config.state_dir.join("pool");
         let _ = Command::new("umount").arg(&pool).status();
     }
+}
+
+/// The manifest of an image directory holding only rootfs.ext4, with
+/// its real size and sha256 (imports check them).
+fn write_manifest(dir: &Path) {
+    use sha2::Digest;
+    let bytes = std::fs::read(dir.join("rootfs.ext4")).unwrap();
+    let manifest = serde_json::json!({
+        "name": "test",
+        "files": {"rootfs.ext4": {"size": bytes.len(), "sha256": hex::encode(sha2::Sha256::digest(&bytes))}},
+    });
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
 }
 
 /// Writes `bytes` of a repeated `fill` byte at `offset` of a file.
