@@ -4,14 +4,16 @@
 //! filesystem packed again into a new directory) and unchanged (nothing to
 //! do); its size, logical and on disk; and what each VM made from it costs
 //! in a btrfs pool (exclusive bytes of its directory: root drive reflinked
-//! from the image, fresh workspace). Needs root (mmdebstrap, loop mount).
+//! from the image, fresh workspace); then, through a release nexusd,
+//! `spawn_vm` to ready of the default image against the minimal one,
+//! alternating. Needs root (mmdebstrap, loop mount).
 //!
 //!   cargo run --release -p nexus-integration --bin bench-image [-- --cached-only]
 //!
 //! `--cached-only` skips the clean build (it downloads ~200 MiB).
 //! Last line: `image build_clean_s=.. build_cached_s=.. build_unchanged_s=..
 //! rootfs_mib=.. rootfs_disk_mib=.. pool_image_disk_mib=.. root_exclusive_kib=..
-//! vm_exclusive_kib=..`.
+//! vm_exclusive_kib=.. ready_default_ms=.. ready_minimal_ms=.. ready_ratio=..`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -23,8 +25,11 @@ use nexus_rootfs::{BuildOptions, Recipe, default_cache_dir};
 use nexus_storage::{Storage, StorageConfig, WorkspaceSource};
 
 const VMS: usize = 3;
+/// spawn_vm runs per image.
+const SPAWNS: usize = 7;
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
     let mut clean = true;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
@@ -105,6 +110,8 @@ fn main() -> anyhow::Result<()> {
     let _ = storage.pool().unmount();
     let (pool_image_disk_mib, root_exclusive_kib, vm_exclusive_kib) = result?;
 
+    let (ready_default, ready_minimal) = ready_times(&image).await?;
+
     let clean_text = clean_s.map_or("skipped".to_owned(), |s| format!("{s:.1}"));
     println!(
         "default image build: clean {clean_text} s, cached {cached_s:.1} s, unchanged {unchanged_s:.2} s"
@@ -119,7 +126,54 @@ fn main() -> anyhow::Result<()> {
     println!(
         "image build_clean_s={clean_text} build_cached_s={cached_s:.1} build_unchanged_s={unchanged_s:.2} \
          rootfs_mib={rootfs_mib} rootfs_disk_mib={rootfs_disk_mib} pool_image_disk_mib={pool_image_disk_mib} \
-         root_exclusive_kib={root_exclusive_kib} vm_exclusive_kib={vm_exclusive_kib}"
+         root_exclusive_kib={root_exclusive_kib} vm_exclusive_kib={vm_exclusive_kib} \
+         ready_default_ms={ready_default} ready_minimal_ms={ready_minimal} ready_ratio={:.2}",
+        ready_default as f64 / ready_minimal as f64
     );
     Ok(())
+}
+
+/// Median spawn_vm-to-ready (nexusd's own `ready_ms`) of the default
+/// image at `image` and of the minimal one, spawned alternately.
+async fn ready_times(image: &Path) -> anyhow::Result<(u64, u64)> {
+    use nexus_integration::nexusd;
+    let (minimal, _) = nexus_integration::ensure_minimal_image()?;
+    let nexusd_bin = nexusd::build_release()?;
+    let state = nexusd::StateDir::new(image)?;
+    std::os::unix::fs::symlink(&minimal, state.path().join("images/minimal"))?;
+    let (serve, url) = nexusd::serve(&nexusd_bin, &state).await?;
+    let result = async {
+        use rmcp::ServiceExt as _;
+        let client = ().serve(nexusd::http(url, nexusd::admin_token(state.path())?)).await?;
+        let (mut default, mut small) = (Vec::new(), Vec::new());
+        for run in 0..SPAWNS {
+            for (image, out) in [("default", &mut default), ("minimal", &mut small)] {
+                let name = format!("{image}-{run}");
+                let vm = nexus_integration::call(
+                    &client,
+                    "spawn_vm",
+                    serde_json::json!({"name": name, "image": image}),
+                )
+                .await?;
+                let ms = vm["ready_ms"]
+                    .as_u64()
+                    .context("spawn_vm gave no ready_ms")?;
+                println!("{image} spawn {}: ready in {ms} ms", run + 1);
+                out.push(ms);
+                nexus_integration::call(&client, "destroy_vm", serde_json::json!({"vm": name}))
+                    .await?;
+            }
+        }
+        client.cancel().await?;
+        default.sort_unstable();
+        small.sort_unstable();
+        anyhow::Ok((default[SPAWNS / 2], small[SPAWNS / 2]))
+    }
+    .await;
+    nexusd::stop(serve).await;
+    let (ready_default, ready_minimal) = result?;
+    println!(
+        "spawn_vm to ready through nexusd (median of {SPAWNS}): default {ready_default} ms, minimal {ready_minimal} ms"
+    );
+    Ok((ready_default, ready_minimal))
 }
