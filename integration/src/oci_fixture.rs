@@ -67,6 +67,11 @@ fn blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
 
 /// Writes an OCI layout of `layers` with Env and WorkingDir.
 pub fn layout(dir: &Path, layers: &[Vec<(&str, &str)>]) {
+    layout_for(dir, layers, "amd64");
+}
+
+/// [`layout`] of an image for linux/`arch` (its index names no platform).
+pub fn layout_for(dir: &Path, layers: &[Vec<(&str, &str)>], arch: &str) {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let (mut descriptors, mut diff_ids) = (Vec::new(), Vec::new());
@@ -80,7 +85,7 @@ pub fn layout(dir: &Path, layers: &[Vec<(&str, &str)>]) {
         diff_ids.push(diff_id);
     }
     let config = json!({
-        "architecture": "amd64", "os": "linux",
+        "architecture": arch, "os": "linux",
         "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "FOO=bar baz"], "WorkingDir": "/srv"},
         "rootfs": {"type": "layers", "diff_ids": diff_ids}
     });

@@ -119,6 +119,15 @@ fn a_layer_leaving_the_root_is_refused_and_writes_nothing_outside() {
         "a link to the host file was made"
     );
 
+    // An image for another architecture (the index names no platform:
+    // its config says).
+    let arm = dir.path().join("arm");
+    nexus_integration::oci_fixture::layout_for(&arm, &[vec![("ok", "fine\n")]], "arm64");
+    let err = nexus_rootfs::build(&options(&out, &arm))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the image is for linux/arm64"), "{err}");
+
     // Not a layout at all.
     let err = nexus_rootfs::build(&options(&out, dir.path()))
         .unwrap_err()

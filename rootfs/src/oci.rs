@@ -128,6 +128,13 @@ pub fn unpack(layout: &Path, stage: &Path) -> Result<OciDefaults, BuildError> {
     let config_bytes = read_blob(layout, manifest.config())?;
     let config = ImageConfiguration::from_reader(&config_bytes[..])
         .map_err(|e| bad(format!("config: {e}")))?;
+    // A layout whose index names no platform is taken at its config's word.
+    let (arch, os) = (config.architecture().to_string(), config.os().to_string());
+    if arch != "amd64" || os != "linux" {
+        return Err(bad(format!(
+            "the image is for {os}/{arch}: VMs here run linux/amd64"
+        )));
+    }
     std::fs::create_dir_all(stage).map_err(|e| BuildError::io("create", stage, e))?;
     let mut unpacked = 0u64;
     for (i, layer) in manifest.layers().iter().enumerate() {

@@ -47,6 +47,19 @@ pub fn tarball(recipe: &Recipe, cache_dir: &Path) -> Result<PathBuf, BuildError>
     std::fs::create_dir_all(&dir).map_err(|e| BuildError::io("create", &dir, e))?;
     let digest = digest_of(recipe);
     let tar = dir.join(format!("{}-{}.tar", suite, &digest[..16]));
+    // A userland is made again after a while: a suite's packages get
+    // security updates the cached tarball would never see.
+    let made_at = std::fs::metadata(&tar).and_then(|m| m.created()).ok();
+    if let Some(age) = made_at.and_then(|t| t.elapsed().ok())
+        && age > MAX_AGE
+    {
+        progress!(
+            "userland: {} is {} days old: making it again for package updates",
+            tar.display(),
+            age.as_secs() / 86_400
+        );
+        let _ = std::fs::remove_file(&tar);
+    }
     if tar.is_file() {
         // Used now: the pruning below goes by last use.
         let _ =
@@ -113,6 +126,9 @@ pub fn tarball(recipe: &Recipe, cache_dir: &Path) -> Result<PathBuf, BuildError>
     prune(&dir, &tar);
     Ok(tar)
 }
+
+/// How long a userland tarball is used before it is made again.
+const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
 
 /// How many userland tarballs the cache keeps (each some hundreds of MiB).
 const KEEP_TARBALLS: usize = 4;
