@@ -76,6 +76,8 @@ impl Daemon {
                 nexus_rootfs::registry::parse_reference(&reference)
                     .map_err(|e| DaemonError::Invalid(chain(&e)))?;
                 let _one_at_a_time = self.image_ops.lock().await;
+                // A base that is not there is said before minutes of pulling.
+                self.base_dir(base.as_deref()).await?;
                 let scratch = pull(name, &reference, plain_http, progress.clone()).await?;
                 let plan = Plan::Build {
                     recipe: Box::default(),
