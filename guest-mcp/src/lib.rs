@@ -29,6 +29,7 @@
 //! - `power`: stopping every process and powering the VM off.
 
 pub mod control;
+pub mod egress;
 pub mod exec;
 pub mod files;
 pub mod freeze;

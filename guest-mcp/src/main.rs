@@ -30,6 +30,13 @@ struct Args {
     /// Once listening, tell the host (vsock CID 2) on this port.
     #[arg(long, value_name = "PORT")]
     ready_port: Option<u32>,
+    /// Listen here (loopback) for the guest's HTTP proxy clients and
+    /// splice each connection to the host's egress proxy.
+    #[arg(long, value_name = "ADDR", requires = "egress_port")]
+    egress_listen: Option<std::net::SocketAddr>,
+    /// The host's egress proxy port on vsock CID 2.
+    #[arg(long, value_name = "PORT")]
+    egress_port: Option<u32>,
     /// Running as a VM's guest: `shutdown` powers the machine off.
     #[arg(long)]
     vm: bool,
@@ -139,6 +146,12 @@ async fn main() -> anyhow::Result<()> {
     let control = args.control.as_ref().map(Listener::bind).transpose()?;
     if let Some(control) = control {
         tokio::spawn(control.serve(ControlTools::new(power), shutdown.clone()));
+    }
+    if let (Some(listen), Some(port)) = (args.egress_listen, args.egress_port) {
+        let egress = nexus_guest::egress::bind(listen)
+            .await
+            .with_context(|| format!("binding the egress forwarder on {listen}"))?;
+        tokio::spawn(nexus_guest::egress::forward(egress, HOST_CID, port));
     }
     if let Some(port) = args.ready_port {
         std::thread::Builder::new()

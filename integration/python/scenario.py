@@ -36,7 +36,7 @@ MANAGEMENT_TOOLS = [
     "list_images", "snapshot_drive", "list_snapshots", "restore_snapshot", "delete_snapshot",
     "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit", "give_vm",
     "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
-    "build_image", "import_image", "pull_image", "delete_image",
+    "build_image", "import_image", "pull_image", "delete_image", "set_egress",
 ]
 
 
@@ -177,6 +177,10 @@ async def run(s, prefix, mode):
     grants = await s.ok("list_grants", {"vm": a})
     assert [g["identity"] for g in grants["grants"]] == ["anonymous"], grants
     await s.ok("revoke_grant", {"vm": a, "identity": "anonymous"})
+    narrowed = await s.ok("set_egress", {"vm": a, "egress": ["pypi.org", "*.github.com"]})
+    assert narrowed["egress"] == ["pypi.org", "*.github.com"], narrowed
+    widened = await s.ok("set_egress", {"vm": a})
+    assert widened["egress"] is None, widened
     await s.ok("delete_role", {"role": f"{prefix}-r"})
     console = await s.ok("read_console", {"vm": a, "lines": 200})
     assert console["text"], console

@@ -58,6 +58,23 @@ pub struct FileConfig {
     pub limits: Option<Limits>,
     /// What each user's VMs may hold together (`[quota]`).
     pub quota: Option<crate::daemon::quota::QuotaConfig>,
+    /// The egress proxy (`[egress]`).
+    pub egress: Option<EgressConfig>,
+}
+
+/// `[egress]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Tests only: let VMs reach loopback upstreams (the test's own
+    /// servers) by name. Never set it on a real host: the guest would
+    /// reach every service listening on the host's loopback.
+    #[serde(default)]
+    pub allow_loopback_upstreams: bool,
+    /// Names the proxy resolves to these addresses instead of asking DNS
+    /// (as /etc/hosts would; the addresses are checked like any others).
+    #[serde(default)]
+    pub hosts: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
 }
 
 /// A group, by name or number.
@@ -114,6 +131,7 @@ pub struct Config {
     pub tools_page_size: usize,
     pub limits: Limits,
     pub quota: crate::daemon::quota::QuotaConfig,
+    pub egress: EgressConfig,
     pub http_auth: bool,
     pub admin_uids: Vec<u32>,
     /// The group that may connect to the admin socket besides its owner.
@@ -218,6 +236,7 @@ impl Config {
             tools_page_size: file.tools_page_size.unwrap_or(DEFAULT_TOOLS_PAGE_SIZE),
             limits: file.limits.unwrap_or_default(),
             quota: file.quota.unwrap_or_default(),
+            egress: file.egress.unwrap_or_default(),
             http_auth,
             admin_uids: file.admin_uids.unwrap_or_default(),
         })

@@ -27,6 +27,7 @@
 pub mod bridge;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod guest;
 pub mod http;
 pub mod identity;

@@ -48,6 +48,20 @@ pub struct Metrics {
     pool: Family<KindLabel, Gauge>,
     decisions: Family<DecisionLabel, Counter>,
     decision_time: Histogram,
+    egress: Family<EgressLabels, Counter>,
+    egress_bytes: Family<EgressBytesLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabels {
+    vm: String,
+    decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressBytesLabels {
+    vm: String,
+    direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +113,18 @@ impl Metrics {
             "Time to read a call into an action and decide it",
             decision_time.clone(),
         );
+        let egress = Family::<EgressLabels, Counter>::default();
+        registry.register(
+            "egress_connections",
+            "Egress connections and requests by VM and decision (allow, deny, error)",
+            egress.clone(),
+        );
+        let egress_bytes = Family::<EgressBytesLabels, Counter>::default();
+        registry.register(
+            "egress_bytes",
+            "Egress bytes by VM and direction (up: to the upstream)",
+            egress_bytes.clone(),
+        );
         Arc::new(Self {
             registry,
             calls,
@@ -107,6 +133,8 @@ impl Metrics {
             pool,
             decisions,
             decision_time,
+            egress,
+            egress_bytes,
         })
     }
 
@@ -128,6 +156,25 @@ impl Metrics {
         self.latency
             .get_or_create(&ToolLabel { tool })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one egress connection of VM `vm` (VMs are few and named by
+    /// admins and owners, so the series stay bounded).
+    pub fn record_egress(&self, vm: &str, decision: &str, up: u64, down: u64) {
+        self.egress
+            .get_or_create(&EgressLabels {
+                vm: vm.to_owned(),
+                decision: decision.to_owned(),
+            })
+            .inc();
+        for (direction, bytes) in [("up", up), ("down", down)] {
+            self.egress_bytes
+                .get_or_create(&EgressBytesLabels {
+                    vm: vm.to_owned(),
+                    direction: direction.to_owned(),
+                })
+                .inc_by(bytes);
+        }
     }
 
     /// Counts one policy decision and what it took.

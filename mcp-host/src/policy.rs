@@ -72,6 +72,17 @@ pub struct RoleSpec {
     /// Limits for each identity of this role; each one unset is `[quota]`'s.
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// Where its VMs may connect through the egress proxy: host patterns
+    /// (`pypi.org`, `*.github.com`, `api.example.com:8443`, `*:*`); a
+    /// pattern without a port allows 80 and 443. Private, loopback,
+    /// link-local and the host's own addresses are refused whatever this
+    /// says. Default: `["*"]`, the public web.
+    #[serde(default = "web")]
+    pub egress: Vec<String>,
+}
+
+fn web() -> Vec<String> {
+    vec!["*".into()]
 }
 
 impl RoleSpec {
@@ -81,6 +92,7 @@ impl RoleSpec {
             tools: vec!["*".into()],
             vms: VmScope::Own,
             quota: QuotaConfig::default(),
+            egress: web(),
         }
     }
 
@@ -89,6 +101,7 @@ impl RoleSpec {
             tools: vec!["*".into()],
             vms: VmScope::All,
             quota: QuotaConfig::default(),
+            egress: vec!["*:*".into()],
         }
     }
 }
@@ -100,6 +113,8 @@ pub struct Role {
     pub spec: RoleSpec,
     allow: GlobSet,
     deny: GlobSet,
+    /// `spec.egress`, compiled.
+    pub egress: crate::egress::Allowlist,
 }
 
 impl Role {
@@ -132,6 +147,7 @@ impl Role {
             name: name.to_owned(),
             allow: build(allow)?,
             deny: build(deny)?,
+            egress: crate::egress::Allowlist::new(&spec.egress)?,
             spec,
         })
     }
@@ -149,6 +165,7 @@ impl Role {
                 tools: vec!["!*".into()],
                 vms: VmScope::Granted,
                 quota: QuotaConfig::default(),
+                egress: Vec::new(),
             },
         )
         .unwrap_or_else(|_| unreachable!())
@@ -280,6 +297,7 @@ mod tests {
                 tools: tools.iter().map(|t| (*t).to_owned()).collect(),
                 vms: VmScope::Own,
                 quota: QuotaConfig::default(),
+                egress: web(),
             },
         )
         .unwrap()
@@ -321,6 +339,7 @@ mod tests {
                     tools: tools.into_iter().map(str::to_owned).collect(),
                     vms: VmScope::Own,
                     quota: QuotaConfig::default(),
+                    egress: web(),
                 },
             )
             .unwrap_err();

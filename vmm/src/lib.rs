@@ -52,3 +52,5 @@ pub const GUEST_TOOLS_PORT: u32 = 1024;
 pub const GUEST_CONTROL_PORT: u32 = 1023;
 /// Host vsock port the guest connects to once it is ready.
 pub const READY_PORT: u32 = 1027;
+/// The host port the guest reaches nexusd's egress proxy on.
+pub const EGRESS_PORT: u32 = 1026;

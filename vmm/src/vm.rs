@@ -735,6 +735,23 @@ impl Vm {
         &self.vsock_uds
     }
 
+    /// Listens for the guest's connections to host port `port` (hybrid
+    /// vsock delivers them on `<uds>_<port>`), replacing a stale socket;
+    /// connectable by the vsock helper's uid, as the readiness socket is.
+    pub fn listen_guest_port(&self, port: u32) -> std::io::Result<tokio::net::UnixListener> {
+        let mut path = self.vsock_uds.as_os_str().to_owned();
+        path.push(format!("_{port}"));
+        let path = PathBuf::from(path);
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        if let Some(base) = self.config.vm_uid_base
+            && let Some(uid) = base.checked_add(self.cid())
+        {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+        }
+        Ok(listener)
+    }
+
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
     }

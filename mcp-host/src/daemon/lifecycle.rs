@@ -23,6 +23,23 @@ impl Daemon {
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let endpoint = vm.endpoint();
+        // The VM's own egress list (if it narrowed its role's), then its
+        // proxy.
+        let owned = name.to_owned();
+        let own = self
+            .blocking(move |s| s.vm_config(&owned))
+            .await
+            .ok()
+            .and_then(|c| serde_json::from_str::<super::VmConfig>(&c).ok())
+            .and_then(|c| c.egress);
+        if let Err(why) = self.set_egress_list(name, own.as_deref()) {
+            tracing::error!(
+                vm = name,
+                why,
+                "egress: the VM's own list does not read; its role's applies"
+            );
+        }
+        let egress = self.start_egress(name, &vm);
         self.guests.attach(name, endpoint.clone(), tools);
         self.running.lock().await.insert(
             name.to_owned(),
@@ -31,6 +48,7 @@ impl Daemon {
                 id,
                 vcpus,
                 memory_mib,
+                _egress: egress,
             },
         );
         tokio::spawn(events::watch(

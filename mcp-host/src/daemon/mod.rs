@@ -12,6 +12,7 @@
 mod access;
 pub mod admission;
 pub mod audit;
+mod egress;
 mod events;
 mod hooks;
 mod images;
@@ -84,6 +85,9 @@ type Result<T> = std::result::Result<T, DaemonError>;
 struct VmConfig {
     vcpus: u32,
     memory_mib: u32,
+    /// Its own egress allowlist, narrowing its owner's role's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    egress: Option<Vec<String>>,
 }
 
 /// A VM as the management tools show it.
@@ -109,6 +113,9 @@ pub struct VmInfo {
     /// While running, how its guest's tools stand: "answering",
     /// "connecting", or "unresponsive for N s: why".
     pub guest: Option<String>,
+    /// Its own egress allowlist, narrowing its owner's role's; none: the
+    /// role's alone.
+    pub egress: Option<Vec<String>>,
     /// The identity it belongs to (none: admins only).
     pub owner: Option<String>,
 }
@@ -121,6 +128,8 @@ pub struct SpawnRequest {
     pub vcpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub workspace_gib: Option<u64>,
+    /// Its own egress allowlist, narrowing its owner's role's.
+    pub egress: Option<Vec<String>>,
     /// (VM, snapshot) to clone the workspace from.
     pub from_snapshot: Option<(String, String)>,
     /// The identity the VM belongs to.
@@ -141,6 +150,8 @@ struct Running {
     id: u64,
     vcpus: u32,
     memory_mib: u64,
+    /// Its egress proxy, stopped with this entry.
+    _egress: Option<egress::EgressTask>,
 }
 
 pub struct Daemon {
@@ -180,6 +191,9 @@ pub struct Daemon {
     creating: Mutex<()>,
     /// Held by an image build, import or delete.
     image_ops: Mutex<()>,
+    /// VMs' own egress allowlists (those that narrowed their role's).
+    egress_own: std::sync::Mutex<HashMap<String, crate::egress::Allowlist>>,
+    egress_settings: crate::egress::Settings,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -225,6 +239,21 @@ impl Daemon {
         let running = recovery::adopt_leftovers(&config, &storage, &vmm).await?;
         let changes = tokio::sync::broadcast::channel(16).0;
         let audit_writer = audit::writer(storage.clone());
+        let egress_settings = crate::egress::Settings {
+            allow_loopback: config.egress.allow_loopback_upstreams,
+            hosts: config
+                .egress
+                .hosts
+                .iter()
+                .map(|(name, addrs)| (name.to_ascii_lowercase(), addrs.clone()))
+                .collect(),
+            ..crate::egress::Settings::default()
+        };
+        if egress_settings.allow_loopback {
+            tracing::warn!(
+                "[egress] allow_loopback_upstreams is set: VMs can reach this host's loopback services (tests only)"
+            );
+        }
         let daemon = Arc::new_cyclic(|me| Self {
             config,
             storage,
@@ -248,6 +277,8 @@ impl Daemon {
             booting: std::sync::Mutex::default(),
             creating: Mutex::new(()),
             image_ops: Mutex::new(()),
+            egress_own: std::sync::Mutex::default(),
+            egress_settings,
             _lock: lock,
         });
         for (name, vm) in running {
@@ -431,6 +462,7 @@ impl Daemon {
         let config: VmConfig = serde_json::from_str(&config).unwrap_or(VmConfig {
             vcpus: 1,
             memory_mib: 256,
+            egress: None,
         });
         let (from_vm, from_snapshot) = split_reference(drives.base_snapshot.as_deref());
         let running = self.running.lock().await;
@@ -454,6 +486,7 @@ impl Daemon {
                 .and_then(|_| self.guests.health(name))
                 .map(|h| h.to_string()),
             owner: self.owner_of(name).flatten(),
+            egress: config.egress,
         })
     }
 

@@ -27,6 +27,7 @@ impl Daemon {
             .unwrap_or(VmConfig {
                 vcpus: 1,
                 memory_mib: 256,
+                egress: None,
             });
         (config.vcpus, u64::from(config.memory_mib))
     }
@@ -134,8 +135,16 @@ impl Daemon {
             1.0,
             format!("creating the drives of {name} from image {image}"),
         );
-        let config = serde_json::to_string(&VmConfig { vcpus, memory_mib })
-            .map_err(|e| DaemonError::Internal(e.to_string()))?;
+        if let Some(patterns) = &req.egress {
+            crate::egress::Allowlist::new(patterns)
+                .map_err(|why| DaemonError::Invalid(format!("`egress`: {why}")))?;
+        }
+        let config = serde_json::to_string(&VmConfig {
+            vcpus,
+            memory_mib,
+            egress: req.egress.clone(),
+        })
+        .map_err(|e| DaemonError::Internal(e.to_string()))?;
         let _op = self.lock_vm(&name).await;
         {
             let creating = self.creating.lock().await;

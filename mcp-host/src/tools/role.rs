@@ -29,6 +29,12 @@ pub struct SetRoleParams {
     /// Limits for each identity of the role; each unset one `[quota]`'s.
     #[serde(default)]
     pub quota: QuotaConfig,
+    /// Where the role's VMs may connect (egress proxy): host patterns
+    /// such as `pypi.org`, `*.github.com`, `api.example.com:8443`, `*:*`;
+    /// without a port, 80 and 443. Default `["*"]` (the public web);
+    /// `[]` for no network. The host's networks are never reachable.
+    #[serde(default)]
+    pub egress: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -110,6 +116,7 @@ impl NexusTools {
             tools: p.tools,
             vms: p.vms,
             quota: p.quota,
+            egress: p.egress.unwrap_or_else(|| vec!["*".into()]),
         };
         let (role, created) = self.daemon.set_role(&p.name, spec).await.map_err(shown)?;
         let text = format!(

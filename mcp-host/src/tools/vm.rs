@@ -36,12 +36,31 @@ pub struct SpawnVmParams {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1024))]
     pub workspace_gib: Option<u64>,
+    /// Where the VM may connect (egress proxy), narrowing its owner's
+    /// role's list, never widening it: host patterns such as `pypi.org`,
+    /// `*.github.com`, `api.example.com:8443`; without a port, 80 and 443;
+    /// `[]` for no network. Default: the role's list.
+    #[serde(default)]
+    pub egress: Option<Vec<String>>,
     /// Start /workspace as a copy of a snapshot of this VM (with `from_snapshot`).
     #[serde(default)]
     pub from_vm: Option<String>,
     /// The snapshot of `from_vm` to copy /workspace from.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetEgressParams {
+    /// The VM's name.
+    pub vm: String,
+    /// Where it may connect, narrowing its owner's role's list (never
+    /// widening it): host patterns such as `pypi.org`, `*.github.com`,
+    /// `api.example.com:8443`; without a port, 80 and 443; `[]` for no
+    /// network. Omitted: the role's list alone.
+    #[serde(default)]
+    pub egress: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -131,6 +150,7 @@ impl NexusTools {
             vcpus: p.vcpus,
             memory_mib: p.memory_mib,
             workspace_gib: p.workspace_gib,
+            egress: p.egress,
             from_snapshot: match (p.from_vm, p.from_snapshot) {
                 (None, None) => None,
                 (Some(vm), Some(snapshot)) => Some((vm, snapshot)),
@@ -158,6 +178,27 @@ impl NexusTools {
             .map(|ms| format!(", ready in {ms} ms"))
             .unwrap_or_default();
         done(&info, format!("spawned {}{ready}", line(&info)))
+    }
+
+    #[tool(
+        description = "Set where a VM may connect through nexusd's egress proxy (its guest's only way out): a list narrowing its owner's role's, never widening it; the next connection follows it. Private, loopback, link-local and the host's own addresses are never reachable.",
+        output_schema = schema_for_output::<VmInfo>()
+    )]
+    async fn set_egress(
+        &self,
+        Parameters(p): Parameters<SetEgressParams>,
+    ) -> Result<CallToolResult, String> {
+        let info = self
+            .daemon
+            .set_egress(&p.vm, p.egress)
+            .await
+            .map_err(super::errors::shown)?;
+        let text = match &info.egress {
+            Some(list) if list.is_empty() => format!("{}: no network", info.name),
+            Some(list) => format!("{}: egress to {}", info.name, list.join(", ")),
+            None => format!("{}: egress as its owner's role allows", info.name),
+        };
+        done(&info, text)
     }
 
     #[tool(description = "List every VM with its state and size.", output_schema = schema_for_output::<VmList>())]

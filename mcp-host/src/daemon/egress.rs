@@ -1,0 +1,138 @@
+//! nexusd's side of egress: the rules a VM's connections pass (its
+//! owner's role's allowlist, then the VM's own narrower one) and the
+//! record of each (audit trail, metrics). The proxy is `crate::egress`.
+
+use std::sync::{Arc, Weak};
+
+use nexus_storage::AuditRecord;
+use nexus_vmm::Vm;
+
+use super::{Daemon, lock_std};
+use crate::egress::{Allowlist, Gate, Outcome, Record, Rules};
+
+/// A VM's egress proxy; stopped with the VM's entry.
+pub(super) struct EgressTask(tokio::task::JoinHandle<()>);
+
+impl Drop for EgressTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct DaemonGate(Weak<Daemon>);
+
+impl Gate for DaemonGate {
+    fn rules(&self, vm: &str) -> Result<Rules, String> {
+        let daemon = self.0.upgrade().ok_or("nexusd is stopping")?;
+        let identity = daemon
+            .vm_identity(vm)
+            .ok_or_else(|| format!("VM {vm} is not known"))?;
+        let mut lists = vec![daemon.role_of(&identity).egress.clone()];
+        if let Some(own) = lock_std(&daemon.egress_own).get(vm) {
+            lists.push(own.clone());
+        }
+        Ok(Rules {
+            identity: identity.name,
+            lists,
+        })
+    }
+
+    fn record(&self, r: Record) {
+        let Some(daemon) = self.0.upgrade() else {
+            return;
+        };
+        let (decision, outcome, why) = match &r.outcome {
+            Outcome::Ok => ("allow", "ok", None),
+            Outcome::Denied(why) => ("deny", "denied", Some(why.clone())),
+            Outcome::Failed(why) => ("error", "error", Some(why.clone())),
+        };
+        daemon
+            .metrics
+            .record_egress(&r.vm, decision, r.bytes_up, r.bytes_down);
+        let arguments = serde_json::json!({
+            "method": r.method,
+            "host": r.host,
+            "port": r.port,
+            "bytes_up": r.bytes_up,
+            "bytes_down": r.bytes_down,
+            "why": why,
+        });
+        let record = AuditRecord {
+            id: 0,
+            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            identity: r.identity,
+            transport: "egress".into(),
+            tool: "egress".into(),
+            vm: Some(r.vm),
+            arguments: arguments.to_string(),
+            outcome: outcome.into(),
+            duration_us: r.took.as_micros().min(i64::MAX as u128) as i64,
+        };
+        tokio::spawn(async move { daemon.audit(record).await });
+    }
+}
+
+impl Daemon {
+    /// Serves VM `name`'s egress listener (`<uds>_1026`); None (logged)
+    /// if it cannot listen: the VM then has no way out.
+    pub(super) fn start_egress(&self, name: &str, vm: &Vm) -> Option<EgressTask> {
+        let listener = vm
+            .listen_guest_port(nexus_vmm::EGRESS_PORT)
+            .inspect_err(|e| tracing::error!(vm = name, error = %e, "egress: cannot listen"))
+            .ok()?;
+        let gate: Arc<dyn Gate> = Arc::new(DaemonGate(self.me.clone()));
+        Some(EgressTask(tokio::spawn(crate::egress::proxy::serve(
+            listener,
+            name.to_owned(),
+            gate,
+            self.egress_settings.clone(),
+        ))))
+    }
+
+    /// Sets VM `vm`'s own egress allowlist (None: its owner's role's
+    /// alone), kept with the VM; the next connection follows it.
+    pub async fn set_egress(
+        &self,
+        vm: &str,
+        patterns: Option<Vec<String>>,
+    ) -> super::Result<super::VmInfo> {
+        if let Some(patterns) = &patterns {
+            Allowlist::new(patterns)
+                .map_err(|why| super::DaemonError::Invalid(format!("`egress`: {why}")))?;
+        }
+        let _op = self.lock_vm(vm).await;
+        let owned = vm.to_owned();
+        let text = self.blocking(move |s| s.vm_config(&owned)).await?;
+        let mut config: super::VmConfig = serde_json::from_str(&text)
+            .map_err(|e| super::DaemonError::Internal(format!("VM config: {e}")))?;
+        config.egress = patterns.clone();
+        let text = serde_json::to_string(&config)
+            .map_err(|e| super::DaemonError::Internal(e.to_string()))?;
+        let owned = vm.to_owned();
+        self.blocking(move |s| s.set_vm_config(&owned, &text))
+            .await?;
+        self.set_egress_list(vm, patterns.as_deref())
+            .map_err(super::DaemonError::Invalid)?;
+        tracing::info!(vm, egress = ?patterns, "egress allowlist set");
+        self.info(vm).await
+    }
+
+    /// Narrows VM `vm`'s egress to `patterns` (None: its owner's role's
+    /// alone) in memory; checked here, kept with the VM by the caller.
+    pub(super) fn set_egress_list(
+        &self,
+        vm: &str,
+        patterns: Option<&[String]>,
+    ) -> Result<(), String> {
+        let mut own = lock_std(&self.egress_own);
+        match patterns {
+            Some(patterns) => {
+                own.insert(vm.to_owned(), Allowlist::new(patterns)?);
+            }
+            None => {
+                own.remove(vm);
+            }
+        }
+        Ok(())
+    }
+}

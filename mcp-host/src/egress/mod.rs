@@ -1,0 +1,92 @@
+//! Egress: the one way out of a VM. The guest's forwarder (guest-mcp on
+//! 127.0.0.1:3128, named by HTTP_PROXY in every guest command) splices
+//! each connection to vsock port 1026; nexusd serves an HTTP proxy there,
+//! one listener per VM, so every connection is known to be that VM's.
+//! CONNECT tunnels and absolute-form HTTP requests are allowed when the
+//! VM's allowlists (its owner's role's, then its own) allow the host and
+//! port; the name is resolved here once and every address checked
+//! ([`addresses`]), then the connection goes to a checked address only.
+//! Each connection is a row in the audit trail and counted in /metrics.
+//!
+//! - `allowlist`: host and port patterns.
+//! - `addresses`: which upstream addresses are never reachable.
+//! - `proxy`: the HTTP proxy on one VM's listener.
+
+pub mod addresses;
+pub mod allowlist;
+pub mod proxy;
+
+use std::time::Duration;
+
+pub use allowlist::Allowlist;
+
+/// What a request must pass, as nexusd says for one VM at one moment.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// Who the VM acts for (`vm:NAME`, its owner's role), for the trail.
+    pub identity: String,
+    /// Every list must allow the host and port: the role's, and the VM's
+    /// own when it narrowed them.
+    pub lists: Vec<Allowlist>,
+}
+
+/// One egress connection (a tunnel) or request, as it ended.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub vm: String,
+    pub identity: String,
+    pub method: String,
+    pub host: String,
+    pub port: u16,
+    pub outcome: Outcome,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub took: Duration,
+}
+
+/// How an egress connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Through, and ended normally.
+    Ok,
+    /// Refused: not allowed, or an address the host never lets out to.
+    Denied(String),
+    /// Allowed, but it failed (resolving, connecting, upstream).
+    Failed(String),
+}
+
+/// What the proxy asks of nexusd.
+pub trait Gate: Send + Sync + 'static {
+    /// The rules for VM `vm` now (role and grants change at any time).
+    fn rules(&self, vm: &str) -> Result<Rules, String>;
+    /// An egress connection ended: audit it, count it.
+    fn record(&self, record: Record);
+}
+
+/// Settings of the proxy itself.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Tests only: loopback upstreams (a test's servers) may be reached
+    /// by name. Never a default.
+    pub allow_loopback: bool,
+    /// Names resolved to these addresses instead of by DNS (lowercase).
+    pub hosts: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// Connections one VM may have open at once.
+    pub max_connections: usize,
+    /// How long a guest has to send a request's head.
+    pub header_timeout: Duration,
+    /// How long resolving a name and connecting upstream may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            allow_loopback: false,
+            hosts: Default::default(),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The HTTP proxy on one VM's egress listener: `CONNECT host:port`
+//! becomes a tunnel to a checked address; an absolute-form request
+//! (`GET http://host/path`) is sent on to one. Nothing is intercepted:
+//! TLS inside a tunnel is the guest's and the upstream's alone.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixListener};
+
+use super::{Gate, Outcome, Record, Settings, addresses};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Headers that belong to one hop and are not passed on.
+const HOP_HEADERS: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+struct Vm {
+    name: String,
+    gate: Arc<dyn Gate>,
+    settings: Settings,
+    host_addresses: Vec<IpAddr>,
+}
+
+/// Serves VM `vm`'s egress listener until the listener fails (the VM
+/// went away and its socket with it) or the task is aborted.
+pub async fn serve(listener: UnixListener, vm: String, gate: Arc<dyn Gate>, settings: Settings) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let vm = Arc::new(Vm {
+        name: vm,
+        gate,
+        host_addresses: addresses::host_addresses(),
+        settings,
+    });
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        // One VM's connections are bounded; past that, new ones wait.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn({
+                let vm = vm.clone();
+                move |req| handle(vm.clone(), req)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(vm.settings.header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+/// Where a request goes: (method as said, host, port).
+fn target(req: &Request<Incoming>) -> Result<(String, u16), String> {
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        let authority = uri.authority().ok_or("CONNECT needs host:port")?;
+        let port = authority.port_u16().ok_or("CONNECT needs host:port")?;
+        return Ok((authority.host().trim_matches(['[', ']']).to_owned(), port));
+    }
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http"), Some(host)) => Ok((
+            host.trim_matches(['[', ']']).to_owned(),
+            uri.port_u16().unwrap_or(80),
+        )),
+        (Some(other), Some(_)) => Err(format!(
+            "{other}:// requests go through CONNECT (HTTPS_PROXY), not as absolute-form"
+        )),
+        _ => Err("this is nexusd's egress proxy: send CONNECT host:port or an absolute-form http:// request".into()),
+    }
+}
+
+async fn handle(vm: Arc<Vm>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let (host, port) = match target(&req) {
+        Ok(target) => target,
+        Err(why) => return Ok(text(StatusCode::BAD_REQUEST, &why)),
+    };
+    let mut record = Record {
+        vm: vm.name.clone(),
+        identity: String::new(),
+        method,
+        host: host.clone(),
+        port,
+        outcome: Outcome::Ok,
+        bytes_up: 0,
+        bytes_down: 0,
+        took: Default::default(),
+    };
+    let upstream = match open(&vm, &host, port, &mut record).await {
+        Ok(stream) => stream,
+        Err((status, why)) => {
+            record.outcome = if status == StatusCode::FORBIDDEN {
+                Outcome::Denied(why.clone())
+            } else {
+                Outcome::Failed(why.clone())
+            };
+            record.took = started.elapsed();
+            vm.gate.record(record);
+            return Ok(text(status, &format!("nexus egress: {why}")));
+        }
+    };
+    let counted = Counted::new(upstream);
+    let (up, down) = (counted.up.clone(), counted.down.clone());
+    let finish = move |mut record: Record, outcome: Result<(), String>, gate: &Arc<dyn Gate>| {
+        record.outcome = match outcome {
+            Ok(()) => Outcome::Ok,
+            Err(why) => Outcome::Failed(why),
+        };
+        record.bytes_up = up.load(Ordering::Relaxed);
+        record.bytes_down = down.load(Ordering::Relaxed);
+        record.took = started.elapsed();
+        gate.record(record);
+    };
+    if req.method() == Method::CONNECT {
+        let gate = vm.gate.clone();
+        tokio::spawn(async move {
+            let outcome = match hyper::upgrade::on(req).await {
+                Ok(upgraded) => {
+                    let mut guest = TokioIo::new(upgraded);
+                    let mut counted = counted;
+                    tokio::io::copy_bidirectional(&mut guest, &mut counted)
+                        .await
+                        .map(|_| ())
+                        .or_else(ended_quietly)
+                }
+                Err(e) => Err(format!("the guest's side of the tunnel: {e}")),
+            };
+            finish(record, outcome, &gate);
+        });
+        return Ok(Response::new(empty()));
+    }
+    // Absolute form: the same request, in origin form, on the checked
+    // connection.
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(counted)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                let why = format!("{host}:{port}: {e}");
+                finish(record, Err(why.clone()), &vm.gate);
+                return Ok(text(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("nexus egress: {why}"),
+                ));
+            }
+        };
+    let gate = vm.gate.clone();
+    tokio::spawn(async move {
+        let outcome = conn.await.map_err(|e| e.to_string());
+        finish(record, outcome, &gate);
+    });
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = match path.parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "nexus egress: bad request path",
+            ));
+        }
+    };
+    for name in HOP_HEADERS {
+        parts.headers.remove(name);
+    }
+    match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            for name in HOP_HEADERS {
+                parts.headers.remove(name);
+            }
+            Ok(Response::from_parts(parts, body.boxed()))
+        }
+        Err(e) => Ok(text(
+            StatusCode::BAD_GATEWAY,
+            &format!("nexus egress: {host}:{port}: {e}"),
+        )),
+    }
+}
+
+/// A tunnel's end by reset or broken pipe is how many clients close.
+fn ended_quietly(e: std::io::Error) -> Result<(), String> {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::BrokenPipe
+        | std::io::ErrorKind::UnexpectedEof => Ok(()),
+        _ => Err(e.to_string()),
+    }
+}
+
+/// Decides, resolves, checks every address, connects: the connection,
+/// or the status and reason to answer.
+async fn open(
+    vm: &Vm,
+    host: &str,
+    port: u16,
+    record: &mut Record,
+) -> Result<TcpStream, (StatusCode, String)> {
+    let rules = vm
+        .gate
+        .rules(&vm.name)
+        .map_err(|why| (StatusCode::FORBIDDEN, why))?;
+    record.identity = rules.identity.clone();
+    if !rules.lists.iter().all(|l| l.allows(host, port)) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "{host}:{port} is not on VM {}'s egress allowlist (set_egress, or its owner's role)",
+                vm.name
+            ),
+        ));
+    }
+    let timeout = vm.settings.connect_timeout;
+    let pinned = vm.settings.hosts.get(&host.to_ascii_lowercase());
+    let resolved: Vec<SocketAddr> = match pinned {
+        Some(addrs) => addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
+        None => match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(addrs)) => addrs.collect(),
+            Ok(Err(e)) => {
+                return Err((
+                    StatusCode::BAD_GATEWAY,
+                    format!("cannot resolve {host}: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("resolving {host} timed out"),
+                ));
+            }
+        },
+    };
+    if resolved.is_empty() {
+        return Err((StatusCode::BAD_GATEWAY, format!("{host} has no address")));
+    }
+    // Every address, not just the first: a name must not lead anywhere
+    // the host's networks are.
+    for addr in &resolved {
+        if let Some(why) =
+            addresses::refused(addr.ip(), &vm.host_addresses, vm.settings.allow_loopback)
+        {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!("{host} resolves to {}, {why}: refused", addr.ip()),
+            ));
+        }
+    }
+    let mut last = String::new();
+    for addr in resolved {
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = format!("connecting to {host} ({addr}): {e}"),
+            Err(_) => last = format!("connecting to {host} ({addr}) timed out"),
+        }
+    }
+    Err((StatusCode::BAD_GATEWAY, last))
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The upstream connection, counting bytes each way.
+struct Counted {
+    inner: TcpStream,
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl Counted {
+    fn new(inner: TcpStream) -> Self {
+        Self {
+            inner,
+            up: Arc::default(),
+            down: Arc::default(),
+        }
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.down.fetch_add(read, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.up.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,286 @@
+//! Egress from a VM of the default image, through nexusd's proxy only:
+//! curl and Python reach an allowed upstream (plain HTTP as an
+//! absolute-form request, HTTPS through a CONNECT tunnel the proxy does
+//! not open); a host off the VM's allowlist, private and link-local
+//! literals and a name resolving to a refused address are refused with
+//! a clear proxy error; every connection is in the audit trail and in
+//! /metrics. Upstreams are the test's own, on loopback, named
+//! `upstream.test` in nexusd's `[egress] hosts` (which the test-only
+//! `allow_loopback_upstreams` lets through; in the guest, `localhost`
+//! is the guest itself and never proxied).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{State, call, can_run};
+use nexus_integration::ensure_default_image;
+use rmcp::ServiceExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Client = rmcp::service::RunningService<rmcp::RoleClient, ()>;
+
+async fn sh(client: &Client, vm: &str, command: &str) -> Value {
+    call(
+        client,
+        &format!("{vm}__exec"),
+        json!({"command": command, "timeout_s": 60}),
+    )
+    .await
+    .ok()
+}
+
+/// A tiny HTTP/1.1 server answering every request with `body`; with
+/// `tls`, behind that TLS acceptor.
+async fn upstream(body: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let respond = |mut io: Box<dyn Io>| async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match io.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = io.write_all(reply.as_bytes()).await;
+                    let _ = io.shutdown().await;
+                };
+                match tls {
+                    Some(tls) => {
+                        if let Ok(stream) = tls.accept(stream).await {
+                            respond(Box::new(stream)).await;
+                        }
+                    }
+                    None => respond(Box::new(stream)).await,
+                }
+            });
+        }
+    });
+    port
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A TLS acceptor for `upstream.test` and the certificate (PEM) to
+/// trust it by.
+fn tls_for_upstream() -> (tokio_rustls::TlsAcceptor, String) {
+    use rustls_pki_types::pem::PemObject;
+    let made = rcgen::generate_simple_self_signed(vec!["upstream.test".into()]).unwrap();
+    let pem = made.cert.pem();
+    let certs = vec![rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()];
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(
+        made.signing_key.serialize_pem().as_bytes(),
+    )
+    .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_reaches_allowed_upstreams_through_the_proxy_and_nothing_else() {
+    if !can_run() {
+        return;
+    }
+    // A name that resolves to a private address (pinned in nexusd's
+    // [egress.hosts], as a rebinding DNS server would answer).
+    let refused_name = "rebound.test";
+
+    let (image_dir, _) = ensure_default_image().unwrap();
+    let http_port = upstream("hello from upstream\n", None).await;
+    let other_port = upstream("other\n", None).await;
+    let (tls, ca) = tls_for_upstream();
+    let https_port = upstream("hello over tls\n", Some(tls)).await;
+
+    let state = State::new();
+    state.with_image("default", &image_dir);
+    let (_serve, url) =
+        common::serve_with(
+            &state,
+            "[egress]\nallow_loopback_upstreams = true\nhosts = { \"rebound.test\" = [\"192.168.7.7\"], \"upstream.test\" = [\"127.0.0.1\"] }\n",
+        )
+        .await;
+    let client = ().serve(state.http(url.clone())).await.unwrap();
+    // The admin's role allows every host and port; this VM narrows it.
+    let vm = call(
+        &client,
+        "spawn_vm",
+        json!({"name": "net", "memory_mib": 512,
+               "egress": [format!("upstream.test:{http_port}"), format!("upstream.test:{https_port}"),
+                          "10.1.2.3", "169.254.169.254", refused_name]}),
+    )
+    .await
+    .ok();
+    assert_eq!(vm["egress"].as_array().unwrap().len(), 5, "{vm}");
+    let bad = call(
+        &client,
+        "spawn_vm",
+        json!({"name": "bad", "egress": ["a/b"]}),
+    )
+    .await
+    .err();
+    assert!(bad.contains("`egress`: egress pattern \"a/b\""), "{bad}");
+
+    // Allowed: plain HTTP (absolute form), HTTPS (a tunnel the guest's
+    // curl verifies end to end), Python's urllib.
+    let out = sh(
+        &client,
+        "net",
+        &format!("curl -sS http://upstream.test:{http_port}/hi"),
+    )
+    .await;
+    assert_eq!(out["stdout"], "hello from upstream\n", "{out}");
+    call(
+        &client,
+        "net__write_file",
+        json!({"path": "/tmp/ca.pem", "content": ca}),
+    )
+    .await
+    .ok();
+    let out = sh(
+        &client,
+        "net",
+        &format!("curl -sS --cacert /tmp/ca.pem https://upstream.test:{https_port}/"),
+    )
+    .await;
+    assert_eq!(out["stdout"], "hello over tls\n", "{out}");
+    let out = sh(
+        &client,
+        "net",
+        &format!(
+            "python3 -c \"import urllib.request; print(urllib.request.urlopen('http://upstream.test:{http_port}/py').read().decode(), end='')\""
+        ),
+    )
+    .await;
+    assert_eq!(out["stdout"], "hello from upstream\n", "{out}");
+
+    // Refused, each with the proxy's reason.
+    for (target, says) in [
+        (
+            format!("http://upstream.test:{other_port}/"),
+            "is not on VM net's egress allowlist",
+        ),
+        ("http://10.1.2.3/".to_owned(), "a private address"),
+        (
+            "http://169.254.169.254/latest/meta-data/".to_owned(),
+            "link-local",
+        ),
+        (
+            format!("http://{refused_name}/"),
+            "rebound.test resolves to 192.168.7.7, a private address: refused",
+        ),
+    ] {
+        let out = sh(
+            &client,
+            "net",
+            &format!("curl -sS -w ' %{{http_code}}' {target}"),
+        )
+        .await;
+        let stdout = out["stdout"].as_str().unwrap();
+        assert!(
+            stdout.starts_with("nexus egress: ")
+                && stdout.contains(says)
+                && stdout.ends_with(" 403"),
+            "{target}: {out}"
+        );
+    }
+    // HTTPS to a refused host: the tunnel is refused (curl says the
+    // proxy's status).
+    let out = sh(
+        &client,
+        "net",
+        &format!("curl -sS https://upstream.test:{other_port}/ 2>&1; echo \" exit=$?\""),
+    )
+    .await;
+    assert!(out["stdout"].as_str().unwrap().contains("403"), "{out}");
+
+    // Narrowed again: the next connection follows.
+    let set = call(
+        &client,
+        "set_egress",
+        json!({"vm": "net", "egress": [format!("upstream.test:{http_port}")]}),
+    )
+    .await
+    .ok();
+    assert_eq!(set["egress"], json!([format!("upstream.test:{http_port}")]));
+    let out = sh(
+        &client,
+        "net",
+        &format!("curl -sS --cacert /tmp/ca.pem https://upstream.test:{https_port}/ 2>&1; echo \" exit=$?\""),
+    )
+    .await;
+    assert!(out["stdout"].as_str().unwrap().contains("403"), "{out}");
+    let err = call(
+        &client,
+        "set_egress",
+        json!({"vm": "net", "egress": ["x y"]}),
+    )
+    .await
+    .err();
+    assert!(err.contains("may hold only"), "{err}");
+
+    // Every connection is in the trail, as the VM's.
+    let rows = call(
+        &client,
+        "read_audit",
+        json!({"identity": "vm:net", "limit": 100}),
+    )
+    .await
+    .ok();
+    let rows = rows["records"].as_array().unwrap().clone();
+    let egress: Vec<&Value> = rows.iter().filter(|r| r["tool"] == "egress").collect();
+    let ok = egress.iter().filter(|r| r["outcome"] == "ok").count();
+    let denied = egress.iter().filter(|r| r["outcome"] == "denied").count();
+    assert!(ok >= 3 && denied >= 6, "{ok} ok, {denied} denied: {rows:?}");
+    let tunnelled = egress
+        .iter()
+        .find(|r| r["outcome"] == "ok" && r["arguments"].as_str().unwrap_or("").contains("CONNECT"))
+        .unwrap();
+    let args: Value = serde_json::from_str(tunnelled["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args["port"], https_port);
+    assert!(args["bytes_down"].as_u64().unwrap() > 0, "{args}");
+
+    // And counted.
+    let metrics = http_get(&url.replace("/mcp", "/metrics"), &state.admin_token()).await;
+    assert!(
+        metrics.contains(r#"nexus_egress_connections_total{vm="net",decision="deny"}"#),
+        "{metrics}"
+    );
+    client.cancel().await.unwrap();
+}
+
+/// GET over a plain TCP connection (the metrics page).
+async fn http_get(url: &str, token: &str) -> String {
+    let rest = url.trim_start_matches("http://");
+    let (addr, path) = rest.split_at(rest.find('/').unwrap());
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
