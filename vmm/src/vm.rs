@@ -498,7 +498,8 @@ fn listen_ready(vsock_uds: &Path, run_as: Option<u32>) -> std::io::Result<Readin
     let path = ready_socket(vsock_uds);
     let readiness = Readiness::listen(&path)?;
     if let Some(uid) = run_as {
-        std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+        // lchown: see listen_guest_port.
+        std::os::unix::fs::lchown(&path, Some(uid), Some(uid))?;
     }
     Ok(readiness)
 }
@@ -747,7 +748,9 @@ impl Vm {
         if let Some(base) = self.config.vm_uid_base
             && let Some(uid) = base.checked_add(self.cid())
         {
-            std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+            // lchown: the directory is the VMM's uid's, and a symlink put
+            // there must not hand a host file to it.
+            std::os::unix::fs::lchown(&path, Some(uid), Some(uid))?;
         }
         Ok(listener)
     }

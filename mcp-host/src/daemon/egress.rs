@@ -10,12 +10,56 @@ use nexus_vmm::Vm;
 use super::{Daemon, lock_std};
 use crate::egress::{Allowlist, Gate, Outcome, Record, Rules};
 
-/// A VM's egress proxy; stopped with the VM's entry.
-pub(super) struct EgressTask(tokio::task::JoinHandle<()>);
+/// A VM's egress proxy; stopped with the VM's entry, its connections
+/// and tunnels with it.
+pub(super) struct EgressTask(tokio_util::sync::CancellationToken);
 
 impl Drop for EgressTask {
     fn drop(&mut self) {
-        self.0.abort();
+        self.0.cancel();
+    }
+}
+
+/// Audit rows one VM's egress may write per second; past that its
+/// connections are only counted (a guest could otherwise flood the
+/// trail, which keeps only its newest rows, and delay every other call's
+/// record).
+const ROWS_PER_SECOND: u32 = 20;
+/// The longest host or reason kept in a row.
+const MAX_FIELD_CHARS: usize = 256;
+
+/// Per VM: the second being counted and the rows written in it.
+#[derive(Default)]
+pub(super) struct AuditBudget(std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>);
+
+impl AuditBudget {
+    /// Whether VM `vm` may write one more row now; the first refusal in
+    /// a second is logged.
+    fn take(&self, vm: &str) -> bool {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut counts = lock_std(&self.0);
+        let entry = counts.entry(vm.to_owned()).or_insert((second, 0));
+        if entry.0 != second {
+            *entry = (second, 0);
+        }
+        entry.1 += 1;
+        if entry.1 == ROWS_PER_SECOND + 1 {
+            tracing::warn!(
+                vm,
+                "egress: more than {ROWS_PER_SECOND} connections this second; the rest are counted, not recorded"
+            );
+        }
+        entry.1 <= ROWS_PER_SECOND
+    }
+}
+
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(MAX_FIELD_CHARS) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
     }
 }
 
@@ -24,6 +68,15 @@ struct DaemonGate(Weak<Daemon>);
 impl Gate for DaemonGate {
     fn rules(&self, vm: &str) -> Result<Rules, String> {
         let daemon = self.0.upgrade().ok_or("nexusd is stopping")?;
+        // An owner whose role cannot be told (a revoked token) gets no
+        // way out, not the user role's.
+        if let Some(Some(owner)) = daemon.owner_of(vm)
+            && daemon.role_name_of_identity(&owner).is_none()
+        {
+            return Err(format!(
+                "VM {vm}'s owner {owner} has no role now: no egress"
+            ));
+        }
         let identity = daemon
             .vm_identity(vm)
             .ok_or_else(|| format!("VM {vm} is not known"))?;
@@ -49,13 +102,16 @@ impl Gate for DaemonGate {
         daemon
             .metrics
             .record_egress(&r.vm, decision, r.bytes_up, r.bytes_down);
+        if !daemon.egress_audit.take(&r.vm) {
+            return;
+        }
         let arguments = serde_json::json!({
-            "method": r.method,
-            "host": r.host,
+            "method": cut(&r.method),
+            "host": cut(&r.host),
             "port": r.port,
             "bytes_up": r.bytes_up,
             "bytes_down": r.bytes_down,
-            "why": why,
+            "why": why.as_deref().map(cut),
         });
         let record = AuditRecord {
             id: 0,
@@ -81,12 +137,15 @@ impl Daemon {
             .inspect_err(|e| tracing::error!(vm = name, error = %e, "egress: cannot listen"))
             .ok()?;
         let gate: Arc<dyn Gate> = Arc::new(DaemonGate(self.me.clone()));
-        Some(EgressTask(tokio::spawn(crate::egress::proxy::serve(
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crate::egress::proxy::serve(
             listener,
             name.to_owned(),
             gate,
             self.egress_settings.clone(),
-        ))))
+            stop.clone(),
+        ));
+        Some(EgressTask(stop))
     }
 
     /// Sets VM `vm`'s own egress allowlist (None: its owner's role's

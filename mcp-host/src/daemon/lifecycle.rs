@@ -29,15 +29,26 @@ impl Daemon {
         let own = self
             .blocking(move |s| s.vm_config(&owned))
             .await
-            .ok()
-            .and_then(|c| serde_json::from_str::<super::VmConfig>(&c).ok())
-            .and_then(|c| c.egress);
+            .map_err(|e| e.to_string())
+            .and_then(|c| serde_json::from_str::<super::VmConfig>(&c).map_err(|e| e.to_string()))
+            .map(|c| c.egress);
+        // A list that cannot be read fails closed: no way out, not the
+        // role's wider one.
+        let own = own.unwrap_or_else(|why| {
+            tracing::error!(
+                vm = name,
+                why,
+                "egress: the VM's config does not read: no egress"
+            );
+            Some(Vec::new())
+        });
         if let Err(why) = self.set_egress_list(name, own.as_deref()) {
             tracing::error!(
                 vm = name,
                 why,
-                "egress: the VM's own list does not read; its role's applies"
+                "egress: the VM's own list does not read: no egress"
             );
+            let _ = self.set_egress_list(name, Some(&[]));
         }
         let egress = self.start_egress(name, &vm);
         self.guests.attach(name, endpoint.clone(), tools);

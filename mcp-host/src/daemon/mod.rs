@@ -194,6 +194,7 @@ pub struct Daemon {
     /// VMs' own egress allowlists (those that narrowed their role's).
     egress_own: std::sync::Mutex<HashMap<String, crate::egress::Allowlist>>,
     egress_settings: crate::egress::Settings,
+    egress_audit: egress::AuditBudget,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -279,6 +280,7 @@ impl Daemon {
             image_ops: Mutex::new(()),
             egress_own: std::sync::Mutex::default(),
             egress_settings,
+            egress_audit: egress::AuditBudget::default(),
             _lock: lock,
         });
         for (name, vm) in running {

@@ -25,14 +25,15 @@ pub fn refused(
     }
 }
 
-/// An IPv4-mapped or -compatible IPv6 address as the IPv4 one it is.
+/// An IPv4-mapped (`::ffff:a.b.c.d`) or -compatible (`::a.b.c.d`) IPv6
+/// address as the IPv4 one it is (`::1` stays loopback).
 fn canonical(addr: IpAddr) -> IpAddr {
     match addr {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) if !v6.is_loopback() && !v6.is_unspecified() => match v6.to_ipv4() {
             Some(v4) => IpAddr::V4(v4),
             None => IpAddr::V6(v6),
         },
-        v4 => v4,
+        other => other,
     }
 }
 
@@ -67,6 +68,12 @@ fn refused_v6(a: Ipv6Addr) -> Option<&'static str> {
         Some("a unique local address")
     } else if (s[0] & 0xffc0) == 0xfe80 {
         Some("a link-local address")
+    } else if (s[0] & 0xffc0) == 0xfec0 {
+        Some("a site-local address")
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        // RFC 8215's local-use NAT64 prefix: where the IPv4 address sits
+        // is the network's choice, so nothing in it is let through.
+        Some("a local-use NAT64 address")
     } else if a.is_multicast() {
         Some("a multicast address")
     } else if s[0] == 0x64 && s[1] == 0xff9b {
@@ -100,11 +107,10 @@ mod tests {
     use super::*;
 
     fn check(addr: &str) -> Option<&'static str> {
-        refused(
-            addr.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            &[],
-            false,
-        )
+        let parsed: IpAddr = addr
+            .parse()
+            .unwrap_or_else(|_| panic!("{addr} is no address"));
+        refused(parsed, &[], false)
     }
 
     #[test]
@@ -127,6 +133,10 @@ mod tests {
             ("224.0.0.1", "multicast"),
             ("255.255.255.255", "broadcast"),
             ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("::127.0.0.1", "loopback"),
+            ("::10.0.0.1", "private"),
+            ("fec0::1", "site-local"),
+            ("64:ff9b:1:a00:1:0:808:808", "local-use NAT64"),
         ] {
             let got = check(addr);
             assert!(got.is_some_and(|g| g.contains(why)), "{addr}: {got:?}");

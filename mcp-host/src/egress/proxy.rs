@@ -17,6 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixListener};
+use tokio_util::sync::CancellationToken;
 
 use super::{Gate, Outcome, Record, Settings, addresses};
 
@@ -40,39 +41,65 @@ struct Vm {
     gate: Arc<dyn Gate>,
     settings: Settings,
     host_addresses: Vec<IpAddr>,
+    /// Cancelled when the VM's proxy stops: every connection and tunnel
+    /// of the VM ends with it.
+    stop: CancellationToken,
 }
 
-/// Serves VM `vm`'s egress listener until the listener fails (the VM
-/// went away and its socket with it) or the task is aborted.
-pub async fn serve(listener: UnixListener, vm: String, gate: Arc<dyn Gate>, settings: Settings) {
+/// A connection's place among the VM's bounded ones; a tunnel holds it
+/// as long as it lasts.
+type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+
+/// Serves VM `vm`'s egress listener until `stop` is cancelled (the VM
+/// stopped) or the listener fails; every connection and tunnel it
+/// started ends with it.
+pub async fn serve(
+    listener: UnixListener,
+    vm: String,
+    gate: Arc<dyn Gate>,
+    settings: Settings,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     let vm = Arc::new(Vm {
         name: vm,
         gate,
         host_addresses: addresses::host_addresses(),
         settings,
+        stop,
     });
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = vm.stop.cancelled() => return,
+        };
+        let Ok((stream, _)) = accepted else {
             return;
         };
-        // One VM's connections are bounded; past that, new ones wait.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        // One VM's connections (tunnels included) are bounded; past
+        // that, new ones wait.
+        let slot: Slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => Arc::new(slot),
+                Err(_) => return,
+            },
+            _ = vm.stop.cancelled() => return,
         };
         let vm = vm.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn({
                 let vm = vm.clone();
-                move |req| handle(vm.clone(), req)
+                move |req| handle(vm.clone(), slot.clone(), req)
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(vm.settings.header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            drop(slot);
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                _ = vm.stop.cancelled() => {}
+            }
         });
     }
 }
@@ -83,13 +110,10 @@ fn target(req: &Request<Incoming>) -> Result<(String, u16), String> {
     if req.method() == Method::CONNECT {
         let authority = uri.authority().ok_or("CONNECT needs host:port")?;
         let port = authority.port_u16().ok_or("CONNECT needs host:port")?;
-        return Ok((authority.host().trim_matches(['[', ']']).to_owned(), port));
+        return Ok((normal(authority.host()), port));
     }
     match (uri.scheme_str(), uri.host()) {
-        (Some("http"), Some(host)) => Ok((
-            host.trim_matches(['[', ']']).to_owned(),
-            uri.port_u16().unwrap_or(80),
-        )),
+        (Some("http"), Some(host)) => Ok((normal(host), uri.port_u16().unwrap_or(80))),
         (Some(other), Some(_)) => Err(format!(
             "{other}:// requests go through CONNECT (HTTPS_PROXY), not as absolute-form"
         )),
@@ -97,7 +121,19 @@ fn target(req: &Request<Incoming>) -> Result<(String, u16), String> {
     }
 }
 
-async fn handle(vm: Arc<Vm>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// A host as it is decided on and looked up: lowercase, no brackets, no
+/// trailing dot (`Example.COM.` is `example.com`).
+fn normal(host: &str) -> String {
+    host.trim_matches(['[', ']'])
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+async fn handle(
+    vm: Arc<Vm>,
+    slot: Slot,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().to_string();
     let (host, port) = match target(&req) {
@@ -142,17 +178,26 @@ async fn handle(vm: Arc<Vm>, req: Request<Incoming>) -> Result<Response<Body>, I
     };
     if req.method() == Method::CONNECT {
         let gate = vm.gate.clone();
+        let stop = vm.stop.clone();
         tokio::spawn(async move {
-            let outcome = match hyper::upgrade::on(req).await {
-                Ok(upgraded) => {
-                    let mut guest = TokioIo::new(upgraded);
-                    let mut counted = counted;
-                    tokio::io::copy_bidirectional(&mut guest, &mut counted)
-                        .await
-                        .map(|_| ())
-                        .or_else(ended_quietly)
+            // The tunnel keeps the connection's slot while it lasts.
+            let _slot = slot;
+            let tunnel = async {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        let mut guest = TokioIo::new(upgraded);
+                        let mut counted = counted;
+                        tokio::io::copy_bidirectional(&mut guest, &mut counted)
+                            .await
+                            .map(|_| ())
+                            .or_else(ended_quietly)
+                    }
+                    Err(e) => Err(format!("the guest's side of the tunnel: {e}")),
                 }
-                Err(e) => Err(format!("the guest's side of the tunnel: {e}")),
+            };
+            let outcome = tokio::select! {
+                outcome = tunnel => outcome,
+                _ = stop.cancelled() => Err("cut: the VM's egress stopped".to_owned()),
             };
             finish(record, outcome, &gate);
         });
@@ -192,8 +237,29 @@ async fn handle(vm: Arc<Vm>, req: Request<Incoming>) -> Result<Response<Body>, I
             ));
         }
     };
-    for name in HOP_HEADERS {
+    // Headers the guest named in Connection are this hop's too.
+    let named: Vec<String> = parts
+        .headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|n| n.trim().to_ascii_lowercase()))
+        .collect();
+    for name in HOP_HEADERS
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
         parts.headers.remove(name);
+    }
+    // The host decided on is the host asked: the Host header says it.
+    let authority = if port == 80 {
+        host.clone()
+    } else {
+        format!("{host}:{port}")
+    };
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&authority) {
+        parts.headers.insert(hyper::header::HOST, value);
     }
     match sender.send_request(Request::from_parts(parts, body)).await {
         Ok(response) => {
@@ -242,11 +308,44 @@ async fn open(
             ),
         ));
     }
+    // One deadline for resolving and connecting together.
+    match tokio::time::timeout(
+        vm.settings.connect_timeout,
+        resolve_and_connect(vm, host, port),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err((
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "resolving and connecting to {host}:{port} took over {:?}",
+                vm.settings.connect_timeout
+            ),
+        )),
+    }
+}
+
+/// Lookups at once, all VMs together: getaddrinfo runs on the blocking
+/// pool nexusd's storage shares, and a name server that never answers
+/// holds a thread for each lookup.
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+
+async fn resolve_and_connect(
+    vm: &Vm,
+    host: &str,
+    port: u16,
+) -> Result<TcpStream, (StatusCode, String)> {
     let timeout = vm.settings.connect_timeout;
     let pinned = vm.settings.hosts.get(&host.to_ascii_lowercase());
     let resolved: Vec<SocketAddr> = match pinned {
         Some(addrs) => addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
-        None => match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+        None => match tokio::time::timeout(timeout, async {
+            let _lookup = LOOKUPS.acquire().await;
+            tokio::net::lookup_host((host, port)).await
+        })
+        .await
+        {
             Ok(Ok(addrs)) => addrs.collect(),
             Ok(Err(e)) => {
                 return Err((
