@@ -14,12 +14,17 @@ PACKAGES=(
     mmdebstrap                   # Debian userlands for guest images
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev  # the guest kernel
     python3 python3-venv         # tests with the Python MCP client
-    docker-registry skopeo       # tests: an OCI registry on loopback for pull_image
     kmod                         # depmod, for supplied modular kernels
     pkg-config ca-certificates
 )
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs Debian packages and needs /dev, /run)"
+
+# For the test suite only (scripts/test.sh): an OCI registry the tests
+# start on loopback for pull_image, and skopeo to fill it.
+if [ "${NEXUS_NEED_NEXTEST:-0}" = 1 ]; then
+    PACKAGES+=(docker-registry skopeo)
+fi
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -32,6 +37,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
 else
     step "Debian packages: all present"
+fi
+# Debian's docker-registry enables a service on port 5000 of every
+# interface: the tests start their own on loopback, so it is turned off.
+if [ "${NEXUS_NEED_NEXTEST:-0}" = 1 ] && command -v systemctl >/dev/null &&
+    systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    step "turning off Debian's docker-registry service (the tests run their own on loopback)"
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
