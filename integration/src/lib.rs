@@ -44,19 +44,7 @@ pub fn ensure_minimal_image() -> anyhow::Result<(PathBuf, Manifest)> {
     let dir = minimal_image_dir();
     if Manifest::load(&dir).is_err() {
         eprintln!("minimal image missing at {}; building it", dir.display());
-        nexus_rootfs::build(&BuildOptions {
-            out: dir.clone(),
-            name: "minimal".into(),
-            kernel: None,
-            modules: None,
-            acpi: false,
-            guest_mcp: None,
-            cache_dir: nexus_rootfs::default_cache_dir(),
-            rootfs_mib: None,
-            recipe: nexus_rootfs::Recipe::default(),
-            oci: None,
-            base: None,
-        })?;
+        nexus_rootfs::build(&BuildOptions::new(&dir, "minimal"))?;
     }
     let manifest = Manifest::load(&dir)?;
     manifest.verify(&dir, false)?;
@@ -71,17 +59,8 @@ pub fn ensure_default_image() -> anyhow::Result<(PathBuf, Manifest)> {
     let dir = workspace_root().join("target/images/default");
     let recipe = nexus_rootfs::Recipe::load(&workspace_root().join("rootfs/recipes/default.toml"))?;
     nexus_rootfs::build(&BuildOptions {
-        out: dir.clone(),
-        name: "default".into(),
-        kernel: None,
-        modules: None,
-        acpi: false,
-        guest_mcp: None,
-        cache_dir: nexus_rootfs::default_cache_dir(),
-        rootfs_mib: None,
         recipe,
-        oci: None,
-        base: None,
+        ..BuildOptions::new(&dir, "default")
     })?;
     let manifest = Manifest::load(&dir)?;
     manifest.verify(&dir, false)?;

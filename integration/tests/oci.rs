@@ -10,21 +10,12 @@ use std::path::Path;
 
 use nexus_integration::oci_fixture::layout;
 use nexus_integration::{Harness, exec, guest_client};
-use nexus_rootfs::{BuildOptions, Manifest, Recipe};
+use nexus_rootfs::{BuildOptions, Manifest};
 
 fn options(out: &Path, oci: &Path) -> BuildOptions {
     BuildOptions {
-        out: out.to_owned(),
-        name: "oci".into(),
-        kernel: None,
-        modules: None,
-        acpi: false,
-        guest_mcp: None,
-        cache_dir: nexus_rootfs::default_cache_dir(),
-        rootfs_mib: None,
-        recipe: Recipe::default(),
         oci: Some(oci.to_owned()),
-        base: None,
+        ..BuildOptions::new(out, "oci")
     }
 }
 

@@ -7,17 +7,9 @@ use nexus_rootfs::{BuildOptions, Recipe};
 
 fn options(out: &std::path::Path, cache: &std::path::Path, recipe: Recipe) -> BuildOptions {
     BuildOptions {
-        out: out.to_owned(),
-        name: "broken".into(),
-        kernel: None,
-        modules: None,
-        acpi: false,
-        guest_mcp: None,
         cache_dir: cache.to_owned(),
-        rootfs_mib: None,
         recipe,
-        oci: None,
-        base: None,
+        ..BuildOptions::new(out, "broken")
     }
 }
 

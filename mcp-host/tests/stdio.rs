@@ -92,13 +92,7 @@ async fn list_images_over_stdio_shows_the_imported_images() {
     // Rebuilt where it was built, it is imported again at the next start;
     // unchanged, it is left as it is.
     write_image_of(built.path(), "default", "6.1.999-rebuilt", 1);
-    let pid = state.daemon_pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(state.wait_daemon_gone(std::time::Duration::from_secs(30)));
+    state.stop_daemon();
     let client = state.client().await;
     let result = call(&client, "list_images", json!({})).await.ok();
     let images = result["images"].as_array().unwrap();
@@ -112,13 +106,7 @@ async fn list_images_over_stdio_shows_the_imported_images() {
         .await
         .ok();
     client.cancel().await.unwrap();
-    let pid = state.daemon_pid().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(state.wait_daemon_gone(std::time::Duration::from_secs(30)));
+    state.stop_daemon();
     let client = state.client().await;
     let result = call(&client, "list_images", json!({})).await.ok();
     let names: Vec<&str> = result["images"]

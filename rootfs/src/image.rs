@@ -66,6 +66,27 @@ pub struct BuildOptions {
     pub base: Option<PathBuf>,
 }
 
+impl BuildOptions {
+    /// Image `name` in `out`: Nexus's kernel and a workspace-built
+    /// guest-mcp, busybox only, the default cache; callers change what
+    /// they need with struct update syntax.
+    pub fn new(out: impl Into<PathBuf>, name: impl Into<String>) -> Self {
+        Self {
+            out: out.into(),
+            name: name.into(),
+            kernel: None,
+            modules: None,
+            acpi: false,
+            guest_mcp: None,
+            cache_dir: crate::default_cache_dir(),
+            rootfs_mib: None,
+            recipe: Recipe::default(),
+            oci: None,
+            base: None,
+        }
+    }
+}
+
 /// Builds the image in `opts.out`, or leaves it as it is when nothing changed.
 pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     let started = Instant::now();

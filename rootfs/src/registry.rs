@@ -78,7 +78,7 @@ pub async fn pull_to_layout(
         .await
         .map_err(|e| failed("manifest", e))?;
     let top_value = document(&top, &blobs, &top_digest)?;
-    let top_type = media_type(&top_value, "manifest");
+    let top_type = media_type(&top_value);
     // An index: its linux/amd64 image, kept beside it in the layout.
     let manifest = if top_value.get("manifests").is_some() {
         let chosen = pick(&top_value)?;
@@ -180,12 +180,11 @@ fn document(bytes: &[u8], blobs: &Path, digest: &str) -> Result<Value, BuildErro
     serde_json::from_slice(bytes).map_err(|e| bad(format!("manifest {digest}: {e}")))
 }
 
-fn media_type(value: &Value, default: &str) -> String {
+/// A manifest's or index's media type: as it says, else what its shape is.
+fn media_type(value: &Value) -> String {
     match value["mediaType"].as_str() {
         Some(t) => t.to_owned(),
-        None if default == "manifest" && value.get("manifests").is_some() => {
-            OCI_IMAGE_INDEX_MEDIA_TYPE.to_owned()
-        }
+        None if value.get("manifests").is_some() => OCI_IMAGE_INDEX_MEDIA_TYPE.to_owned(),
         None => OCI_IMAGE_MEDIA_TYPE.to_owned(),
     }
 }

@@ -52,17 +52,9 @@ async fn main() -> anyhow::Result<()> {
         .context("linking the kernel cache")?;
     let cache = if clean { &clean_cache } else { &real_cache };
     let opts = |out: &Path| BuildOptions {
-        out: out.to_owned(),
-        name: "default".into(),
-        kernel: None,
-        modules: None,
-        acpi: false,
-        guest_mcp: None,
         cache_dir: cache.clone(),
-        rootfs_mib: None,
         recipe: recipe.clone(),
-        oci: None,
-        base: None,
+        ..BuildOptions::new(out, "default")
     };
     let timed = |out: &Path| -> anyhow::Result<f64> {
         let started = Instant::now();

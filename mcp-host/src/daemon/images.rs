@@ -196,24 +196,13 @@ async fn pull(
     plain_http: bool,
     progress: Option<Progress>,
 ) -> Result<tempfile::TempDir> {
-    let cache_dir = nexus_rootfs::default_cache_dir();
-    std::fs::create_dir_all(&cache_dir)
-        .map_err(|e| DaemonError::Internal(format!("{}: {e}", cache_dir.display())))?;
-    let scratch = tempfile::Builder::new()
-        .prefix("pull-")
-        .tempdir_in(&cache_dir)
-        .map_err(|e| DaemonError::Internal(format!("{}: {e}", cache_dir.display())))?;
+    let scratch = scratch("pull-")?;
     let layout = scratch.path().join("layout");
     let failed = |why: String| DaemonError::Image {
         image: name.to_owned(),
         why,
     };
-    let say = move |line: &str| {
-        tracing::info!(target: "nexus_host::image_build", "{line}");
-        if let Some(progress) = &progress {
-            let _ = progress.send((0.0, line.to_owned()));
-        }
-    };
+    let say = reporter(progress);
     // The registry module's own lines (per layer) go to nexusd's log: a
     // thread-local sink cannot follow an async task between threads.
     say(&format!("pulling {reference}"));
@@ -297,18 +286,12 @@ fn build(
     out: &Path,
     progress: Option<Progress>,
 ) -> Result<()> {
-    let cache_dir = nexus_rootfs::default_cache_dir();
     let failed = |e: nexus_rootfs::BuildError| DaemonError::Image {
         image: name.to_owned(),
         why: chain(&e),
     };
-    std::fs::create_dir_all(&cache_dir)
-        .map_err(|e| DaemonError::Internal(format!("{}: {e}", cache_dir.display())))?;
     // An archive is unpacked here, and gone with the guard.
-    let scratch = tempfile::Builder::new()
-        .prefix("archive-")
-        .tempdir_in(&cache_dir)
-        .map_err(|e| DaemonError::Internal(format!("{}: {e}", cache_dir.display())))?;
+    let scratch = scratch("archive-")?;
     let layout = match oci {
         None => None,
         Some(Oci::Layout(path)) => Some(path),
@@ -317,31 +300,41 @@ fn build(
         }
     };
     let opts = BuildOptions {
-        out: out.to_owned(),
-        name: name.to_owned(),
-        kernel: None,
-        modules: None,
-        acpi: false,
-        guest_mcp: None,
-        cache_dir,
-        rootfs_mib: None,
         recipe,
         oci: layout,
         base,
+        ..BuildOptions::new(out, name)
     };
     let fresh = !out.join("manifest.json").exists();
-    let say = move |line: &str| {
-        tracing::info!(target: "nexus_host::image_build", "{line}");
-        if let Some(progress) = &progress {
-            let _ = progress.send((0.0, line.to_owned()));
-        }
-    };
-    let built = nexus_rootfs::with_progress(say, || nexus_rootfs::build(&opts));
+    let built = nexus_rootfs::with_progress(reporter(progress), || nexus_rootfs::build(&opts));
     if built.is_err() && fresh {
         // Nothing of a first build that failed is kept.
         let _ = std::fs::remove_dir_all(out);
     }
     built.map(|_| ()).map_err(failed)
+}
+
+/// A new scratch directory in the image cache (crash leftovers are
+/// removed by the next build's pruning), gone with its guard.
+fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
+    let cache_dir = nexus_rootfs::default_cache_dir();
+    let failed = |e: std::io::Error| DaemonError::Internal(format!("{}: {e}", cache_dir.display()));
+    std::fs::create_dir_all(&cache_dir).map_err(failed)?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&cache_dir)
+        .map_err(failed)
+}
+
+/// Where an image operation's progress lines go: nexusd's log, and the
+/// caller's progress notifications when it asked for them.
+fn reporter(progress: Option<Progress>) -> impl Fn(&str) + 'static {
+    move |line: &str| {
+        tracing::info!(target: "nexus_host::image_build", "{line}");
+        if let Some(progress) = &progress {
+            let _ = progress.send((0.0, line.to_owned()));
+        }
+    }
 }
 
 /// An error with its causes, in one line.

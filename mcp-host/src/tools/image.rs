@@ -158,15 +158,8 @@ impl NexusTools {
         Parameters(p): Parameters<BuildImageParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
-        let (progress, forwarder) = progress_lines(&ctx);
-        let made = self
-            .daemon
-            .make_image(&p.name, ImageInput::Recipe(p.recipe), p.base, progress)
-            .await;
-        if let Some(forwarder) = forwarder {
-            let _ = forwarder.await;
-        }
-        self.made(made.map_err(super::errors::shown)?).await
+        self.make(&ctx, &p.name, ImageInput::Recipe(p.recipe), p.base)
+            .await
     }
 
     #[tool(
@@ -178,20 +171,13 @@ impl NexusTools {
         Parameters(p): Parameters<ImportImageParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
-        let (progress, forwarder) = progress_lines(&ctx);
-        let made = self
-            .daemon
-            .make_image(
-                &p.name,
-                ImageInput::Path(PathBuf::from(p.path)),
-                p.base,
-                progress,
-            )
-            .await;
-        if let Some(forwarder) = forwarder {
-            let _ = forwarder.await;
-        }
-        self.made(made.map_err(super::errors::shown)?).await
+        self.make(
+            &ctx,
+            &p.name,
+            ImageInput::Path(PathBuf::from(p.path)),
+            p.base,
+        )
+        .await
     }
 
     #[tool(
@@ -203,23 +189,11 @@ impl NexusTools {
         Parameters(p): Parameters<PullImageParams>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
-        let (progress, forwarder) = progress_lines(&ctx);
-        let made = self
-            .daemon
-            .make_image(
-                &p.name,
-                ImageInput::Reference {
-                    reference: p.reference,
-                    plain_http: p.plain_http,
-                },
-                p.base,
-                progress,
-            )
-            .await;
-        if let Some(forwarder) = forwarder {
-            let _ = forwarder.await;
-        }
-        self.made(made.map_err(super::errors::shown)?).await
+        let input = ImageInput::Reference {
+            reference: p.reference,
+            plain_http: p.plain_http,
+        };
+        self.make(&ctx, &p.name, input, p.base).await
     }
 
     #[tool(
@@ -241,6 +215,25 @@ impl NexusTools {
 }
 
 impl NexusTools {
+    /// build_image, import_image and pull_image: makes the image, its
+    /// progress lines sent as notifications when the caller asked, and
+    /// answers with what was made.
+    async fn make(
+        &self,
+        ctx: &RequestContext<RoleServer>,
+        name: &str,
+        input: ImageInput,
+        base: Option<String>,
+    ) -> Result<CallToolResult, String> {
+        let (progress, forwarder) = progress_lines(ctx);
+        let made = self.daemon.make_image(name, input, base, progress).await;
+        if let Some(forwarder) = forwarder {
+            // The sender went with make_image: the forwarder drains and ends.
+            let _ = forwarder.await;
+        }
+        self.made(made.map_err(super::errors::shown)?).await
+    }
+
     async fn made(&self, outcome: ImageOutcome) -> Result<CallToolResult, String> {
         let vms = self
             .daemon

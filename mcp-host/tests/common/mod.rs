@@ -92,6 +92,20 @@ impl State {
             .then_some(pid)
     }
 
+    /// Stops the nexusd holding the state directory as a service manager
+    /// would (SIGTERM) and waits for it to let go.
+    pub fn stop_daemon(&self) {
+        let pid = self
+            .daemon_pid()
+            .expect("a nexusd holds the state directory");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(self.wait_daemon_gone(std::time::Duration::from_secs(30)));
+    }
+
     /// Waits up to `timeout` for no nexusd to hold the state directory.
     pub fn wait_daemon_gone(&self, timeout: std::time::Duration) -> bool {
         let deadline = std::time::Instant::now() + timeout;
