@@ -43,19 +43,27 @@ pub fn locate_or_build(explicit: Option<&Path>) -> Result<PathBuf, BuildError> {
 /// Copies the guest-mcp out of an image's root filesystem into `into`
 /// (debugfs reads ext4 without mounting it).
 pub fn from_image(dir: &Path, into: &Path) -> Result<PathBuf, BuildError> {
-    let rootfs = dir.join("rootfs.ext4");
     let out = into.join("guest-mcp");
-    let _ = std::fs::remove_file(&out);
-    run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("dump -p \"/{GUEST_PATH}\" \"{}\"", out.display()))
-        .arg(&rootfs))?;
-    if !out.is_file() {
+    if !dump_from_image(dir, GUEST_PATH, &out)? {
         return Err(BuildError::GuestBinary {
-            why: format!("{} holds no /{GUEST_PATH}", rootfs.display()),
+            why: format!(
+                "{} holds no /{GUEST_PATH}",
+                dir.join("rootfs.ext4").display()
+            ),
         });
     }
     locate_or_build(Some(&out))
+}
+
+/// Copies `/path` (relative to the root) out of an image's root
+/// filesystem to `out`; false if the root has no such file.
+pub fn dump_from_image(dir: &Path, path: &str, out: &Path) -> Result<bool, BuildError> {
+    let _ = std::fs::remove_file(out);
+    run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump -p \"/{path}\" \"{}\"", out.display()))
+        .arg(dir.join("rootfs.ext4")))?;
+    Ok(out.is_file())
 }
 
 /// Where guest-mcp lives in every root filesystem.

@@ -137,6 +137,27 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
         (None, Some(base)) => guest_bin::from_image(base, base_guest.path())?,
         (explicit, _) => guest_bin::locate_or_build(explicit.as_deref())?,
     };
+    // The init that starts guest-mcp goes with it: a base image's guest-mcp
+    // gets the base's init (a newer init may pass it flags it lacks).
+    let mut guest_files = Vec::new();
+    for (path, content, mode) in GUEST_FILES {
+        let from_base = match (&opts.base, opts.guest_mcp.is_none() && is_init(path)) {
+            (Some(base), true) => {
+                let out = base_guest.path().join(path.replace('/', "_"));
+                if guest_bin::dump_from_image(base, path, &out)? {
+                    Some(std::fs::read(&out).map_err(|e| BuildError::io("read", &out, e))?)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        guest_files.push((
+            *path,
+            from_base.unwrap_or_else(|| content.as_bytes().to_vec()),
+            *mode,
+        ));
+    }
     let acpi =
         opts.acpi || (opts.kernel.is_none() && base_manifest.as_ref().is_some_and(|m| m.boot.acpi));
     // A base image's guest-mcp is described by its manifest: a binary
@@ -188,10 +209,10 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
     for (name, path) in &kernel_files {
         inputs.push_str(&format!("{name} {}\n", digest::file_sha256(path)?));
     }
-    for (path, content, mode) in GUEST_FILES {
+    for (path, content, mode) in &guest_files {
         inputs.push_str(&format!(
             "{path} {mode:o} {}\n",
-            digest::sha256_hex(content.as_bytes())
+            digest::sha256_hex(content)
         ));
     }
     if let Some(modules) = &opts.modules {
@@ -267,7 +288,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest, BuildError> {
             })?;
         }
         progress!("rootfs: staging busybox, guest-mcp and init");
-        stage_root(&stage, &guest, &effective)?;
+        stage_root(&stage, &guest, &guest_files, &effective)?;
         let mib = match opts.rootfs_mib.or(recipe.rootfs_mib) {
             Some(mib) => mib,
             // What it holds, half again for what agents install, and a
@@ -376,7 +397,17 @@ pub const DEFAULT_WORKDIR: &str = "/workspace";
 /// Lays out the root filesystem's tree in `stage`: on top of a userland
 /// if one is there (busybox then fills only what it lacks, and its users
 /// and groups stay), else busybox alone.
-fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildError> {
+/// Whether a guest file is part of the init that starts guest-mcp.
+fn is_init(path: &str) -> bool {
+    path == "etc/inittab" || path.starts_with("etc/nexus/")
+}
+
+fn stage_root(
+    stage: &Path,
+    guest: &Path,
+    guest_files: &[(&str, Vec<u8>, u32)],
+    recipe: &Recipe,
+) -> Result<(), BuildError> {
     std::fs::create_dir_all(stage).map_err(|e| BuildError::io("create", stage, e))?;
     // Every path through `inroot`: a userland's symlinks lead somewhere
     // in the root, never out of it onto the host.
@@ -402,12 +433,12 @@ fn stage_root(stage: &Path, guest: &Path, recipe: &Recipe) -> Result<(), BuildEr
     install_busybox(stage)?;
     let guest_target = inroot::for_writing(stage, Path::new(guest_bin::GUEST_PATH))?;
     guest_bin::strip_into(guest, &guest_target)?;
-    for (path, content, mode) in GUEST_FILES {
+    for (path, content, mode) in guest_files {
         let target = inroot::resolve(stage, Path::new(path), true)?;
         if USERLAND_OWNS.contains(path) && std::fs::symlink_metadata(&target).is_ok() {
             continue;
         }
-        write_in(stage, path, content.as_bytes(), *mode)?;
+        write_in(stage, path, content, *mode)?;
     }
     for file in &recipe.files {
         write_in(
