@@ -125,6 +125,18 @@ fn ok(detail: String) -> Result<CallToolResult, String> {
     )
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkParams {
+    /// Nexus's CA certificate (PEM), for the trust store.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// The secrets' placeholders: NEXUS_SECRET_<NAME> variables, every
+    /// command's from now on (the whole set: others are dropped).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
 #[tool_router]
 impl ControlTools {
     pub fn new(power: PowerAction) -> Self {
@@ -167,6 +179,21 @@ impl ControlTools {
             "froze {} (thaws by itself in {} s)",
             p.mount, p.timeout_s
         ))
+    }
+
+    #[tool(
+        description = "Take the host's network settings: trust Nexus's egress CA, and give every command from now on these secret placeholders.",
+        output_schema = schema_for_output::<Outcome>()
+    )]
+    async fn set_network(
+        &self,
+        Parameters(p): Parameters<NetworkParams>,
+    ) -> Result<CallToolResult, String> {
+        let names =
+            tokio::task::spawn_blocking(move || crate::network::apply(p.ca_pem.as_deref(), &p.env))
+                .await
+                .map_err(|e| e.to_string())??;
+        ok(format!("network settings taken: {}", names.join(", ")))
     }
 
     #[tool(description = "Thaw a filesystem frozen with freeze.", output_schema = schema_for_output::<Outcome>())]

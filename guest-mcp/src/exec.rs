@@ -154,6 +154,7 @@ pub async fn run(
     let program = &plan.program;
     let mut cmd = Command::new(&program.argv[0]);
     cmd.args(&program.argv[1..])
+        .envs(crate::network::env())
         .envs(&program.env)
         .stdin(if plan.stdin.is_some() {
             Stdio::piped()

@@ -36,6 +36,7 @@ pub mod freeze;
 pub mod limits;
 pub mod listen;
 pub mod mounts;
+pub mod network;
 pub mod power;
 pub mod procs;
 pub mod ready;

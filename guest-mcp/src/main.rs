@@ -140,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
         nexus_guest::freeze::thaw_leftover(std::path::Path::new("/workspace"));
     }
     let shutdown = CancellationToken::new();
+    if args.vm {
+        nexus_guest::network::load();
+    }
 
     // Bind everything before announcing readiness.
     let listener = args.listen.as_ref().map(Listener::bind).transpose()?;

@@ -245,6 +245,7 @@ impl ProcessTable {
         self.make_room()?;
         let mut cmd = Command::new(&program.argv[0]);
         cmd.args(&program.argv[1..])
+            .envs(crate::network::env())
             .envs(&program.env)
             .stdin(if keep_stdin_open {
                 Stdio::piped()

@@ -143,6 +143,9 @@ async def over_http(url, admin_token):
         await reader.err("build_image", {"name": "mine", "recipe": ""}, "needs the admin role")
         await reader.err("import_image", {"name": "mine", "path": "/tmp"}, "needs the admin role")
         await reader.err("pull_image", {"name": "mine", "reference": "a.b/c:d"}, "needs the admin role")
+        # Secrets are the admin's alone.
+        await reader.err("set_secret", {"name": "MINE", "value": "v", "hosts": ["a.b"]}, "needs the admin role")
+        await reader.err("list_secrets", {}, "needs the admin role")
         for tool, args in [
             ("pyvm__read_file", {"path": "/etc/hostname"}),
             ("vm_read_file", {"vm": "pyvm", "path": "/etc/hostname"}),

@@ -37,6 +37,7 @@ MANAGEMENT_TOOLS = [
     "fork_vm", "create_token", "list_tokens", "revoke_token", "read_audit", "give_vm",
     "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
     "build_image", "import_image", "pull_image", "delete_image", "set_egress",
+    "set_secret", "list_secrets", "delete_secret", "grant_secret", "revoke_secret",
 ]
 
 
@@ -181,6 +182,22 @@ async def run(s, prefix, mode):
     assert narrowed["egress"] == ["pypi.org", "*.github.com"], narrowed
     widened = await s.ok("set_egress", {"vm": a})
     assert widened["egress"] is None, widened
+    # A secret: stored, granted, listed (never its value), revoked, deleted.
+    key = "PY_" + "".join(c if c.isalnum() else "_" for c in prefix.upper())
+    value = "py-secret-value-" + prefix
+    made = await s.ok("set_secret", {"name": key, "value": value, "hosts": ["api.example.com"],
+                                     "header": "Authorization: Bearer {secret}"})
+    assert made["outcome"] == "created" and made["env"] == f"NEXUS_SECRET_{key}", made
+    granted = await s.ok("grant_secret", {"name": key, "vm": a})
+    assert granted["vms"] == [a], granted
+    assert (await s.ok("get_vm", {"vm": a}))["secrets"] == [key]
+    listed = await s.ok("list_secrets")
+    assert key in [x["name"] for x in listed["secrets"]] and value not in json.dumps(listed), listed
+    revoked = await s.ok("revoke_secret", {"name": key, "vm": a})
+    assert revoked["vms"] == [], revoked
+    await s.ok("delete_secret", {"name": key})
+    gone = await s.err("delete_secret", {"name": key})
+    assert "no secret named" in gone, gone
     await s.ok("delete_role", {"role": f"{prefix}-r"})
     console = await s.ok("read_console", {"vm": a, "lines": 200})
     assert console["text"], console

@@ -75,6 +75,10 @@ pub struct EgressConfig {
     /// (as /etc/hosts would; the addresses are checked like any others).
     #[serde(default)]
     pub hosts: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// PEM files of CAs trusted for upstreams besides the host's store,
+    /// on connections the proxy intercepts (a private CA; tests' own).
+    #[serde(default)]
+    pub upstream_ca_files: Vec<std::path::PathBuf>,
 }
 
 /// A group, by name or number.

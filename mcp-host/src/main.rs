@@ -91,7 +91,14 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rmcp=warn".into()),
+                .unwrap_or_else(|_| "info,rmcp=warn".into())
+                // rmcp logs whole requests at debug (set_secret's value
+                // among them): never, whatever RUST_LOG says.
+                .add_directive(
+                    "rmcp::service=info"
+                        .parse()
+                        .expect("a constant directive parses"),
+                ),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -23,7 +23,7 @@ pub const USER_ROLE: &str = "user";
 /// Tools that administer identities, and those that act as root on the
 /// host (image builds run recipe commands; imports read host paths):
 /// only the admin role has them, whatever another role's patterns say.
-pub const ADMIN_TOOLS: [&str; 15] = [
+pub const ADMIN_TOOLS: [&str; 20] = [
     "build_image",
     "import_image",
     "pull_image",
@@ -39,6 +39,11 @@ pub const ADMIN_TOOLS: [&str; 15] = [
     "grant_vm",
     "revoke_grant",
     "list_grants",
+    "set_secret",
+    "list_secrets",
+    "delete_secret",
+    "grant_secret",
+    "revoke_secret",
 ];
 
 /// Tools that make a VM, named by their `name` argument.

@@ -321,6 +321,7 @@ mod proxy_alone {
             Ok(Rules {
                 identity: format!("vm:{vm}"),
                 lists: vec![Allowlist::new(&["*:*".to_owned()])?],
+                granted: Default::default(),
             })
         }
         fn record(&self, record: Record) {

@@ -106,6 +106,23 @@ const MIGRATIONS: &[&str] = &[
         imported_at TEXT NOT NULL,
         PRIMARY KEY (name, digest)
      ) STRICT;",
+    // 9: secrets (values only ever read by nexusd's egress proxy; the
+    // binding is nexusd's JSON, opaque here; the placeholder is what a
+    // guest holds instead) and which VMs may use each (gone with either).
+    "CREATE TABLE secrets (
+        name        TEXT PRIMARY KEY,
+        value       TEXT NOT NULL,
+        binding     TEXT NOT NULL,
+        placeholder TEXT NOT NULL UNIQUE,
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+     ) STRICT;
+     CREATE TABLE secret_grants (
+        secret     TEXT NOT NULL REFERENCES secrets(name) ON DELETE CASCADE,
+        vm         TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (secret, vm)
+     ) STRICT;",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -39,6 +39,7 @@ pub mod names;
 pub mod pool;
 mod reconcile;
 mod roles;
+mod secrets;
 mod snapshots;
 mod tokens;
 mod vms;
@@ -62,6 +63,7 @@ pub use names::{NameError, validate_name};
 pub use pool::{Pool, PoolConfig, PoolKind};
 pub use reconcile::ReconcileReport;
 pub use roles::{GrantRecord, RoleRecord};
+pub use secrets::SecretRecord;
 use serde::Serialize;
 pub use tokens::TokenRecord;
 pub use vms::VmAttrs;
@@ -129,6 +131,10 @@ pub enum StorageError {
     NoRole(String),
     #[error("VM {vm:?} is not granted to {identity:?} (list_grants shows the grants)")]
     NoGrant { vm: String, identity: String },
+    #[error("no secret named {0:?} (list_secrets shows them)")]
+    NoSecret(String),
+    #[error("secret {secret:?} is not granted to VM {vm:?}")]
+    NoSecretGrant { secret: String, vm: String },
     #[error("injected failure at {0} (test)")]
     Injected(&'static str),
 }

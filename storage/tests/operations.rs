@@ -893,6 +893,74 @@ fn roles_are_kept_while_tokens_hold_them_and_grants_go_with_their_vm() {
 }
 
 #[test]
+fn secrets_keep_their_placeholder_and_grants_go_with_the_vm_or_the_secret() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    assert!(storage.set_secret("API", "v1", "{}", "ph-1").unwrap());
+    assert!(
+        !storage
+            .set_secret("API", "v2", "{\"x\":1}", "ph-2")
+            .unwrap()
+    );
+    let all = storage.secrets().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (
+            all[0].value.as_str(),
+            all[0].binding.as_str(),
+            all[0].placeholder.as_str()
+        ),
+        ("v2", "{\"x\":1}", "ph-1"),
+        "a replaced secret keeps its placeholder"
+    );
+    assert!(
+        !format!("{:?}", all[0]).contains("v2"),
+        "Debug never shows the value"
+    );
+    assert!(!serde_json::to_string(&all[0]).unwrap().contains("v2"));
+    storage.import_image("default", &fx.image_src).unwrap();
+    storage.create_vm_drives("vm1", "default", WS).unwrap();
+    storage.create_vm_drives("vm2", "default", WS).unwrap();
+    assert!(matches!(
+        storage.grant_secret("API", "nope"),
+        Err(StorageError::NoVm(_))
+    ));
+    assert!(matches!(
+        storage.grant_secret("NOPE", "vm1"),
+        Err(StorageError::NoSecret(_))
+    ));
+    storage.grant_secret("API", "vm1").unwrap();
+    storage.grant_secret("API", "vm1").unwrap();
+    storage.grant_secret("API", "vm2").unwrap();
+    assert_eq!(storage.secrets().unwrap()[0].vms, ["vm1", "vm2"]);
+    storage.revoke_secret("API", "vm2").unwrap();
+    assert!(matches!(
+        storage.revoke_secret("API", "vm2"),
+        Err(StorageError::NoSecretGrant { .. })
+    ));
+    storage.destroy_vm_drives("vm1").unwrap();
+    assert!(
+        storage.secrets().unwrap()[0].vms.is_empty(),
+        "grants go with the VM"
+    );
+    storage.grant_secret("API", "vm2").unwrap();
+    storage.delete_secret("API").unwrap();
+    assert!(matches!(
+        storage.delete_secret("API"),
+        Err(StorageError::NoSecret(_))
+    ));
+    assert!(storage.secrets().unwrap().is_empty());
+    storage.set_secret("API", "v3", "{}", "ph-3").unwrap();
+    assert!(
+        storage.secrets().unwrap()[0].vms.is_empty(),
+        "grants went with the secret"
+    );
+}
+
+#[test]
 fn the_audit_trail_keeps_its_newest_rows_and_answers_by_identity_vm_and_time() {
     if !can_run() {
         return;

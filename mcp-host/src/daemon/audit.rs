@@ -111,6 +111,20 @@ impl Daemon {
 
 /// The arguments as the trail keeps them: JSON, secret-looking values
 /// replaced, long strings cut, the whole bounded.
+/// [`redact`], and a secret's value whatever its name.
+pub fn redact_call(tool: &str, arguments: Option<&Map<String, Value>>) -> String {
+    if tool == "set_secret"
+        && let Some(args) = arguments
+    {
+        let mut args = args.clone();
+        if args.contains_key("value") {
+            args.insert("value".into(), Value::String("[redacted]".into()));
+        }
+        return redact(Some(&args));
+    }
+    redact(arguments)
+}
+
 pub fn redact(arguments: Option<&Map<String, Value>>) -> String {
     let Some(arguments) = arguments else {
         return "{}".into();

@@ -87,6 +87,7 @@ impl Gate for DaemonGate {
         Ok(Rules {
             identity: identity.name,
             lists,
+            granted: daemon.granted(vm),
         })
     }
 
@@ -113,6 +114,12 @@ impl Gate for DaemonGate {
             "bytes_down": r.bytes_down,
             "why": why.as_deref().map(cut),
         });
+        let mut arguments = arguments;
+        if r.intercepted {
+            arguments["intercepted"] = true.into();
+            arguments["requests"] = r.requests.into();
+            arguments["secrets"] = serde_json::json!(r.secrets);
+        }
         let record = AuditRecord {
             id: 0,
             at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),

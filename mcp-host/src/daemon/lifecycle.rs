@@ -78,6 +78,15 @@ impl Daemon {
                 let _ = me.guests.session(&name, crate::guest::CALL_WAIT).await;
             });
         }
+        // Its network settings (Nexus's CA, its placeholders): before it
+        // is handed over when it holds secrets, so its first command can
+        // use them; otherwise meanwhile.
+        if !self.granted(name).secrets.is_empty() {
+            self.push_network(name).await;
+        } else if let Some(me) = self.me.upgrade() {
+            let name = name.to_owned();
+            tokio::spawn(async move { me.push_network(&name).await });
+        }
     }
 
     /// Whether instance `id` of VM `name` is still the one running.

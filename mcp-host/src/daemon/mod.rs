@@ -20,6 +20,7 @@ mod lifecycle;
 mod owners;
 pub mod quota;
 mod recovery;
+mod secrets;
 mod snapshots;
 mod spawn;
 pub mod tokens;
@@ -40,6 +41,7 @@ pub use access::RoleView;
 pub use events::{EventKind, Severity, VmEvent};
 pub use images::{ImageInput, ImageOutcome};
 pub use quota::QuotaConfig;
+pub use secrets::SecretInfo;
 
 use crate::Config;
 use crate::guest::{Guests, ToolsChanged};
@@ -118,6 +120,9 @@ pub struct VmInfo {
     pub egress: Option<Vec<String>>,
     /// The identity it belongs to (none: admins only).
     pub owner: Option<String>,
+    /// The secrets it may use (grant_secret), by name; it holds only
+    /// their placeholders.
+    pub secrets: Vec<String>,
 }
 
 /// What `spawn_vm` asks for; every field has a default.
@@ -195,6 +200,8 @@ pub struct Daemon {
     egress_own: std::sync::Mutex<HashMap<String, crate::egress::Allowlist>>,
     egress_settings: crate::egress::Settings,
     egress_audit: egress::AuditBudget,
+    /// Secrets, compiled, by the VMs granted them.
+    secrets: std::sync::Mutex<secrets::Table>,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -248,6 +255,14 @@ impl Daemon {
                 .iter()
                 .map(|(name, addrs)| (name.to_ascii_lowercase(), addrs.clone()))
                 .collect(),
+            authority: Some(Arc::new(
+                crate::egress::ca::Authority::load_or_create(&config.state_dir.join("egress-ca"))
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            )),
+            upstream_tls: Some(
+                crate::egress::ca::upstream_config(&config.egress.upstream_ca_files)
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            ),
             ..crate::egress::Settings::default()
         };
         if egress_settings.allow_loopback {
@@ -281,8 +296,13 @@ impl Daemon {
             egress_own: std::sync::Mutex::default(),
             egress_settings,
             egress_audit: egress::AuditBudget::default(),
+            secrets: std::sync::Mutex::default(),
             _lock: lock,
         });
+        daemon
+            .reload_secrets()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading secrets: {e}"))?;
         for (name, vm) in running {
             let tools = daemon.image_tools(&name).await;
             let size = daemon.size(&name).await;
@@ -489,6 +509,7 @@ impl Daemon {
                 .map(|h| h.to_string()),
             owner: self.owner_of(name).flatten(),
             egress: config.egress,
+            secrets: self.secrets_of(name),
         })
     }
 

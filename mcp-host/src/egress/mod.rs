@@ -8,13 +8,25 @@
 //! ([`addresses`]), then the connection goes to a checked address only.
 //! Each connection is a row in the audit trail and counted in /metrics.
 //!
+//! A VM granted secrets holds placeholders; for a host with one of its
+//! secrets bound, the proxy terminates the guest's TLS with a leaf of
+//! Nexus's own CA (which guests trust), puts the secrets into the
+//! request headers and opens its own verified TLS connection upstream.
+//! Every other host is tunnelled untouched.
+//!
 //! - `allowlist`: host and port patterns.
 //! - `addresses`: which upstream addresses are never reachable.
+//! - `secrets`: bindings, placeholders, injection, exfiltration checks.
+//! - `ca`: Nexus's CA and its leaves; the upstream trust store.
 //! - `proxy`: the HTTP proxy on one VM's listener.
+//! - `intercept`: a terminated TLS connection's requests.
 
 pub mod addresses;
 pub mod allowlist;
+pub mod ca;
+mod intercept;
 pub mod proxy;
+pub mod secrets;
 
 use std::time::Duration;
 
@@ -28,6 +40,8 @@ pub struct Rules {
     /// Every list must allow the host and port: the role's, and the VM's
     /// own when it narrowed them.
     pub lists: Vec<Allowlist>,
+    /// The secrets the VM may use, and every placeholder.
+    pub granted: secrets::Granted,
 }
 
 /// One egress connection (a tunnel) or request, as it ended.
@@ -42,6 +56,12 @@ pub struct Record {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub took: Duration,
+    /// Whether the proxy terminated its TLS (a host with a secret bound).
+    pub intercepted: bool,
+    /// Requests on an intercepted connection.
+    pub requests: u64,
+    /// The secrets sent upstream, by name.
+    pub secrets: Vec<String>,
 }
 
 /// How an egress connection ended.
@@ -77,6 +97,10 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// How long resolving a name and connecting upstream may take.
     pub connect_timeout: Duration,
+    /// Nexus's CA, for hosts with a secret bound (none: never intercept).
+    pub authority: Option<std::sync::Arc<ca::Authority>>,
+    /// How upstream TLS is verified on intercepted connections.
+    pub upstream_tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl Default for Settings {
@@ -87,6 +111,14 @@ impl Default for Settings {
             max_connections: 256,
             header_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            authority: None,
+            upstream_tls: None,
         }
     }
+}
+
+/// A std mutex's guard, poisoned or not (the data stays consistent: no
+/// holder panics midway).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -1,7 +1,8 @@
 //! The HTTP proxy on one VM's egress listener: `CONNECT host:port`
 //! becomes a tunnel to a checked address; an absolute-form request
-//! (`GET http://host/path`) is sent on to one. Nothing is intercepted:
-//! TLS inside a tunnel is the guest's and the upstream's alone.
+//! (`GET http://host/path`) is sent on to one. TLS inside a tunnel is the
+//! guest's and the upstream's alone, unless the VM holds a secret bound
+//! to that host: then the connection is intercepted (`intercept`).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -21,10 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Gate, Outcome, Record, Settings, addresses};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(super) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Headers that belong to one hop and are not passed on.
-const HOP_HEADERS: [&str; 9] = [
+pub(super) const HOP_HEADERS: [&str; 9] = [
     "connection",
     "proxy-connection",
     "keep-alive",
@@ -36,19 +37,19 @@ const HOP_HEADERS: [&str; 9] = [
     "upgrade",
 ];
 
-struct Vm {
-    name: String,
-    gate: Arc<dyn Gate>,
-    settings: Settings,
+pub(super) struct Vm {
+    pub(super) name: String,
+    pub(super) gate: Arc<dyn Gate>,
+    pub(super) settings: Settings,
     host_addresses: Vec<IpAddr>,
     /// Cancelled when the VM's proxy stops: every connection and tunnel
     /// of the VM ends with it.
-    stop: CancellationToken,
+    pub(super) stop: CancellationToken,
 }
 
 /// A connection's place among the VM's bounded ones; a tunnel holds it
 /// as long as it lasts.
-type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
+pub(super) type Slot = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// Serves VM `vm`'s egress listener until `stop` is cancelled (the VM
 /// stopped) or the listener fails; every connection and tunnel it
@@ -150,20 +151,59 @@ async fn handle(
         bytes_up: 0,
         bytes_down: 0,
         took: Default::default(),
+        intercepted: false,
+        requests: 0,
+        secrets: Vec::new(),
     };
-    let upstream = match open(&vm, &host, port, &mut record).await {
+    let refuse = |mut record: Record, status: StatusCode, why: String| {
+        record.outcome = if status == StatusCode::FORBIDDEN {
+            Outcome::Denied(why.clone())
+        } else {
+            Outcome::Failed(why.clone())
+        };
+        record.took = started.elapsed();
+        vm.gate.record(record);
+        Ok(text(status, &format!("nexus egress: {why}")))
+    };
+    let rules = match vm.gate.rules(&vm.name) {
+        Ok(rules) => rules,
+        Err(why) => return refuse(record, StatusCode::FORBIDDEN, why),
+    };
+    record.identity = rules.identity.clone();
+    // What the proxy reads of the request itself (a CONNECT's head, a
+    // plain request) must carry no placeholder: nothing replaces it there.
+    if let Err(why) =
+        rules
+            .granted
+            .refuse_unplaced(&host, port, &req.uri().to_string(), req.headers(), false)
+    {
+        tracing::warn!(vm = vm.name, host, port, "egress: {why}");
+        return refuse(record, StatusCode::FORBIDDEN, why);
+    }
+    let intercept = req.method() == Method::CONNECT && rules.granted.intercepts(&host, port);
+    let upstream = match open(&vm, &rules, &host, port).await {
         Ok(stream) => stream,
-        Err((status, why)) => {
-            record.outcome = if status == StatusCode::FORBIDDEN {
-                Outcome::Denied(why.clone())
-            } else {
-                Outcome::Failed(why.clone())
-            };
-            record.took = started.elapsed();
-            vm.gate.record(record);
-            return Ok(text(status, &format!("nexus egress: {why}")));
-        }
+        Err((status, why)) => return refuse(record, status, why),
     };
+    if intercept {
+        let (up, down) = (Arc::default(), Arc::default());
+        let counted = Counted::with(upstream, &up, &down);
+        let tls = match super::intercept::connect_tls(&vm, &host, port, counted).await {
+            Ok(tls) => tls,
+            Err(why) => return refuse(record, StatusCode::BAD_GATEWAY, why),
+        };
+        record.intercepted = true;
+        tokio::spawn(super::intercept::serve(
+            vm.clone(),
+            slot,
+            req,
+            tls,
+            record,
+            (up, down),
+            started,
+        ));
+        return Ok(Response::new(empty()));
+    }
     let counted = Counted::new(upstream);
     let (up, down) = (counted.up.clone(), counted.down.clone());
     let finish = move |mut record: Record, outcome: Result<(), String>, gate: &Arc<dyn Gate>| {
@@ -237,9 +277,25 @@ async fn handle(
             ));
         }
     };
-    // Headers the guest named in Connection are this hop's too.
-    let named: Vec<String> = parts
-        .headers
+    strip_hop_headers(&mut parts.headers);
+    set_host(&mut parts.headers, &host, port, 80);
+    match sender.send_request(Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_headers(&mut parts.headers);
+            Ok(Response::from_parts(parts, body.boxed()))
+        }
+        Err(e) => Ok(text(
+            StatusCode::BAD_GATEWAY,
+            &format!("nexus egress: {host}:{port}: {e}"),
+        )),
+    }
+}
+
+/// Removes the headers of this hop: the usual ones and those the
+/// sender named in Connection.
+pub(super) fn strip_hop_headers(headers: &mut hyper::HeaderMap) {
+    let named: Vec<String> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -250,34 +306,29 @@ async fn handle(
         .copied()
         .chain(named.iter().map(String::as_str))
     {
-        parts.headers.remove(name);
+        headers.remove(name);
     }
-    // The host decided on is the host asked: the Host header says it.
-    let authority = if port == 80 {
-        host.clone()
+}
+
+/// The host decided on is the host asked: the Host header says it.
+pub(super) fn set_host(headers: &mut hyper::HeaderMap, host: &str, port: u16, default_port: u16) {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let authority = if port == default_port {
+        host
     } else {
         format!("{host}:{port}")
     };
     if let Ok(value) = hyper::header::HeaderValue::from_str(&authority) {
-        parts.headers.insert(hyper::header::HOST, value);
-    }
-    match sender.send_request(Request::from_parts(parts, body)).await {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            for name in HOP_HEADERS {
-                parts.headers.remove(name);
-            }
-            Ok(Response::from_parts(parts, body.boxed()))
-        }
-        Err(e) => Ok(text(
-            StatusCode::BAD_GATEWAY,
-            &format!("nexus egress: {host}:{port}: {e}"),
-        )),
+        headers.insert(hyper::header::HOST, value);
     }
 }
 
 /// A tunnel's end by reset or broken pipe is how many clients close.
-fn ended_quietly(e: std::io::Error) -> Result<(), String> {
+pub(super) fn ended_quietly(e: std::io::Error) -> Result<(), String> {
     match e.kind() {
         std::io::ErrorKind::ConnectionReset
         | std::io::ErrorKind::BrokenPipe
@@ -288,17 +339,12 @@ fn ended_quietly(e: std::io::Error) -> Result<(), String> {
 
 /// Decides, resolves, checks every address, connects: the connection,
 /// or the status and reason to answer.
-async fn open(
+pub(super) async fn open(
     vm: &Vm,
+    rules: &super::Rules,
     host: &str,
     port: u16,
-    record: &mut Record,
 ) -> Result<TcpStream, (StatusCode, String)> {
-    let rules = vm
-        .gate
-        .rules(&vm.name)
-        .map_err(|why| (StatusCode::FORBIDDEN, why))?;
-    record.identity = rules.identity.clone();
     if !rules.lists.iter().all(|l| l.allows(host, port)) {
         return Err((
             StatusCode::FORBIDDEN,
@@ -387,7 +433,7 @@ async fn resolve_and_connect(
     Err((StatusCode::BAD_GATEWAY, last))
 }
 
-fn text(status: StatusCode, message: &str) -> Response<Body> {
+pub(super) fn text(status: StatusCode, message: &str) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!("{message}\n")))
             .map_err(|never| match never {})
@@ -401,14 +447,14 @@ fn text(status: StatusCode, message: &str) -> Response<Body> {
     response
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     Full::new(Bytes::new())
         .map_err(|never| match never {})
         .boxed()
 }
 
 /// The upstream connection, counting bytes each way.
-struct Counted {
+pub(super) struct Counted {
     inner: TcpStream,
     up: Arc<AtomicU64>,
     down: Arc<AtomicU64>,
@@ -416,10 +462,15 @@ struct Counted {
 
 impl Counted {
     fn new(inner: TcpStream) -> Self {
+        Self::with(inner, &Arc::default(), &Arc::default())
+    }
+
+    /// Counting into counters shared with other connections.
+    pub(super) fn with(inner: TcpStream, up: &Arc<AtomicU64>, down: &Arc<AtomicU64>) -> Self {
         Self {
             inner,
-            up: Arc::default(),
-            down: Arc::default(),
+            up: up.clone(),
+            down: down.clone(),
         }
     }
 }

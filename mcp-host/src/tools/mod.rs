@@ -13,6 +13,7 @@ mod errors;
 mod image;
 mod logging;
 mod role;
+mod secret;
 mod snapshot;
 pub mod surface;
 mod token;
@@ -83,6 +84,7 @@ impl NexusTools {
                 + Self::image_router()
                 + Self::token_router()
                 + Self::role_router()
+                + Self::secret_router()
                 + Self::audit_router(),
             options,
             log_level: logging::SessionLevel::default(),
@@ -286,7 +288,8 @@ impl ServerHandler for NexusTools {
                 .record_decision(decision.is_ok(), deciding.elapsed());
         }
         let vm = action.audit_vm().map(crate::daemon::audit::cut_name);
-        let arguments = crate::daemon::audit::redact(request.arguments.as_ref());
+        let arguments =
+            crate::daemon::audit::redact_call(&request.name, request.arguments.as_ref());
         let tool = request.name.to_string();
         // Nothing runs for a request nobody is known to have made, nor
         // for a caller the decision refuses.

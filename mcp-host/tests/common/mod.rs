@@ -234,6 +234,16 @@ pub async fn serve(state: &State) -> (Served, String) {
 
 /// [`serve`] with a configuration file of `toml`.
 pub async fn serve_with(state: &State, toml: &str) -> (Served, String) {
+    let (served, url, _) = serve_logged(state, toml, "info").await;
+    (served, url)
+}
+
+/// [`serve_with`] at log level `level`; the log so far is in the third.
+pub async fn serve_logged(
+    state: &State,
+    toml: &str,
+    level: &str,
+) -> (Served, String, std::sync::Arc<std::sync::Mutex<String>>) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let config = state.path().join("nexusd.toml");
     std::fs::write(&config, toml).unwrap();
@@ -243,7 +253,7 @@ pub async fn serve_with(state: &State, toml: &str) -> (Served, String) {
         .arg("--config")
         .arg(&config)
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", level)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -258,8 +268,20 @@ pub async fn serve_with(state: &State, toml: &str) -> (Served, String) {
             break line[at..].split_whitespace().next().unwrap().to_owned();
         }
     };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (Served(serve), url)
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let kept = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = kept.lock().unwrap();
+            // Bounded: a long test's log is kept to its last 64 MiB.
+            if log.len() > 64 << 20 {
+                log.clear();
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (Served(serve), url, log)
 }
 
 /// The Python client of the `mcp` package, in the .venv scripts/test.sh makes.
