@@ -14,9 +14,16 @@ pub const CA_FILE: &str = "/etc/nexus/egress-ca.pem";
 /// The system's roots and the CA (SSL_CERT_FILE and friends replace
 /// the roots, so they get both).
 pub const BUNDLE_FILE: &str = "/etc/nexus/ca-bundle.pem";
-/// Debian's bundle: patched too, for programs that read it and ignore the
+/// Where distributions keep their bundle (Debian, Ubuntu and Alpine;
+/// Fedora and RHEL; openSUSE; others): the first found is the system's
+/// roots, and is patched too, for programs that read it and ignore the
 /// environment (git built with GnuTLS).
-const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+const SYSTEM_BUNDLES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
 /// Where update-ca-certificates looks, so a rebuild of the system bundle
 /// keeps the CA.
 const LOCAL_CA: &str = "/usr/local/share/ca-certificates/nexus-egress.crt";
@@ -91,17 +98,24 @@ fn install_ca(pem: &str) -> Result<(), String> {
     };
     write(Path::new(CA_FILE), &pem).map_err(|e| format!("writing {CA_FILE}: {e}"))?;
     let _ = write(Path::new(LOCAL_CA), &pem);
-    // The system's roots without an earlier copy of the CA, then the CA.
-    let system = std::fs::read_to_string(SYSTEM_BUNDLE)
-        .ok()
-        .map(|s| without_block(&s));
+    // The system's roots without an earlier copy of the CA, then the CA
+    // (no system bundle: there were no roots to keep).
+    let system = SYSTEM_BUNDLES.iter().find_map(|path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|text| (*path, without_block(&text)))
+    });
     let block = format!("{BEGIN}{pem}{END}");
-    let bundle = format!("{}{block}", system.clone().unwrap_or_default());
-    write(Path::new(BUNDLE_FILE), &bundle).map_err(|e| format!("writing {BUNDLE_FILE}: {e}"))?;
-    if let Some(system) = system
-        && let Err(e) = write(Path::new(SYSTEM_BUNDLE), &format!("{system}{block}"))
+    let roots = system
+        .as_ref()
+        .map(|(_, text)| text.as_str())
+        .unwrap_or_default();
+    write(Path::new(BUNDLE_FILE), &format!("{roots}{block}"))
+        .map_err(|e| format!("writing {BUNDLE_FILE}: {e}"))?;
+    if let Some((path, text)) = &system
+        && let Err(e) = write(Path::new(path), &format!("{text}{block}"))
     {
-        tracing::warn!(error = %e, "the system trust store was not updated");
+        tracing::warn!(path, error = %e, "the system trust store was not updated");
     }
     Ok(())
 }

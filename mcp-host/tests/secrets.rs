@@ -123,7 +123,8 @@ fn bare_repo(dir: &Path) -> PathBuf {
 
 /// The HTTPS upstream: records every request; `/repo.git/...` serves the
 /// repository's files to basic auth `x-access-token:<git_value>` only;
-/// anything else answers "api ok" (never echoing a header back).
+/// `/echo` quotes the request's headers back (body, and `authorization`
+/// in header `x-echo`); anything else answers "api ok".
 async fn upstream(
     tls: tokio_rustls::TlsAcceptor,
     repo: PathBuf,
@@ -168,6 +169,13 @@ async fn upstream(
                             headers,
                         };
                         let authorized = request.header("authorization") == Some(want.as_str());
+                        // What a careless API does: the request quoted
+                        // back, in the body and in a header.
+                        let echo: String = request
+                            .headers
+                            .iter()
+                            .map(|(n, v)| format!("{n}: {v}\n"))
+                            .collect();
                         seen.lock().unwrap().push(request);
                         let path = req.uri().path().to_owned();
                         let _ = req.into_body().collect().await;
@@ -180,10 +188,18 @@ async fn upstream(
                                 }
                             }
                             Some(_) => (StatusCode::NOT_FOUND, Vec::new()),
+                            None if path == "/echo" => (StatusCode::OK, echo.clone().into_bytes()),
                             None => (StatusCode::OK, b"api ok\n".to_vec()),
                         };
                         let mut response = Response::new(Full::new(Bytes::from(body)));
                         *response.status_mut() = status;
+                        if path == "/echo"
+                            && let Some(auth) =
+                                echo.lines().find(|l| l.starts_with("authorization: "))
+                            && let Ok(value) = hyper::header::HeaderValue::from_str(auth)
+                        {
+                            response.headers_mut().insert("x-echo", value);
+                        }
                         if status == StatusCode::UNAUTHORIZED {
                             response.headers_mut().insert(
                                 "www-authenticate",
@@ -385,6 +401,45 @@ async fn secrets_reach_bound_hosts_while_the_guest_holds_only_placeholders() {
         );
     }
 
+    // An upstream that quotes the request back: what it echoes of the
+    // secrets is masked (as sent, and basic auth's base64), in the body
+    // and the headers; TRACE, which would do the same, is refused.
+    for (host, header) in [
+        ("api.test", "-H \"Authorization: Bearer $NEXUS_SECRET_API\""),
+        ("git.test", ""),
+    ] {
+        let out = sh(
+            &client,
+            "sec",
+            &format!("curl -sS -D - {header} https://{host}:{port}/echo"),
+        )
+        .await;
+        let stdout = out["stdout"].as_str().unwrap();
+        assert!(
+            stdout.contains("authorization: ")
+                && stdout.contains("x-echo: authorization: ")
+                && stdout.contains("*****"),
+            "{host}: {out}"
+        );
+        for value in [&api_value, &git_value] {
+            assert!(
+                !stdout.contains(value.as_str()),
+                "{host}: the value came back: {out}"
+            );
+        }
+        assert!(
+            !stdout.contains("eC1hY2Nlc3MtdG9rZW46"),
+            "{host}: basic auth came back: {out}"
+        );
+    }
+    let out = sh(
+        &client,
+        "sec",
+        &format!("curl -sS -w ' %{{http_code}}' -X TRACE https://api.test:{port}/"),
+    )
+    .await;
+    assert!(out["stdout"].as_str().unwrap().ends_with(" 405"), "{out}");
+
     // A placeholder anywhere else is blocked: another host over plain
     // HTTP, a bound host it is not bound to, the request target.
     for command in [
@@ -584,6 +639,24 @@ c.request("GET", "/v1/after", headers=h); r = c.getresponse(); print(r.status, r
     assert!(err.contains("no secret named \"GIT\""), "{err}");
     let info = call(&client, "get_vm", json!({"vm": "sec"})).await.ok();
     assert_eq!(info["secrets"], json!([]), "{info}");
+
+    // Destroyed while holding a secret: a new VM of the same name holds
+    // nothing.
+    call(&client, "grant_secret", json!({"name": "API", "vm": "sec"}))
+        .await
+        .ok();
+    call(&client, "destroy_vm", json!({"vm": "sec"})).await.ok();
+    call(
+        &client,
+        "spawn_vm",
+        json!({"name": "sec", "memory_mib": 512}),
+    )
+    .await
+    .ok();
+    let info = call(&client, "get_vm", json!({"vm": "sec"})).await.ok();
+    assert_eq!(info["secrets"], json!([]), "{info}");
+    let out = sh(&client, "sec", "echo \"[$NEXUS_SECRET_API]\"").await;
+    assert_eq!(out["stdout"], "[]\n", "{out}");
 
     // No answer, audit row or debug log line held a value.
     let everything = call(&client, "read_audit", json!({"limit": 1000}))

@@ -120,6 +120,13 @@ pub fn redact_call(tool: &str, arguments: Option<&Map<String, Value>>) -> String
         if args.contains_key("value") {
             args.insert("value".into(), Value::String("[redacted]".into()));
         }
+        // A header without its {secret} may hold the value pasted in.
+        if args
+            .get("header")
+            .is_some_and(|h| !h.as_str().is_some_and(|h| h.contains("{secret}")))
+        {
+            args.insert("header".into(), Value::String("[redacted]".into()));
+        }
         return redact(Some(&args));
     }
     redact(arguments)

@@ -106,6 +106,16 @@ impl Gate for DaemonGate {
         if !daemon.egress_audit.take(&r.vm) {
             return;
         }
+        // Logged too, within the same budget (a guest chooses the rate).
+        if let Some(why) = why.as_deref().filter(|w| w.contains("exfiltration")) {
+            tracing::warn!(
+                vm = r.vm,
+                host = cut(&r.host),
+                port = r.port,
+                "egress: {}",
+                cut(why)
+            );
+        }
         let arguments = serde_json::json!({
             "method": cut(&r.method),
             "host": cut(&r.host),

@@ -9,7 +9,7 @@ use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
 
 use super::hooks::{self, handshake};
-use super::{Daemon, DaemonError, EventKind, Result, Running, VmEvent, VmInfo, events};
+use super::{Daemon, DaemonError, EventKind, Result, Running, VmEvent, VmInfo, events, lock_std};
 
 impl Daemon {
     /// Takes a ready VM into the running set: its guest link, a watcher
@@ -77,15 +77,6 @@ impl Daemon {
             tokio::spawn(async move {
                 let _ = me.guests.session(&name, crate::guest::CALL_WAIT).await;
             });
-        }
-        // Its network settings (Nexus's CA, its placeholders): before it
-        // is handed over when it holds secrets, so its first command can
-        // use them; otherwise meanwhile.
-        if !self.granted(name).secrets.is_empty() {
-            self.push_network(name).await;
-        } else if let Some(me) = self.me.upgrade() {
-            let name = name.to_owned();
-            tokio::spawn(async move { me.push_network(&name).await });
         }
     }
 
@@ -200,6 +191,12 @@ impl Daemon {
                 format!("VM {name} destroyed"),
             ));
             self.owners.forget(name);
+            lock_std(&self.egress_own).remove(name);
+            // Its secrets' grants went with it in the catalog: in memory
+            // too, before any VM of the same name can be made.
+            if let Err(e) = self.reload_secrets().await {
+                tracing::error!(vm = name, error = %e, "could not reread secrets");
+            }
             // The catalog dropped its grants with it; so does memory
             // (a reload, in turn with any other, never puts them back).
             if let Err(e) = self.reload_access().await {

@@ -202,6 +202,8 @@ pub struct Daemon {
     egress_audit: egress::AuditBudget,
     /// Secrets, compiled, by the VMs granted them.
     secrets: std::sync::Mutex<secrets::Table>,
+    /// Held by a secret's change from its write to its reload.
+    secret_changes: Mutex<()>,
     metrics: Arc<crate::metrics::Metrics>,
     _lock: StateLock,
 }
@@ -297,6 +299,7 @@ impl Daemon {
             egress_settings,
             egress_audit: egress::AuditBudget::default(),
             secrets: std::sync::Mutex::default(),
+            secret_changes: Mutex::new(()),
             _lock: lock,
         });
         daemon
@@ -307,6 +310,7 @@ impl Daemon {
             let tools = daemon.image_tools(&name).await;
             let size = daemon.size(&name).await;
             daemon.run(&name, vm, tools, size).await;
+            daemon.give_network(&name, false).await;
         }
         daemon
             .reload_tokens()

@@ -22,7 +22,7 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 pub(super) struct Table {
     by_vm: HashMap<String, Vec<Arc<Secret>>>,
-    placeholders: Arc<Vec<(String, String)>>,
+    placeholders: Arc<HashMap<String, String>>,
 }
 
 /// A secret as tools show it: never its value.
@@ -80,13 +80,15 @@ fn info(record: &nexus_storage::SecretRecord) -> SecretInfo {
 }
 
 impl Daemon {
-    /// Reads every secret from the catalog into memory again.
+    /// Reads every secret from the catalog into memory again. Changes
+    /// hold `secret_changes` from their write to their reload, so no
+    /// older read lands after a newer one.
     pub(super) async fn reload_secrets(&self) -> Result<Vec<nexus_storage::SecretRecord>> {
         let records = self.blocking(|s| s.secrets()).await?;
         let mut table = Table::default();
-        let mut placeholders = Vec::new();
+        let mut placeholders = HashMap::new();
         for record in &records {
-            placeholders.push((record.placeholder.clone(), record.name.clone()));
+            placeholders.insert(record.placeholder.clone(), record.name.clone());
             let compiled = serde_json::from_str::<Binding>(&record.binding)
                 .map_err(|e| e.to_string())
                 .and_then(|b| Secret::new(&record.name, &record.value, &b, &record.placeholder));
@@ -139,10 +141,12 @@ impl Daemon {
             serde_json::to_string(&binding).map_err(|e| DaemonError::Internal(e.to_string()))?;
         let (owned, value) = (name.to_owned(), value.to_owned());
         let placeholder = new_placeholder();
+        let _change = self.secret_changes.lock().await;
         let created = self
             .blocking(move |s| s.set_secret(&owned, &value, &text, &placeholder))
             .await?;
         let records = self.reload_secrets().await?;
+        drop(_change);
         tracing::info!(secret = name, created, hosts = ?binding.hosts, "secret set");
         let record = records
             .iter()
@@ -162,6 +166,7 @@ impl Daemon {
 
     /// Deletes secret `name`; the VMs that held it are told.
     pub async fn delete_secret(&self, name: &str) -> Result<SecretInfo> {
+        let change = self.secret_changes.lock().await;
         let records = self.blocking(|s| s.secrets()).await?;
         let record = records
             .iter()
@@ -170,10 +175,10 @@ impl Daemon {
         let owned = name.to_owned();
         self.blocking(move |s| s.delete_secret(&owned)).await?;
         self.reload_secrets().await?;
+        drop(change);
         tracing::info!(secret = name, "secret deleted");
-        for vm in &record.vms {
-            self.push_network(vm).await;
-        }
+        // The VMs that held it, at once: one slow guest delays no other.
+        futures::future::join_all(record.vms.iter().map(|vm| self.push_network(vm))).await;
         Ok(info(record))
     }
 
@@ -182,22 +187,33 @@ impl Daemon {
     pub async fn grant_secret(&self, name: &str, vm: &str) -> Result<SecretInfo> {
         self.known(vm).await?;
         let (secret, owned) = (name.to_owned(), vm.to_owned());
+        let change = self.secret_changes.lock().await;
         self.blocking(move |s| s.grant_secret(&secret, &owned))
             .await?;
-        self.secret_changed(name, vm, "granted").await
+        self.secret_changed(name, vm, "granted", change).await
     }
 
     /// Takes secret `name` from VM `vm` (from its next request).
     pub async fn revoke_secret(&self, name: &str, vm: &str) -> Result<SecretInfo> {
         self.known(vm).await?;
         let (secret, owned) = (name.to_owned(), vm.to_owned());
+        let change = self.secret_changes.lock().await;
         self.blocking(move |s| s.revoke_secret(&secret, &owned))
             .await?;
-        self.secret_changed(name, vm, "revoked").await
+        self.secret_changed(name, vm, "revoked", change).await
     }
 
-    async fn secret_changed(&self, name: &str, vm: &str, what: &str) -> Result<SecretInfo> {
+    /// After a grant or revoke (`change` held since the catalog was
+    /// written): memory reloaded, then the VM told.
+    async fn secret_changed(
+        &self,
+        name: &str,
+        vm: &str,
+        what: &str,
+        change: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<SecretInfo> {
         let records = self.reload_secrets().await?;
+        drop(change);
         tracing::info!(secret = name, vm, "secret {what}");
         self.push_network(vm).await;
         records
@@ -214,6 +230,18 @@ impl Daemon {
             .get(vm)
             .map(|s| s.iter().map(|s| s.name.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// Gives a VM that just came to run its network settings: awaited
+    /// (within the push's deadline) when it holds secrets and `wait`, so
+    /// its first command can use them; otherwise meanwhile.
+    pub(super) async fn give_network(&self, vm: &str, wait: bool) {
+        if wait && !self.granted(vm).secrets.is_empty() {
+            self.push_network(vm).await;
+        } else if let Some(me) = self.me.upgrade() {
+            let vm = vm.to_owned();
+            tokio::spawn(async move { me.push_network(&vm).await });
+        }
     }
 
     /// Gives a running VM its network settings: Nexus's CA to trust and

@@ -340,6 +340,7 @@ impl Daemon {
         };
         let ready_ms = vm.ready_after().as_millis();
         self.run(name, vm, trusted_tools(&manifest), size).await;
+        self.give_network(name, true).await;
         // Counted as running from here.
         drop(booking);
         // Returns with the VM's tools listable (a guest that does not

@@ -21,6 +21,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
 use super::proxy::{Body, Counted, Slot, Vm, open, set_host, strip_hop_headers, text};
+use super::secrets::Scrubber;
 use super::{Outcome, Record};
 
 type Upstream = TlsStream<Counted>;
@@ -119,7 +120,9 @@ pub(super) async fn serve(
                 .header_read_timeout(vm.settings.header_timeout)
                 .serve_connection(TokioIo::new(tls), service)
                 .await
-                .or_else(|e| if e.is_incomplete_message() || e.is_closed() { Ok(()) } else { Err(e.to_string()) })
+                // A kept-alive connection the guest let idle ends by the
+                // header timeout: a normal end.
+                .or_else(|e| if e.is_incomplete_message() || e.is_closed() || e.is_timeout() { Ok(()) } else { Err(e.to_string()) })
         } => outcome,
         _ = vm.stop.cancelled() => Err("cut: the VM's egress stopped".to_owned()),
     };
@@ -175,6 +178,13 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Bod
         Ok(text(status, &format!("nexus egress: {why}")))
     };
     let method = req.method().to_string();
+    // TRACE sends the request back, injected secrets included.
+    if req.method() == hyper::Method::TRACE || req.method() == hyper::Method::CONNECT {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("nexus egress: {method} is not sent to hosts nexusd puts secrets in"),
+        ));
+    }
     // The rules now, not the connection's: grants and lists change.
     let rules = match vm.gate.rules(&vm.name) {
         Ok(rules) => rules,
@@ -197,7 +207,6 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Bod
         .granted
         .refuse_unplaced(host, port, &path, &parts.headers, true)
     {
-        tracing::warn!(vm = vm.name, host, port, "egress: {why}");
         return refuse(rules.identity, method, StatusCode::FORBIDDEN, why);
     }
     parts.uri = match path.parse() {
@@ -214,11 +223,20 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Bod
     let used = rules.granted.inject(host, port, &mut parts.headers);
     {
         let mut all = super::lock(&conn.used);
-        for name in used {
-            if !all.contains(&name) {
-                all.push(name);
+        for name in &used.names {
+            if !all.contains(name) {
+                all.push(name.clone());
             }
         }
+    }
+    let scrubber = Scrubber::new(used.forms);
+    if !scrubber.is_empty() {
+        // An answer that quotes the request must be readable to be
+        // cleaned: no compression.
+        parts.headers.insert(
+            hyper::header::ACCEPT_ENCODING,
+            hyper::header::HeaderValue::from_static("identity"),
+        );
     }
     let mut upstream = conn.upstream.lock().await;
     // The upstream may have closed its side (keep-alive ended): a new
@@ -255,11 +273,78 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Bod
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_headers(&mut parts.headers);
-            Ok(Response::from_parts(parts, body.boxed()))
+            if scrubber.is_empty() {
+                return Ok(Response::from_parts(parts, body.boxed()));
+            }
+            for value in parts.headers.values_mut() {
+                let mut bytes = value.as_bytes().to_vec();
+                scrubber.mask(&mut bytes);
+                if let Ok(masked) = hyper::header::HeaderValue::from_bytes(&bytes) {
+                    *value = masked;
+                }
+            }
+            Ok(Response::from_parts(parts, scrubbed(body, scrubber)))
         }
         Err(e) => Ok(text(
             StatusCode::BAD_GATEWAY,
             &format!("nexus egress: {host}:{port}: {e}"),
         )),
     }
+}
+
+/// `body` with every form of the request's secrets masked as it streams.
+fn scrubbed(body: Incoming, scrubber: Scrubber) -> Body {
+    use hyper::body::{Bytes, Frame};
+    struct State {
+        body: Incoming,
+        scrubber: Scrubber,
+        /// Frames to send before reading on (held-back bytes, then trailers).
+        queue: std::collections::VecDeque<Result<Frame<Bytes>, hyper::Error>>,
+        done: bool,
+    }
+    let state = State {
+        body,
+        scrubber,
+        queue: Default::default(),
+        done: false,
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(next) = st.queue.pop_front() {
+                return Some((next, st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = st.scrubber.push(&data);
+                        if !out.is_empty() {
+                            st.queue.push_back(Ok(Frame::data(Bytes::from(out))));
+                        }
+                    }
+                    Err(trailers) => {
+                        let rest = st.scrubber.finish();
+                        if !rest.is_empty() {
+                            st.queue.push_back(Ok(Frame::data(Bytes::from(rest))));
+                        }
+                        st.queue.push_back(Ok(trailers));
+                    }
+                },
+                Some(Err(e)) => {
+                    st.queue.push_back(Err(e));
+                    st.done = true;
+                }
+                None => {
+                    let rest = st.scrubber.finish();
+                    if !rest.is_empty() {
+                        st.queue.push_back(Ok(Frame::data(Bytes::from(rest))));
+                    }
+                    st.done = true;
+                }
+            }
+        }
+    });
+    http_body_util::StreamBody::new(stream).boxed()
 }

@@ -177,7 +177,6 @@ async fn handle(
             .granted
             .refuse_unplaced(&host, port, &req.uri().to_string(), req.headers(), false)
     {
-        tracing::warn!(vm = vm.name, host, port, "egress: {why}");
         return refuse(record, StatusCode::FORBIDDEN, why);
     }
     let intercept = req.method() == Method::CONNECT && rules.granted.intercepts(&host, port);
@@ -425,7 +424,12 @@ async fn resolve_and_connect(
     let mut last = String::new();
     for addr in resolved {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => {
+                // A proxy passes bytes on as they come: no Nagle delay
+                // on small writes (a request head, a TLS record).
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
             Ok(Err(e)) => last = format!("connecting to {host} ({addr}): {e}"),
             Err(_) => last = format!("connecting to {host} ({addr}) timed out"),
         }

@@ -59,6 +59,22 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Headers a binding may not set: the proxy's own, and framing.
+const RESERVED_HEADERS: [&str; 12] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "accept-encoding",
+];
+
 /// The longest secret value taken.
 pub const MAX_VALUE_BYTES: usize = 8192;
 
@@ -78,22 +94,22 @@ impl Binding {
                 return Err("give `header` or `basic_user`, not both".into());
             }
             (Some(header), None) => {
+                // The header is not quoted back: an admin may have pasted
+                // the value itself into it.
                 let (name, template) = header.split_once(':').ok_or_else(|| {
-                    format!("`header` {header:?} must read `Name: value with {{secret}}`, such as `Authorization: Bearer {{secret}}`")
+                    "`header` must read `Name: value with {secret}`, such as `Authorization: Bearer {secret}`".to_owned()
                 })?;
-                let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
-                    format!("`header` {header:?} has no valid header name before ':'")
-                })?;
+                let name = HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| "`header` has no valid header name before ':'".to_owned())?;
+                if RESERVED_HEADERS.contains(&name.as_str()) {
+                    return Err(format!("`header` may not set {name}: nexusd sets it"));
+                }
                 let template = template.trim().to_owned();
                 if !template.contains("{secret}") {
-                    return Err(format!(
-                        "`header` {header:?} must hold {{secret}} where the value goes"
-                    ));
+                    return Err("`header` must hold {secret} where the value goes".into());
                 }
                 if HeaderValue::from_str(&template).is_err() {
-                    return Err(format!(
-                        "`header` {header:?} holds characters a header cannot"
-                    ));
+                    return Err("`header` holds characters a header cannot".into());
                 }
                 Inject::Header(name, template)
             }
@@ -147,6 +163,10 @@ impl Secret {
     }
 }
 
+/// What every placeholder starts with; 32 hex digits follow.
+const PLACEHOLDER_PREFIX: &str = "nexus-placeholder-";
+const PLACEHOLDER_HEX: usize = 32;
+
 /// A new placeholder: opaque, unguessable, and recognisable in a request.
 pub fn new_placeholder() -> String {
     let mut bytes = [0u8; 16];
@@ -159,7 +179,7 @@ pub fn new_placeholder() -> String {
             .unwrap_or(0);
         bytes = nanos.to_le_bytes();
     }
-    format!("nexus-placeholder-{}", hex::encode(bytes))
+    format!("{PLACEHOLDER_PREFIX}{}", hex::encode(bytes))
 }
 
 /// The secrets of one VM at one moment, and every placeholder known.
@@ -167,8 +187,8 @@ pub fn new_placeholder() -> String {
 pub struct Granted {
     /// The secrets the VM may use.
     pub secrets: Vec<Arc<Secret>>,
-    /// Every secret's (placeholder, name), granted or not.
-    pub placeholders: Arc<Vec<(String, String)>>,
+    /// Every secret's name by its placeholder, granted or not.
+    pub placeholders: Arc<std::collections::HashMap<String, String>>,
 }
 
 impl Granted {
@@ -178,17 +198,31 @@ impl Granted {
         self.secrets.iter().any(|s| s.bound_to(host, port))
     }
 
-    /// The first secret whose placeholder is in `text`.
-    fn found_in(&self, text: &str) -> Option<&str> {
-        self.placeholders
-            .iter()
-            .find(|(p, _)| text.contains(p.as_str()))
-            .map(|(_, name)| name.as_str())
+    /// The secrets whose placeholders are in `text`: one pass for the
+    /// common prefix, one lookup per occurrence (the cost does not grow
+    /// with the number of secrets).
+    fn found_in<'a>(&'a self, text: &'a [u8]) -> impl Iterator<Item = &'a str> + 'a {
+        let prefix = PLACEHOLDER_PREFIX.as_bytes();
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            while at + prefix.len() <= text.len() {
+                let start = at + text[at..].windows(prefix.len()).position(|w| w == prefix)?;
+                at = start + prefix.len();
+                let end = (at + PLACEHOLDER_HEX).min(text.len());
+                let candidate = String::from_utf8_lossy(&text[start..end]);
+                if let Some(name) = self.placeholders.get(candidate.as_ref()) {
+                    return Some(name.as_str());
+                }
+            }
+            None
+        })
     }
 
-    /// Refuses a request to `host:port` whose target or headers carry a
-    /// placeholder when nothing here replaces it (not over TLS this
-    /// proxy terminates, or not granted, or not bound to that host).
+    /// Refuses a request to `host:port` whose target or headers (names
+    /// or values) carry a placeholder that nothing here replaces: not
+    /// over TLS this proxy terminates, not granted, not bound to that
+    /// host, or of a secret nexusd sends in a header of its own (its
+    /// placeholder has no business anywhere).
     pub fn refuse_unplaced(
         &self,
         host: &str,
@@ -197,7 +231,7 @@ impl Granted {
         headers: &HeaderMap,
         intercepted: bool,
     ) -> Result<(), String> {
-        if let Some(name) = self.found_in(target) {
+        if let Some(name) = self.found_in(target.as_bytes()).next() {
             return Err(exfiltration(
                 name,
                 host,
@@ -205,48 +239,58 @@ impl Granted {
                 "in the request target (placeholders are replaced in headers only)",
             ));
         }
-        for value in headers.values() {
-            let Some(name) = self.found_in(&String::from_utf8_lossy(value.as_bytes())) else {
-                continue;
-            };
-            let secret = self.secrets.iter().find(|s| s.name == name);
-            let why = match secret {
-                None => "not granted to this VM",
-                Some(s) if !s.bound_to(host, port) => "not bound to this host",
-                Some(_) if !intercepted => {
-                    "sent where nexusd cannot replace it (plain http, or a tunnel's own request)"
-                }
-                Some(_) => continue,
-            };
-            return Err(exfiltration(name, host, port, why));
+        for (header, value) in headers {
+            if let Some(name) = self.found_in(header.as_str().as_bytes()).next() {
+                return Err(exfiltration(name, host, port, "in a header name"));
+            }
+            for name in self.found_in(value.as_bytes()) {
+                let secret = self.secrets.iter().find(|s| s.name == name);
+                let why = match secret {
+                    None => "not granted to this VM",
+                    Some(s) if !s.bound_to(host, port) => "not bound to this host",
+                    Some(_) if !intercepted => {
+                        "sent where nexusd cannot replace it (plain http, or a tunnel's own request)"
+                    }
+                    Some(s) if !matches!(s.inject, Inject::Placeholder) => {
+                        "whose value nexusd sends in a header of its own"
+                    }
+                    Some(_) => continue,
+                };
+                return Err(exfiltration(name, host, port, why));
+            }
         }
         Ok(())
     }
 
-    /// Puts the VM's secrets bound to `host:port` into `headers`: its
-    /// placeholders replaced, then each bound header or basic auth set.
-    /// Call [`Granted::refuse_unplaced`] first. Returns the secrets used,
-    /// by name.
-    pub fn inject(&self, host: &str, port: u16, headers: &mut HeaderMap) -> Vec<String> {
-        let mut used = Vec::new();
+    /// Puts the VM's secrets bound to `host:port` into `headers`: the
+    /// placeholders of placeholder-only secrets replaced, then each bound
+    /// header or basic auth set. Call [`Granted::refuse_unplaced`] first.
+    /// Returns the secrets used: what an answer must not echo.
+    pub fn inject(&self, host: &str, port: u16, headers: &mut HeaderMap) -> Used {
+        let mut used = Used::default();
         let bound: Vec<&Arc<Secret>> = self
             .secrets
             .iter()
             .filter(|s| s.bound_to(host, port))
             .collect();
         for value in headers.values_mut() {
-            let mut text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            let mut bytes = value.as_bytes().to_vec();
             let mut changed = false;
             for secret in &bound {
-                if text.contains(&secret.placeholder) {
-                    text = text.replace(&secret.placeholder, &secret.value);
+                if matches!(secret.inject, Inject::Placeholder)
+                    && let Some(replaced) = replace(
+                        &bytes,
+                        secret.placeholder.as_bytes(),
+                        secret.value.as_bytes(),
+                    )
+                {
+                    bytes = replaced;
                     changed = true;
-                    if !used.contains(&secret.name) {
-                        used.push(secret.name.clone());
-                    }
+                    used.add(secret, secret.value.as_bytes().to_vec());
                 }
             }
-            if changed && let Ok(new) = HeaderValue::from_str(&text) {
+            if changed && let Ok(mut new) = HeaderValue::from_bytes(&bytes) {
+                new.set_sensitive(true);
                 *value = new;
             }
         }
@@ -255,25 +299,126 @@ impl Granted {
                 Inject::Placeholder => continue,
                 Inject::Header(name, template) => {
                     HeaderValue::from_str(&template.replace("{secret}", &secret.value))
-                        .map(|v| (name.clone(), v))
+                        .map(|v| (name.clone(), v, secret.value.clone()))
                 }
                 Inject::Basic(user) => {
                     use base64::Engine;
                     let token = base64::engine::general_purpose::STANDARD
                         .encode(format!("{user}:{}", secret.value));
                     HeaderValue::from_str(&format!("Basic {token}"))
-                        .map(|v| (hyper::header::AUTHORIZATION, v))
+                        .map(|v| (hyper::header::AUTHORIZATION, v, token))
                 }
             };
-            if let Ok((name, mut value)) = set {
+            if let Ok((name, mut value, sent)) = set {
                 value.set_sensitive(true);
                 headers.insert(name, value);
-                if !used.contains(&secret.name) {
-                    used.push(secret.name.clone());
-                }
+                used.add(secret, secret.value.as_bytes().to_vec());
+                used.add(secret, sent.into_bytes());
             }
         }
         used
+    }
+}
+
+/// The secrets one request carried: their names, and every form in which
+/// their values went (as is, basic auth's base64), for the answer to be
+/// cleaned of.
+#[derive(Default)]
+pub struct Used {
+    pub names: Vec<String>,
+    pub forms: Vec<Vec<u8>>,
+}
+
+impl Used {
+    fn add(&mut self, secret: &Secret, form: Vec<u8>) {
+        if !self.names.contains(&secret.name) {
+            self.names.push(secret.name.clone());
+        }
+        if !form.is_empty() && !self.forms.contains(&form) {
+            self.forms.push(form);
+        }
+    }
+}
+
+fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    let mut found = false;
+    while let Some(at) = rest.windows(from.len()).position(|w| w == from) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(to);
+        rest = &rest[at + from.len()..];
+        found = true;
+    }
+    out.extend_from_slice(rest);
+    found.then_some(out)
+}
+
+/// Masks what an upstream sends back of the secrets a request carried
+/// (an echo endpoint, an error page quoting the request): each form, as
+/// is, becomes as many `*`, so lengths (and Content-Length) hold. A
+/// chunk's last bytes wait for the next, so a value split between two
+/// chunks is caught too.
+pub struct Scrubber {
+    forms: Vec<Vec<u8>>,
+    keep: usize,
+    carry: Vec<u8>,
+}
+
+impl Scrubber {
+    pub fn new(forms: Vec<Vec<u8>>) -> Self {
+        let keep = forms
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        Self {
+            forms,
+            keep,
+            carry: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.forms.is_empty()
+    }
+
+    /// Masks every form in `bytes` in place.
+    pub fn mask(&self, bytes: &mut [u8]) {
+        for form in &self.forms {
+            let mut at = 0;
+            while at + form.len() <= bytes.len() {
+                match bytes[at..]
+                    .windows(form.len())
+                    .position(|w| w == form.as_slice())
+                {
+                    Some(found) => {
+                        let start = at + found;
+                        bytes[start..start + form.len()].fill(b'*');
+                        at = start + form.len();
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// The next chunk, masked, less the bytes held for the next one.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(chunk);
+        self.mask(&mut buf);
+        let split = buf.len().saturating_sub(self.keep);
+        self.carry = buf.split_off(split);
+        buf
+    }
+
+    /// What was held back, masked: the end of the body.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut rest = std::mem::take(&mut self.carry);
+        self.mask(&mut rest);
+        rest
     }
 }
 
@@ -287,12 +432,26 @@ fn exfiltration(name: &str, host: &str, port: u16, why: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A placeholder of the real form, one per name.
+    fn ph(name: &str) -> String {
+        let digit = match name {
+            "API" => 'a',
+            "GIT" => 'b',
+            "HDR" => 'c',
+            _ => 'd',
+        };
+        format!(
+            "{PLACEHOLDER_PREFIX}{}",
+            digit.to_string().repeat(PLACEHOLDER_HEX)
+        )
+    }
+
     fn granted(bindings: &[(&str, Binding)]) -> Granted {
         let secrets: Vec<Arc<Secret>> = bindings
             .iter()
             .map(|(name, b)| {
                 Arc::new(
-                    Secret::new(name, &format!("value-of-{name}"), b, &format!("ph-{name}"))
+                    Secret::new(name, &format!("value-of-{name}"), b, &ph(name))
                         .unwrap_or_else(|e| panic!("{e}")),
                 )
             })
@@ -301,7 +460,7 @@ mod tests {
             secrets
                 .iter()
                 .map(|s| (s.placeholder.clone(), s.name.clone()))
-                .chain([("ph-OTHER".to_owned(), "OTHER".to_owned())])
+                .chain([(ph("OTHER"), "OTHER".to_owned())])
                 .collect(),
         );
         Granted {
@@ -314,9 +473,8 @@ mod tests {
         h.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    #[test]
-    fn placeholders_are_replaced_only_for_bound_hosts_and_bound_headers_set() {
-        let g = granted(&[
+    fn three() -> Granted {
+        granted(&[
             (
                 "API",
                 Binding {
@@ -340,52 +498,102 @@ mod tests {
                     ..Default::default()
                 },
             ),
-        ]);
+        ])
+    }
+
+    fn with(name: &'static str, value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            name,
+            HeaderValue::from_str(value).unwrap_or_else(|e| panic!("{e}")),
+        );
+        h
+    }
+
+    #[test]
+    fn placeholders_are_replaced_only_for_bound_hosts_and_bound_headers_set() {
+        let g = three();
         assert!(g.intercepts("api.test", 443) && g.intercepts("git.test", 443));
         assert!(!g.intercepts("other.test", 443));
-        let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_static("Bearer ph-API"));
+        let mut h = with("authorization", &format!("Bearer {}", ph("API")));
         assert!(g.refuse_unplaced("api.test", 443, "/v1", &h, true).is_ok());
         let used = g.inject("api.test", 443, &mut h);
         assert_eq!(h["authorization"], "Bearer value-of-API");
+        assert!(h["authorization"].is_sensitive());
         assert_eq!(h["x-key"], "k=value-of-HDR");
-        assert_eq!(used, ["API", "HDR"]);
+        assert_eq!(used.names, ["API", "HDR"]);
         let mut h = HeaderMap::new();
-        assert_eq!(g.inject("git.test", 443, &mut h), ["GIT"]);
-        assert_eq!(
-            h["authorization"],
-            "Basic eC1hY2Nlc3MtdG9rZW46dmFsdWUtb2YtR0lU"
+        let used = g.inject("git.test", 443, &mut h);
+        assert_eq!(used.names, ["GIT"]);
+        let basic = "eC1hY2Nlc3MtdG9rZW46dmFsdWUtb2YtR0lU";
+        assert_eq!(h["authorization"], format!("Basic {basic}").as_str());
+        assert!(
+            used.forms.contains(&basic.as_bytes().to_vec()),
+            "the base64 form is cleaned too"
         );
     }
 
     #[test]
     fn a_placeholder_anywhere_it_is_not_replaced_is_refused() {
-        let g = granted(&[(
-            "API",
-            Binding {
-                hosts: hosts(&["api.test"]),
-                ..Default::default()
-            },
-        )]);
-        let with = |v: &'static str| {
-            let mut h = HeaderMap::new();
-            h.insert("x-anything", HeaderValue::from_static(v));
-            h
-        };
-        let refused = |host, target, h: &HeaderMap, tls| {
+        let g = three();
+        let refused = |host: &str, target: &str, h: &HeaderMap, tls: bool| -> String {
             g.refuse_unplaced(host, 443, target, h, tls)
                 .err()
                 .unwrap_or_default()
         };
+        let api = ph("API");
         assert!(
-            refused("evil.test", "/", &with("ph-API"), true).contains("not bound to this host")
+            refused("evil.test", "/", &with("x-anything", &api), true)
+                .contains("not bound to this host")
         );
-        assert!(refused("api.test", "/", &with("ph-OTHER"), true).contains("not granted"));
         assert!(
-            refused("api.test", "/?k=ph-API", &HeaderMap::new(), true).contains("request target")
+            refused("api.test", "/", &with("x-anything", &ph("OTHER")), true)
+                .contains("not granted")
         );
-        assert!(refused("api.test", "/", &with("ph-API"), false).contains("cannot replace"));
-        assert!(refused("api.test", "/", &with("ph-API"), false).contains("exfiltration"));
+        assert!(
+            refused("api.test", &format!("/?k={api}"), &HeaderMap::new(), true)
+                .contains("request target")
+        );
+        assert!(
+            refused("api.test", "/", &with("x-anything", &api), false).contains("cannot replace")
+        );
+        assert!(
+            refused("api.test", "/", &with("x-anything", &api), false).contains("exfiltration")
+        );
+        // A secret nexusd sends in its own header: its placeholder goes
+        // nowhere, not even to its host.
+        assert!(
+            refused("git.test", "/", &with("user-agent", &ph("GIT")), true)
+                .contains("header of its own")
+        );
+        // The second placeholder in one value counts too.
+        let both = format!("{api} {}", ph("OTHER"));
+        assert!(refused("api.test", "/", &with("x-anything", &both), true).contains("not granted"));
+        // A prefix without its digits is no placeholder.
+        assert!(
+            g.refuse_unplaced(
+                "api.test",
+                443,
+                "/nexus-placeholder-",
+                &HeaderMap::new(),
+                true
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn echoed_values_are_masked_across_chunks() {
+        let mut s = Scrubber::new(vec![b"SECRET".to_vec(), b"U0VDUkVU".to_vec()]);
+        let mut out = s.push(b"a SEC");
+        out.extend(s.push(b"RET b U0VD"));
+        out.extend(s.push(b"UkVU c"));
+        out.extend(s.finish());
+        assert_eq!(out, b"a ****** b ******** c");
+        let mut s = Scrubber::new(vec![b"SECRET".to_vec()]);
+        let mut out = s.push(b"no secret here, SECRE");
+        out.extend(s.finish());
+        assert_eq!(out, b"no secret here, SECRE");
     }
 
     #[test]
@@ -430,6 +638,14 @@ mod tests {
                     basic_user: Some("u".into()),
                 },
                 "not both",
+            ),
+            (
+                Binding {
+                    hosts: hosts(&["a"]),
+                    header: Some("Host: {secret}".into()),
+                    ..Default::default()
+                },
+                "may not set host",
             ),
             (
                 Binding {

@@ -13,7 +13,7 @@ use super::{NexusTools, done};
 use crate::daemon::SecretInfo;
 use crate::egress::secrets::Binding;
 
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetSecretParams {
     /// Its name: A-Z, 0-9 and _ (VMs granted it see NEXUS_SECRET_<NAME>).
@@ -33,6 +33,17 @@ pub struct SetSecretParams {
     /// carries the placeholder in a header.
     #[serde(default)]
     pub basic_user: Option<String>,
+}
+
+/// Never its value, nor a header that might hold it.
+impl std::fmt::Debug for SetSecretParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetSecretParams")
+            .field("name", &self.name)
+            .field("hosts", &self.hosts)
+            .field("basic_user", &self.basic_user)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
