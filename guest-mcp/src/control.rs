@@ -189,6 +189,13 @@ impl ControlTools {
         &self,
         Parameters(p): Parameters<NetworkParams>,
     ) -> Result<CallToolResult, String> {
+        // It writes the trust store: a guest-mcp on a host leaves the
+        // host's alone.
+        if self.power == PowerAction::Refuse {
+            return Err(
+                "set_network changes the trust store and the environment: only inside a VM".into(),
+            );
+        }
         let names =
             tokio::task::spawn_blocking(move || crate::network::apply(p.ca_pem.as_deref(), &p.env))
                 .await

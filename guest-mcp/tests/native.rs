@@ -97,6 +97,7 @@ async fn the_control_channel_has_its_own_tools_and_refuses_to_power_off_a_host()
             "freeze",
             "mount",
             "remount",
+            "set_network",
             "shutdown",
             "sync",
             "thaw",
@@ -105,6 +106,15 @@ async fn the_control_channel_has_its_own_tools_and_refuses_to_power_off_a_host()
     );
     let err = call(&control, "shutdown", json!({})).await.err();
     assert!(err.contains("will not power its host off"), "{err}");
+    // Nor does it touch its host's trust store.
+    let err = call(
+        &control,
+        "set_network",
+        json!({"ca_pem": "-----BEGIN CERTIFICATE-----\n", "env": {}}),
+    )
+    .await
+    .err();
+    assert!(err.contains("only inside a VM"), "{err}");
     assert_eq!(call(&control, "sync", json!({})).await.ok()["ok"], true);
     // Agent tools are not on the control channel, and vice versa.
     let agent = server.client().await;

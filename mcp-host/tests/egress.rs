@@ -15,23 +15,11 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{State, call, can_run};
+use common::{State, call, can_run, sh};
 use nexus_integration::ensure_default_image;
 use rmcp::ServiceExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-type Client = rmcp::service::RunningService<rmcp::RoleClient, ()>;
-
-async fn sh(client: &Client, vm: &str, command: &str) -> Value {
-    call(
-        client,
-        &format!("{vm}__exec"),
-        json!({"command": command, "timeout_s": 60}),
-    )
-    .await
-    .ok()
-}
 
 /// A tiny HTTP/1.1 server answering every request with `body`; with
 /// `tls`, behind that TLS acceptor.

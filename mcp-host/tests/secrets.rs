@@ -17,7 +17,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use common::{State, call, can_run};
+use common::{State, call, can_run, sh};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -25,18 +25,6 @@ use hyper_util::rt::TokioIo;
 use nexus_integration::ensure_default_image;
 use rmcp::ServiceExt;
 use serde_json::{Value, json};
-
-type Client = rmcp::service::RunningService<rmcp::RoleClient, ()>;
-
-async fn sh(client: &Client, vm: &str, command: &str) -> Value {
-    call(
-        client,
-        &format!("{vm}__exec"),
-        json!({"command": command, "timeout_s": 600}),
-    )
-    .await
-    .ok()
-}
 
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]

@@ -35,6 +35,16 @@ pub(super) async fn handshake<S>(
     }
 }
 
+/// A tool result's text, joined (what a refusing guest said).
+pub(super) fn result_text(result: &rmcp::model::CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.as_str()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Storage's hooks, done by a running guest over its control channel.
 pub(super) struct GuestHooks {
     pub handle: tokio::runtime::Handle,
@@ -100,12 +110,11 @@ impl GuestHooks {
             })?
             .map_err(|e| format!("{tool} on VM {}: {e}", self.vm))?;
         if result.is_error == Some(true) {
-            let text: Vec<String> = result
-                .content
-                .iter()
-                .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-                .collect();
-            return Err(format!("{tool} on VM {}: {}", self.vm, text.join(" ")));
+            return Err(format!(
+                "{tool} on VM {}: {}",
+                self.vm,
+                result_text(&result)
+            ));
         }
         Ok(())
     }

@@ -270,12 +270,7 @@ impl Daemon {
                 .map_err(|e| e.to_string())?;
             let _ = client.cancel().await;
             if result.is_error == Some(true) {
-                let text: Vec<String> = result
-                    .content
-                    .iter()
-                    .filter_map(|c| c.as_text().map(|t| t.text.clone()))
-                    .collect();
-                return Err(text.join(" "));
+                return Err(super::hooks::result_text(&result));
             }
             Ok::<(), String>(())
         };

@@ -20,7 +20,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client::TlsStream};
 
-use super::proxy::{Body, Counted, Slot, Vm, open, set_host, strip_hop_headers, text};
+use super::proxy::{
+    Body, Counted, Slot, Vm, bad_path, open, origin_form, set_host, strip_hop_headers, text,
+};
 use super::secrets::Scrubber;
 use super::{Outcome, Record};
 
@@ -198,26 +200,17 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Bod
         return refuse(rules.identity, method, StatusCode::FORBIDDEN, why);
     }
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    if let Err(why) = rules
-        .granted
-        .refuse_unplaced(host, port, &path, &parts.headers, true)
+    parts.uri = match origin_form(&parts.uri) {
+        Some(uri) => uri,
+        None => return Ok(bad_path()),
+    };
+    if let Err(why) =
+        rules
+            .granted
+            .refuse_unplaced(host, port, &parts.uri.to_string(), &parts.headers, true)
     {
         return refuse(rules.identity, method, StatusCode::FORBIDDEN, why);
     }
-    parts.uri = match path.parse() {
-        Ok(uri) => uri,
-        Err(_) => {
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                "nexus egress: bad request path",
-            ));
-        }
-    };
     strip_hop_headers(&mut parts.headers);
     set_host(&mut parts.headers, host, port, 443);
     let used = rules.granted.inject(host, port, &mut parts.headers);

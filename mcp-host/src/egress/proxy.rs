@@ -262,19 +262,9 @@ async fn handle(
         finish(record, outcome, &gate);
     });
     let (mut parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
-    parts.uri = match path.parse() {
-        Ok(uri) => uri,
-        Err(_) => {
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                "nexus egress: bad request path",
-            ));
-        }
+    parts.uri = match origin_form(&parts.uri) {
+        Some(uri) => uri,
+        None => return Ok(bad_path()),
     };
     strip_hop_headers(&mut parts.headers);
     set_host(&mut parts.headers, &host, port, 80);
@@ -289,6 +279,19 @@ async fn handle(
             &format!("nexus egress: {host}:{port}: {e}"),
         )),
     }
+}
+
+/// The path and query alone: how a request goes to its origin.
+pub(super) fn origin_form(uri: &hyper::Uri) -> Option<hyper::Uri> {
+    uri.path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .ok()
+}
+
+/// The answer to a request whose path does not read.
+pub(super) fn bad_path() -> Response<Body> {
+    text(StatusCode::BAD_REQUEST, "nexus egress: bad request path")
 }
 
 /// Removes the headers of this hop: the usual ones and those the

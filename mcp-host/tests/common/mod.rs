@@ -326,3 +326,18 @@ pub async fn python_script(script: &str, args: &[&str], uid: Option<u32>) -> Val
     let stdout = String::from_utf8(out.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
+
+/// `command` by guest tool `<vm>__exec` (10 minutes at most); its answer.
+pub async fn sh<H: rmcp::ClientHandler>(
+    client: &RunningService<RoleClient, H>,
+    vm: &str,
+    command: &str,
+) -> Value {
+    call(
+        client,
+        &format!("{vm}__exec"),
+        serde_json::json!({"command": command, "timeout_s": 600}),
+    )
+    .await
+    .ok()
+}
