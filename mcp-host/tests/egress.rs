@@ -229,6 +229,102 @@ async fn a_vm_reaches_allowed_upstreams_through_the_proxy_and_nothing_else() {
     .err();
     assert!(err.contains("may hold only"), "{err}");
 
+    // A slow upstream (it takes the connection and never answers) holds
+    // only its own request: another, meanwhile, is answered.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_port = slow.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = slow.accept().await {
+            held.push(s);
+        }
+    });
+    call(
+        &client,
+        "set_egress",
+        json!({"vm": "net", "egress": [format!("upstream.test:{http_port}"), format!("upstream.test:{slow_port}")]}),
+    )
+    .await
+    .ok();
+    let out = sh(
+        &client,
+        "net",
+        &format!(
+            "(curl -sS -m 30 http://upstream.test:{slow_port}/; touch /tmp/slow-done) >/dev/null 2>&1 & sleep 1; \
+             curl -sS http://upstream.test:{http_port}/meanwhile; \
+             [ -e /tmp/slow-done ] && echo slow-finished || echo slow-pending"
+        ),
+    )
+    .await;
+    assert_eq!(
+        out["stdout"], "hello from upstream\nslow-pending\n",
+        "{out}"
+    );
+
+    // Its owner's role with no egress at all: nothing gets out, whatever
+    // the VM's own list says.
+    call(
+        &client,
+        "set_role",
+        json!({"name": "closed", "tools": ["*"], "vms": "own", "egress": []}),
+    )
+    .await
+    .ok();
+    call(
+        &client,
+        "create_token",
+        json!({"name": "closed-bot", "role": "closed"}),
+    )
+    .await
+    .ok();
+    let before = call(&client, "get_vm", json!({"vm": "net"})).await.ok();
+    call(
+        &client,
+        "give_vm",
+        json!({"vm": "net", "owner": "token:closed-bot"}),
+    )
+    .await
+    .ok();
+    let out = sh(
+        &client,
+        "net",
+        &format!("curl -sS -w ' %{{http_code}}' http://upstream.test:{http_port}/"),
+    )
+    .await;
+    assert!(
+        out["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("is not on VM net's egress allowlist")
+            && out["stdout"].as_str().unwrap().ends_with(" 403"),
+        "{out}"
+    );
+    call(
+        &client,
+        "give_vm",
+        json!({"vm": "net", "owner": before["owner"]}),
+    )
+    .await
+    .ok();
+
+    // Stopped and started again: a new proxy, the VM's own list kept.
+    call(&client, "stop_vm", json!({"vm": "net"})).await.ok();
+    let started = call(&client, "start_vm", json!({"vm": "net"})).await.ok();
+    assert_eq!(started["egress"].as_array().unwrap().len(), 2, "{started}");
+    let out = sh(
+        &client,
+        "net",
+        &format!("curl -sS http://upstream.test:{http_port}/again; curl -sS -w ' %{{http_code}}' http://upstream.test:{other_port}/"),
+    )
+    .await;
+    let stdout = out["stdout"].as_str().unwrap();
+    assert!(
+        stdout.starts_with("hello from upstream\n")
+            && stdout.contains("not on VM net's egress allowlist")
+            && stdout.ends_with(" 403"),
+        "{out}"
+    );
+
     // Every connection is in the trail, as the VM's (written once each
     // connection ends: waited for).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -265,6 +361,13 @@ async fn a_vm_reaches_allowed_upstreams_through_the_proxy_and_nothing_else() {
     let args: Value = serde_json::from_str(tunnelled["arguments"].as_str().unwrap()).unwrap();
     assert_eq!(args["port"], https_port);
     assert!(args["bytes_down"].as_u64().unwrap() > 0, "{args}");
+    // A plain request's row says what the upstream answered.
+    let plain = egress
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(r["arguments"].as_str().unwrap()).unwrap())
+        .find(|a| a["method"] == "GET" && a["port"] == http_port)
+        .unwrap();
+    assert_eq!(plain["status"], 200, "{plain}");
 
     // And counted.
     let metrics = http_get(&url.replace("/mcp", "/metrics"), &state.admin_token()).await;

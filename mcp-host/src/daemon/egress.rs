@@ -125,6 +125,9 @@ impl Gate for DaemonGate {
             "why": why.as_deref().map(cut),
         });
         let mut arguments = arguments;
+        if let Some(status) = r.status {
+            arguments["status"] = status.into();
+        }
         if r.intercepted {
             arguments["intercepted"] = true.into();
             arguments["requests"] = r.requests.into();

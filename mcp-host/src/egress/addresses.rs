@@ -88,6 +88,23 @@ fn refused_v6(a: Ipv6Addr) -> Option<&'static str> {
 }
 
 /// The host's own addresses (every interface's), refused as upstreams.
+/// [`host_addresses`], read again at most every 30 s (interfaces come
+/// and go: a new one's addresses are refused soon after).
+pub fn host_addresses_now() -> std::sync::Arc<Vec<IpAddr>> {
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::{Duration, Instant};
+    static CACHE: Mutex<Option<(Instant, Arc<Vec<IpAddr>>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    match &*cache {
+        Some((read, addrs)) if read.elapsed() < Duration::from_secs(30) => addrs.clone(),
+        _ => {
+            let addrs = Arc::new(host_addresses());
+            *cache = Some((Instant::now(), addrs.clone()));
+            addrs
+        }
+    }
+}
+
 pub fn host_addresses() -> Vec<IpAddr> {
     let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();

@@ -176,6 +176,7 @@ async fn forward(conn: Arc<Conn>, req: Request<Incoming>) -> Result<Response<Bod
             intercepted: true,
             requests: 1,
             secrets: Vec::new(),
+            status: None,
         });
         Ok(text(status, &format!("nexus egress: {why}")))
     };

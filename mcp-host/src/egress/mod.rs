@@ -62,6 +62,8 @@ pub struct Record {
     pub requests: u64,
     /// The secrets sent upstream, by name.
     pub secrets: Vec<String>,
+    /// A plain HTTP request's answer from upstream.
+    pub status: Option<u16>,
 }
 
 /// How an egress connection ended.

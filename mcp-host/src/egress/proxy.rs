@@ -5,7 +5,7 @@
 //! to that host: then the connection is intercepted (`intercept`).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +41,6 @@ pub(super) struct Vm {
     pub(super) name: String,
     pub(super) gate: Arc<dyn Gate>,
     pub(super) settings: Settings,
-    host_addresses: Vec<IpAddr>,
     /// Cancelled when the VM's proxy stops: every connection and tunnel
     /// of the VM ends with it.
     pub(super) stop: CancellationToken,
@@ -65,7 +64,6 @@ pub async fn serve(
     let vm = Arc::new(Vm {
         name: vm,
         gate,
-        host_addresses: addresses::host_addresses(),
         settings,
         stop,
     });
@@ -154,6 +152,7 @@ async fn handle(
         intercepted: false,
         requests: 0,
         secrets: Vec::new(),
+        status: None,
     };
     let refuse = |mut record: Record, status: StatusCode, why: String| {
         record.outcome = if status == StatusCode::FORBIDDEN {
@@ -256,28 +255,53 @@ async fn handle(
                 ));
             }
         };
+    // Recorded when the connection ends (every byte counted) and the
+    // request has come to something: the upstream's status, or why not.
+    let (answer, answered) = tokio::sync::oneshot::channel::<Result<u16, String>>();
     let gate = vm.gate.clone();
+    let stop = vm.stop.clone();
     tokio::spawn(async move {
-        let outcome = conn.await.map_err(|e| e.to_string());
+        let ended = tokio::select! {
+            ended = conn => ended.map_err(|e| e.to_string()),
+            _ = stop.cancelled() => Err("cut: the VM's egress stopped".to_owned()),
+        };
+        let answer = answered
+            .await
+            .unwrap_or_else(|_| Err("no answer".to_owned()));
+        let outcome = match (ended, answer) {
+            (Err(why), _) | (Ok(()), Err(why)) => Err(why),
+            (Ok(()), Ok(status)) => {
+                record.status = Some(status);
+                Ok(())
+            }
+        };
         finish(record, outcome, &gate);
     });
     let (mut parts, body) = req.into_parts();
     parts.uri = match origin_form(&parts.uri) {
         Some(uri) => uri,
-        None => return Ok(bad_path()),
+        None => {
+            let _ = answer.send(Err("bad request path".into()));
+            return Ok(bad_path());
+        }
     };
     strip_hop_headers(&mut parts.headers);
     set_host(&mut parts.headers, &host, port, 80);
     match sender.send_request(Request::from_parts(parts, body)).await {
         Ok(response) => {
+            let _ = answer.send(Ok(response.status().as_u16()));
             let (mut parts, body) = response.into_parts();
             strip_hop_headers(&mut parts.headers);
             Ok(Response::from_parts(parts, body.boxed()))
         }
-        Err(e) => Ok(text(
-            StatusCode::BAD_GATEWAY,
-            &format!("nexus egress: {host}:{port}: {e}"),
-        )),
+        Err(e) => {
+            let why = format!("{host}:{port}: {e}");
+            let _ = answer.send(Err(why.clone()));
+            Ok(text(
+                StatusCode::BAD_GATEWAY,
+                &format!("nexus egress: {why}"),
+            ))
+        }
     }
 }
 
@@ -414,9 +438,10 @@ async fn resolve_and_connect(
     }
     // Every address, not just the first: a name must not lead anywhere
     // the host's networks are.
+    let host_addresses = addresses::host_addresses_now();
     for addr in &resolved {
         if let Some(why) =
-            addresses::refused(addr.ip(), &vm.host_addresses, vm.settings.allow_loopback)
+            addresses::refused(addr.ip(), &host_addresses, vm.settings.allow_loopback)
         {
             return Err((
                 StatusCode::FORBIDDEN,
