@@ -121,6 +121,19 @@ async fn after_sigkill_live_vms_are_adopted_and_dead_ones_marked_stopped() {
         .await
         .ok();
     assert_eq!(read["content"], "still here\n");
+    // Its way out is served again: the new daemon's egress proxy answers
+    // (refusing a private address, which needs no upstream).
+    let out = call(
+        &client,
+        "live__exec",
+        json!({"command": "wget -q -O - http://10.1.2.3/ 2>&1; true"}),
+    )
+    .await
+    .ok();
+    assert!(
+        out["stdout"].as_str().unwrap().contains("403"),
+        "the adopted VM's egress proxy: {out}"
+    );
 
     let info = call(&client, "get_vm", json!({"vm": "dead"})).await.ok();
     assert_eq!(
