@@ -31,10 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::Daemon;
 use crate::tools::{NexusTools, Surface, surface};
 
-/// The protocol name of the upgrade.
-pub const UPGRADE_PROTOCOL: &str = "nexus-mcp-stdio";
-/// The admin socket's path for it.
-pub const PATH: &str = "/stdio";
+/// The protocol name of the upgrade, and the admin socket's path for it
+/// (shared with clients: nexusctl upgrades the same way).
+pub use nexus_types::admin::{MCP_PATH as PATH, UPGRADE_PROTOCOL};
 
 /// Who is at the other end of an admin socket connection.
 #[derive(Debug, Clone, Copy)]

@@ -1,84 +1,129 @@
 //! nexusctl: the admin's command line for nexusd.
 //!
-//! It speaks to a running nexusd over HTTP. For now it checks the daemon's
-//! health; VM, snapshot and image commands arrive as typed MCP calls of
-//! nexusd's tools, mirroring their names.
+//! A typed MCP client of nexusd's management tools, over the admin Unix
+//! socket by default (the caller's uid is its identity) or HTTP with a
+//! token. Tables for people, `--json` for scripts; exit codes say what
+//! went wrong (see `--help`).
+//!
+//! - `connect`: reaching nexusd (socket upgrade, or HTTP).
+//! - `error`: failures and their exit codes.
+//! - `table`: the human output.
+//! - `commands`: one function per command.
 
+mod commands;
+mod connect;
+mod error;
+mod table;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::connect::Endpoint;
+use crate::error::CtlError;
+
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 nexusd refused or failed the operation (the message says why); 2 bad usage; 3 nexusd not reachable; 4 permission denied.";
+
 #[derive(Debug, Parser)]
-#[command(version, about = "Admin CLI for the Nexus daemon")]
+#[command(
+    version,
+    about = "Admin CLI for the Nexus daemon",
+    after_help = EXIT_CODES
+)]
 struct Cli {
-    /// nexusd's HTTP address.
-    #[arg(
-        long,
-        global = true,
-        env = "NEXUS_URL",
-        default_value = "http://127.0.0.1:7777"
-    )]
-    url: String,
+    /// nexusd's admin socket (the default way in: your uid is your identity).
+    #[arg(long, global = true, env = "NEXUS_SOCKET", default_value = nexus_types::admin::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// nexusd's HTTP endpoint instead (`http://HOST:PORT`, `/mcp` added).
+    #[arg(long, global = true, env = "NEXUS_URL")]
+    url: Option<String>,
+    /// A file holding the API token for --url (or NEXUS_TOKEN).
+    #[arg(long, global = true, env = "NEXUS_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Print nexusd's answer as JSON (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Check that nexusd answers on its health endpoint.
+    /// Check that nexusd answers on its HTTP health endpoint.
+    #[command(after_help = "Example: nexusctl --url http://127.0.0.1:7777 health")]
     Health,
+    /// VMs: list, create, show, start, stop, remove.
+    #[command(subcommand)]
+    Vm(commands::vm::VmCmd),
+    /// Secrets for VMs' egress (admin only); values are read from stdin or
+    /// a file, never from the command line.
+    #[command(subcommand)]
+    Secret(commands::secret::SecretCmd),
 }
 
-fn health(url: &str) -> anyhow::Result<String> {
-    let endpoint = format!("{}/healthz", url.trim_end_matches('/'));
-    let body = ureq::get(&endpoint)
-        .call()
-        .map_err(|e| {
-            anyhow::anyhow!("nexusd did not answer at {endpoint}: {e} (is `nexusd serve` running?)")
-        })?
-        .body_mut()
-        .read_to_string()?;
-    Ok(body.trim().to_owned())
+fn token(cli: &Cli) -> Result<Option<String>, CtlError> {
+    if let Some(path) = &cli.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CtlError::Local(format!("the token file {}: {e}", path.display())))?;
+        return Ok(Some(text.trim().to_owned()));
+    }
+    Ok(std::env::var("NEXUS_TOKEN").ok().filter(|t| !t.is_empty()))
+}
+
+fn endpoint(cli: &Cli) -> Result<Endpoint, CtlError> {
+    Ok(match &cli.url {
+        Some(url) => {
+            let url = url.trim_end_matches('/');
+            let url = if url.ends_with("/mcp") {
+                url.to_owned()
+            } else {
+                format!("{url}/mcp")
+            };
+            Endpoint::Http {
+                url,
+                token: token(cli)?,
+            }
+        }
+        None => Endpoint::Socket(cli.socket.clone()),
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), CtlError> {
+    if let Cmd::Health = cli.command {
+        let url = cli.url.as_deref().unwrap_or("http://127.0.0.1:7777");
+        let status = commands::health(url)?;
+        println!("nexusd at {url}: {status}");
+        return Ok(());
+    }
+    let client = connect::connect(&endpoint(&cli)?).await?;
+    let out = commands::Out { json: cli.json };
+    let result = match cli.command {
+        Cmd::Health => Ok(()),
+        Cmd::Vm(cmd) => commands::vm::run(&client, cmd, &out).await,
+        Cmd::Secret(cmd) => commands::secret::run(&client, cmd, &out).await,
+    };
+    let _ = client.cancel().await;
+    result
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Health => match health(&cli.url) {
-            Ok(status) => {
-                println!("nexusd at {}: {status}", cli.url);
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("nexusctl: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    #[test]
-    fn health_reads_the_endpoint_and_explains_failures() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).unwrap();
-            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("GET /healthz "));
-            conn.write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
-            )
-            .unwrap();
-        });
-        assert_eq!(health(&url).unwrap(), "ok");
-        server.join().unwrap();
-        let err = health("http://127.0.0.1:1").unwrap_err().to_string();
-        assert!(err.contains("is `nexusd serve` running?"), "{err}");
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nexusctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nexusctl: {e}");
+            ExitCode::from(e.code())
+        }
     }
 }

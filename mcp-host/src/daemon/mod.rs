@@ -33,7 +33,6 @@ use std::sync::{Arc, Weak};
 use nexus_storage::{Storage, StorageConfig, StorageError, validate_name};
 use nexus_vmm::qemu::QemuBackend;
 use nexus_vmm::{Vm, Vmm, VmmConfig, VmmError};
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -92,38 +91,7 @@ struct VmConfig {
     egress: Option<Vec<String>>,
 }
 
-/// A VM as the management tools show it.
-#[derive(Debug, Clone, Serialize, JsonSchema)]
-pub struct VmInfo {
-    pub name: String,
-    /// `running` or `stopped`.
-    pub state: String,
-    pub image: String,
-    /// The version of the image it was made from and boots
-    /// (`sha256:HEX`; a rebuilt image serves new VMs, not this one).
-    pub image_digest: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// The VM whose snapshot its workspace came from, if any.
-    pub from_vm: Option<String>,
-    /// That snapshot.
-    pub from_snapshot: Option<String>,
-    /// vsock CID while running.
-    pub cid: Option<u32>,
-    /// Milliseconds from start to guest readiness, while running.
-    pub ready_ms: Option<u64>,
-    /// While running, how its guest's tools stand: "answering",
-    /// "connecting", or "unresponsive for N s: why".
-    pub guest: Option<String>,
-    /// Its own egress allowlist, narrowing its owner's role's; none: the
-    /// role's alone.
-    pub egress: Option<Vec<String>>,
-    /// The identity it belongs to (none: admins only).
-    pub owner: Option<String>,
-    /// The secrets it may use (grant_secret), by name; it holds only
-    /// their placeholders.
-    pub secrets: Vec<String>,
-}
+pub use nexus_types::VmInfo;
 
 /// What `spawn_vm` asks for; every field has a default.
 #[derive(Debug, Clone, Default)]

@@ -8,12 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmcp::model::CallToolRequestParams;
-use schemars::JsonSchema;
-use serde::Serialize;
-
 use super::{Daemon, DaemonError, Result, lock_std};
 use crate::egress::secrets::{Binding, Granted, Secret, check_value, new_placeholder};
+use rmcp::model::CallToolRequestParams;
 
 /// How long a guest has to take its network settings.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -25,24 +22,7 @@ pub(super) struct Table {
     placeholders: Arc<HashMap<String, String>>,
 }
 
-/// A secret as tools show it: never its value.
-#[derive(Debug, Clone, Serialize, JsonSchema)]
-pub struct SecretInfo {
-    pub name: String,
-    /// Host patterns it may be sent to.
-    pub hosts: Vec<String>,
-    /// The header it sets (`{secret}` stands for the value), if any.
-    pub header: Option<String>,
-    /// Basic auth with this user, if so.
-    pub basic_user: Option<String>,
-    /// What a granted VM holds instead (`NEXUS_SECRET_<NAME>`).
-    pub placeholder: String,
-    pub env: String,
-    /// The VMs granted it.
-    pub vms: Vec<String>,
-    pub created_at: String,
-    pub updated_at: String,
-}
+pub use nexus_types::SecretInfo;
 
 /// A secret's name: it becomes `NEXUS_SECRET_<NAME>`.
 fn check_name(name: &str) -> Result<()> {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{NexusTools, done};
 use crate::daemon::SecretInfo;
 use crate::egress::secrets::Binding;
+use nexus_types::SecretList;
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -68,11 +69,6 @@ pub struct SecretSet {
     pub secret: SecretInfo,
     /// "created" or "replaced".
     pub outcome: String,
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SecretList {
-    pub secrets: Vec<SecretInfo>,
 }
 
 #[tool_router(router = secret_router, vis = "pub(super)")]

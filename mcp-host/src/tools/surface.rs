@@ -32,7 +32,7 @@ pub const MAX_TOOL_NAME: usize = 48;
 /// The argument a shared guest tool takes its VM from.
 pub const VM_ARGUMENT: &str = "vm";
 /// The HTTP query parameter and header choosing a request's surface.
-pub const SURFACE_QUERY: &str = "surface";
+pub use nexus_types::admin::SURFACE_QUERY;
 pub const SURFACE_HEADER: &str = "nexus-surface";
 /// Where a page of `tools/list` resumes (keyset: after this tool name).
 const CURSOR_PREFIX: &str = "after:";

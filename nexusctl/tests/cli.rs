@@ -1,0 +1,427 @@
+//! nexusctl against a real nexusd (`serve`, admin socket and HTTP) with
+//! real VMs of the minimal image: every command, human and `--json`
+//! output, exit codes, and bad input that says what to do and changes
+//! nothing.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// Root and loop devices, as nexusd's embedded pool needs; said when not.
+fn can_run() -> bool {
+    let ok = nix::unistd::Uid::effective().is_root() && Path::new("/dev/loop-control").exists();
+    if !ok {
+        eprintln!("skipping: nexusd's embedded pool needs root and loop devices");
+        assert!(
+            std::env::var_os("NEXUS_NO_SKIP").is_none(),
+            "this test cannot run here, and NEXUS_NO_SKIP (scripts/test.sh, as CI runs it) forbids skipping"
+        );
+    }
+    ok
+}
+
+/// nexusd of this build, next to nexusctl (built first if it is not).
+fn nexusd() -> PathBuf {
+    let ctl = PathBuf::from(env!("CARGO_BIN_EXE_nexusctl"));
+    let nexusd = ctl.with_file_name("nexusd");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let profile = if ctl.parent().unwrap().ends_with("release") {
+        vec!["--release"]
+    } else {
+        vec![]
+    };
+    let status = Command::new(cargo)
+        .current_dir(nexus_integration::workspace_root())
+        .args(["build", "-q", "-p", "nexus-host", "--bin", "nexusd"])
+        .args(profile)
+        .status()
+        .unwrap();
+    assert!(status.success() && nexusd.is_file(), "building nexusd");
+    nexusd
+}
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+fn ctl(args: &[&str], stdin: Option<&str>) -> Ran {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+        .args(args)
+        .env_remove("NEXUS_URL")
+        .env_remove("NEXUS_TOKEN")
+        .env_remove("NEXUS_SOCKET")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `nexusd serve` on a state directory of its own; stopped (SIGTERM) and
+/// its pool unmounted on drop.
+struct Daemon {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let (image, _) = nexus_integration::ensure_minimal_image().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("nxc")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        std::os::unix::fs::symlink(&image, dir.path().join("images/default")).unwrap();
+        let mut child = Command::new(nexusd())
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("nexusd exited before listening")
+                .unwrap();
+            if let Some(at) = line.find("http://") {
+                break line[at..].split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, dir, url }
+    }
+
+    fn socket(&self) -> String {
+        self.dir.path().join("nexusd.sock").display().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let pool = self.dir.path().join("pool");
+        let _ = Command::new("umount")
+            .arg(&pool)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn help_names_the_exit_codes_and_each_command_has_an_example() {
+    let help = ctl(&["--help"], None);
+    assert_eq!(help.code, 0);
+    assert!(
+        help.stdout.contains("Exit codes: 0 done"),
+        "{}",
+        help.stdout
+    );
+    for command in [
+        &["vm", "ls"][..],
+        &["vm", "create"],
+        &["vm", "rm"],
+        &["secret", "set"],
+        &["secret", "grant"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let out = ctl(&args, None);
+        assert!(
+            out.code == 0 && out.stdout.contains("Example"),
+            "{command:?}: {}",
+            out.stdout
+        );
+    }
+    let bad = ctl(&["vm", "frobnicate"], None);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+}
+
+#[test]
+fn without_a_daemon_it_says_how_to_start_one() {
+    let out = ctl(&["--socket", "/tmp/no-such-nexusd.sock", "vm", "ls"], None);
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no nexusd at /tmp/no-such-nexusd.sock")
+            && out.stderr.contains("nexusd serve"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn vms_and_secrets_through_the_admin_socket_and_http() {
+    if !can_run() {
+        return;
+    }
+    let d = Daemon::start();
+    let socket = d.socket();
+    let s = |args: &[&str]| {
+        let mut all = vec!["--socket", socket.as_str()];
+        all.extend_from_slice(args);
+        all.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>()
+    };
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let all = s(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        ctl(&refs, stdin)
+    };
+
+    let out = run(&["vm", "ls"], None);
+    assert_eq!(
+        (out.code, out.stdout.trim()),
+        (0, "no VMs (make one with `nexusctl vm create`)")
+    );
+    assert_eq!(
+        run(&["--json", "vm", "ls"], None).json()["vms"],
+        serde_json::json!([])
+    );
+
+    // Made, listed, shown, stopped, started.
+    let made = run(
+        &[
+            "vm", "create", "c1", "--memory", "256", "--egress", "pypi.org",
+        ],
+        None,
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    assert!(
+        made.stdout.contains("state:      running") && made.stdout.contains("egress:     pypi.org"),
+        "{}",
+        made.stdout
+    );
+    let listed = run(&["vm", "ls"], None);
+    let lines: Vec<&str> = listed.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("NAME  STATE    IMAGE"),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        lines[1].starts_with("c1    running  default"),
+        "{}",
+        listed.stdout
+    );
+    let info = run(&["--json", "vm", "info", "c1"], None).json();
+    assert_eq!(
+        (info["name"].as_str(), info["state"].as_str()),
+        (Some("c1"), Some("running"))
+    );
+    assert_eq!(
+        run(&["--json", "vm", "stop", "c1"], None).json()["state"],
+        "stopped"
+    );
+    assert_eq!(
+        run(&["--json", "vm", "start", "c1"], None).json()["state"],
+        "running"
+    );
+
+    // Bad input: a clear message, exit 1, nothing changed.
+    let out = run(&["vm", "info", "nope"], None);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("VM \"nope\" does not exist"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&["vm", "create", "c2", "--vcpus", "0"], None);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("`vcpus` must be between"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        run(&["--json", "vm", "ls"], None).json()["vms"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Secrets: the value from stdin or a file, never shown again.
+    let value = "nexusctl-secret-value-4711";
+    let set = run(
+        &[
+            "secret",
+            "set",
+            "API",
+            "--host",
+            "api.example.com",
+            "--header",
+            "Authorization: Bearer {secret}",
+        ],
+        Some(&format!("{value}\n")),
+    );
+    assert_eq!(set.code, 0, "{}", set.stderr);
+    assert!(
+        set.stdout.contains("secret API created") && set.stdout.contains("NEXUS_SECRET_API"),
+        "{}",
+        set.stdout
+    );
+    let empty = run(
+        &["secret", "set", "EMPTY", "--host", "a.example.com"],
+        Some(""),
+    );
+    assert_eq!(empty.code, 1);
+    assert!(
+        empty.stderr.contains("the value is empty"),
+        "{}",
+        empty.stderr
+    );
+    let missing = run(
+        &[
+            "secret",
+            "set",
+            "FILE",
+            "--host",
+            "a.example.com",
+            "--from-file",
+            "/nonexistent/key",
+        ],
+        None,
+    );
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains("/nonexistent/key"),
+        "{}",
+        missing.stderr
+    );
+    let key = d.dir.path().join("key");
+    std::fs::write(&key, "from-a-file\n").unwrap();
+    let from_file = run(
+        &[
+            "secret",
+            "set",
+            "FILE",
+            "--host",
+            "b.example.com",
+            "--from-file",
+            key.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(from_file.code, 0, "{}", from_file.stderr);
+    assert!(
+        run(&["secret", "grant", "API", "c1"], None)
+            .stdout
+            .contains("secret API granted; VMs: c1")
+    );
+    assert_eq!(
+        run(&["--json", "vm", "info", "c1"], None).json()["secrets"],
+        serde_json::json!(["API"])
+    );
+    let listed = run(&["secret", "ls"], None);
+    assert!(
+        listed.stdout.starts_with("NAME  HOSTS"),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        listed
+            .stdout
+            .contains("API   api.example.com  header Authorization: Bearer {secret}  c1"),
+        "{}",
+        listed.stdout
+    );
+    let json = run(&["--json", "secret", "ls"], None);
+    assert_eq!(json.json()["secrets"].as_array().unwrap().len(), 2);
+    assert!(!json.stdout.contains(value) && !listed.stdout.contains(value));
+    let bad = run(&["secret", "grant", "NOPE", "c1"], None);
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.stderr.contains("no secret named \"NOPE\""),
+        "{}",
+        bad.stderr
+    );
+    assert!(
+        run(&["secret", "revoke", "API", "c1"], None)
+            .stdout
+            .contains("secret API revoked; VMs: -")
+    );
+    assert_eq!(run(&["secret", "rm", "API"], None).code, 0);
+    assert_eq!(run(&["secret", "rm", "FILE"], None).code, 0);
+    assert!(run(&["secret", "ls"], None).stdout.contains("no secrets"));
+
+    // Over HTTP: a good token works, a bad one says so (exit 4).
+    let token = std::fs::read_to_string(d.dir.path().join("admin.token")).unwrap();
+    let token_file = d.dir.path().join("token");
+    std::fs::write(&token_file, token.trim()).unwrap();
+    let base = d.url.trim_end_matches("/mcp").to_owned();
+    let out = ctl(
+        &[
+            "--url",
+            &base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--json",
+            "vm",
+            "ls",
+        ],
+        None,
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.json()["vms"][0]["name"], "c1");
+    std::fs::write(&token_file, "nexus_not-a-token").unwrap();
+    let out = ctl(
+        &[
+            "--url",
+            &base,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "vm",
+            "ls",
+        ],
+        None,
+    );
+    assert_eq!(out.code, 4, "{} {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("token"), "{}", out.stderr);
+
+    // Removed.
+    assert!(
+        run(&["vm", "rm", "c1"], None)
+            .stdout
+            .contains("VM c1 destroyed")
+    );
+    assert!(run(&["vm", "ls"], None).stdout.contains("no VMs"));
+}

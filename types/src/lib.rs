@@ -1,0 +1,79 @@
+//! nexus-types: what nexusd's management tools answer with, as its
+//! clients read it (nexusctl), and how a local client reaches the daemon.
+//! Types only: no daemon, no I/O. nexusd serializes these (and describes
+//! them in its tools' output schemas); clients deserialize them, ignoring
+//! fields they do not know, so a newer daemon keeps older clients working.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The admin socket: a local client's way in (its uid is its identity).
+pub mod admin {
+    /// Where nexusd's admin socket is by default (`<state>/nexusd.sock`).
+    pub const DEFAULT_SOCKET: &str = "/var/lib/nexus/nexusd.sock";
+    /// `GET` this with `Upgrade: UPGRADE_PROTOCOL` on the admin socket:
+    /// after `101`, the connection is one raw MCP session.
+    pub const MCP_PATH: &str = "/stdio";
+    pub const UPGRADE_PROTOCOL: &str = "nexus-mcp-stdio";
+    /// `MCP_PATH?surface=shared|per-vm` picks the tool surface.
+    pub const SURFACE_QUERY: &str = "surface";
+}
+
+/// A VM as the management tools show it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmInfo {
+    pub name: String,
+    /// `running` or `stopped`.
+    pub state: String,
+    pub image: String,
+    /// The version of the image it was made from and boots
+    /// (`sha256:HEX`; a rebuilt image serves new VMs, not this one).
+    pub image_digest: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The VM whose snapshot its workspace came from, if any.
+    pub from_vm: Option<String>,
+    /// That snapshot.
+    pub from_snapshot: Option<String>,
+    /// vsock CID while running.
+    pub cid: Option<u32>,
+    /// Milliseconds from start to guest readiness, while running.
+    pub ready_ms: Option<u64>,
+    /// While running, how its guest's tools stand: "answering",
+    /// "connecting", or "unresponsive for N s: why".
+    pub guest: Option<String>,
+    /// Its own egress allowlist, narrowing its owner's role's; none: the
+    /// role's alone.
+    pub egress: Option<Vec<String>>,
+    /// The identity it belongs to (none: admins only).
+    pub owner: Option<String>,
+    /// The secrets it may use (grant_secret), by name; it holds only
+    /// their placeholders.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// A secret as tools show it: never its value.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SecretInfo {
+    pub name: String,
+    /// Host patterns it may be sent to.
+    pub hosts: Vec<String>,
+    /// The header it sets (`{secret}` stands for the value), if any.
+    pub header: Option<String>,
+    /// Basic auth with this user, if so.
+    pub basic_user: Option<String>,
+    /// What a granted VM holds instead (`NEXUS_SECRET_<NAME>`).
+    pub placeholder: String,
+    pub env: String,
+    /// The VMs granted it.
+    pub vms: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// `list_secrets`' answer.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SecretList {
+    pub secrets: Vec<SecretInfo>,
+}
