@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use http_body_util::Empty;
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
-use nexus_types::admin::{MCP_PATH, UPGRADE_PROTOCOL};
+use nexus_types::admin::{MCP_PATH, SURFACE_QUERY, UPGRADE_PROTOCOL};
 use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
 use tokio::net::UnixStream;
@@ -16,15 +16,28 @@ use crate::error::CtlError;
 
 pub type Client = RunningService<RoleClient, ()>;
 
-/// Where nexusd is.
-#[derive(Debug, Clone)]
+/// How long reaching nexusd and opening a session may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Where nexusd is (no Debug: it holds the token).
+#[derive(Clone)]
 pub enum Endpoint {
     Socket(PathBuf),
     Http { url: String, token: Option<String> },
 }
 
-/// An MCP session with nexusd.
+/// An MCP session with nexusd, within [`CONNECT_TIMEOUT`].
 pub async fn connect(endpoint: &Endpoint) -> Result<Client, CtlError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, open(endpoint)).await {
+        Ok(result) => result,
+        Err(_) => Err(CtlError::Unreachable(format!(
+            "nexusd did not answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+async fn open(endpoint: &Endpoint) -> Result<Client, CtlError> {
     match endpoint {
         Endpoint::Socket(path) => {
             let stream = upgrade(path).await?;
@@ -43,17 +56,18 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Client, CtlError> {
             }
             let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
             ().serve(transport).await.map_err(|e| {
-                let text = e.to_string();
-                if ["401", "403", "nauthorized", "Auth required"]
-                    .iter()
-                    .any(|m| text.contains(m))
-                {
+                if e.auth_challenge().is_some() {
+                    let which = if token.is_some() {
+                        "refused the token"
+                    } else {
+                        "needs a token"
+                    };
                     CtlError::Denied(format!(
-                        "nexusd at {url} refused the token ({text}): pass a valid one with --token-file or NEXUS_TOKEN"
+                        "nexusd at {url} {which}: pass a valid one with --token-file or NEXUS_TOKEN (create_token makes one)"
                     ))
                 } else {
                     CtlError::Unreachable(format!(
-                        "nexusd did not answer at {url}: {text} (is `nexusd serve` running?)"
+                        "nexusd did not answer at {url}: {e} (is `nexusd serve` running?)"
                     ))
                 }
             })
@@ -77,7 +91,8 @@ async fn upgrade(path: &Path) -> Result<hyper::upgrade::Upgraded, CtlError> {
         .await
         .map_err(|e| CtlError::Unreachable(format!("{}: {e}", path.display())))?;
     tokio::spawn(connection.with_upgrades());
-    let request = hyper::Request::get(MCP_PATH)
+    // Guest tools by their per-VM names, whatever the daemon's default.
+    let request = hyper::Request::get(format!("{MCP_PATH}?{SURFACE_QUERY}=per-vm"))
         .header(hyper::header::HOST, "localhost")
         .header(hyper::header::CONNECTION, "upgrade")
         .header(hyper::header::UPGRADE, UPGRADE_PROTOCOL)
@@ -87,16 +102,26 @@ async fn upgrade(path: &Path) -> Result<hyper::upgrade::Upgraded, CtlError> {
         .send_request(request)
         .await
         .map_err(|e| CtlError::Unreachable(format!("{}: {e}", path.display())))?;
-    match response.status() {
-        StatusCode::SWITCHING_PROTOCOLS => hyper::upgrade::on(response)
+    let status = response.status();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return hyper::upgrade::on(response)
             .await
-            .map_err(|e| CtlError::Unreachable(format!("{}: {e}", path.display()))),
-        StatusCode::SERVICE_UNAVAILABLE => Err(CtlError::Unreachable(
-            "nexusd is shutting down: try again in a moment".into(),
-        )),
-        status => Err(CtlError::Unreachable(format!(
-            "{} answered {status}: is it nexusd's admin socket?",
-            path.display()
-        ))),
+            .map_err(|e| CtlError::Unreachable(format!("{}: {e}", path.display())));
     }
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+        .unwrap_or_default();
+    Err(match status {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            CtlError::Unreachable("nexusd is shutting down: try again in a moment".into())
+        }
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+            CtlError::Denied(format!("{}: {status}: {body}", path.display()))
+        }
+        _ => CtlError::Unreachable(format!(
+            "{} answered {status} ({body}): is it nexusd's admin socket?",
+            path.display()
+        )),
+    })
 }

@@ -1,7 +1,8 @@
 //! What can go wrong, each with its exit code (documented in `--help`).
 
-/// Exit codes: 0 done; 1 nexusd refused or failed the operation; 2 bad
-/// usage (clap's); 3 nexusd not reachable; 4 permission denied.
+/// Exit codes: 0 done; 1 nexusd refused or failed the operation, or what
+/// was given here does not read (a file, a value); 2 bad usage (clap's);
+/// 3 nexusd not reachable; 4 permission denied.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     /// nexusd answered, and said no (an unknown VM, a bad argument...).

@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 use crate::connect::Endpoint;
 use crate::error::CtlError;
 
-const EXIT_CODES: &str = "Exit codes: 0 done; 1 nexusd refused or failed the operation (the message says why); 2 bad usage; 3 nexusd not reachable; 4 permission denied.";
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 nexusd refused or failed the operation, or a local file or value does not read (the message says why); 2 bad usage; 3 nexusd not reachable; 4 permission denied; exec: the command's own (128+N for signal N).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,7 +38,7 @@ struct Cli {
     /// nexusd's HTTP endpoint instead (`http://HOST:PORT`, `/mcp` added).
     #[arg(long, global = true, env = "NEXUS_URL")]
     url: Option<String>,
-    /// A file holding the API token for --url (or NEXUS_TOKEN).
+    /// A file holding the API token for --url (else NEXUS_TOKEN holds it).
     #[arg(long, global = true, env = "NEXUS_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Print nexusd's answer as JSON (for scripts).
@@ -60,6 +60,25 @@ enum Cmd {
     /// a file, never from the command line.
     #[command(subcommand)]
     Secret(commands::secret::SecretCmd),
+    /// Run a command in a VM, its output streamed live; exits with its
+    /// exit code.
+    Exec(commands::exec::ExecArgs),
+    /// Snapshots of VMs' drives: create, list, restore in place, remove.
+    #[command(subcommand)]
+    Snapshot(commands::snapshot::SnapshotCmd),
+    /// A new VM whose workspace starts as a snapshot.
+    Fork(commands::snapshot::ForkArgs),
+    /// A VM's serial console, its last lines.
+    #[command(after_help = "Example: nexusctl console agent1 --lines 50")]
+    Console {
+        vm: String,
+        /// How many lines (1-1000, default 100).
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+    },
+    /// MCP client configuration to paste (Claude Code, Claude Desktop,
+    /// Python), for `nexusd stdio` or HTTP.
+    McpConfig(commands::config::ConfigArgs),
 }
 
 fn token(cli: &Cli) -> Result<Option<String>, CtlError> {
@@ -72,6 +91,12 @@ fn token(cli: &Cli) -> Result<Option<String>, CtlError> {
 }
 
 fn endpoint(cli: &Cli) -> Result<Endpoint, CtlError> {
+    if cli.url.is_none() && cli.token_file.is_some() {
+        return Err(CtlError::Local(
+            "--token-file is for --url (HTTP); over the admin socket your uid is your identity"
+                .into(),
+        ));
+    }
     Ok(match &cli.url {
         Some(url) => {
             let url = url.trim_end_matches('/');
@@ -80,6 +105,9 @@ fn endpoint(cli: &Cli) -> Result<Endpoint, CtlError> {
             } else {
                 format!("{url}/mcp")
             };
+            // Guest tools by their per-VM names, whatever the daemon's
+            // default surface.
+            let url = format!("{url}?{}=per-vm", nexus_types::admin::SURFACE_QUERY);
             Endpoint::Http {
                 url,
                 token: token(cli)?,
@@ -89,19 +117,40 @@ fn endpoint(cli: &Cli) -> Result<Endpoint, CtlError> {
     })
 }
 
-async fn run(cli: Cli) -> Result<(), CtlError> {
+/// Runs the command; the exit code it ends with.
+async fn run(mut cli: Cli) -> Result<u8, CtlError> {
+    if let Cmd::McpConfig(args) = &cli.command {
+        commands::say(&commands::config::render(args));
+        return Ok(0);
+    }
     if let Cmd::Health = cli.command {
         let url = cli.url.as_deref().unwrap_or("http://127.0.0.1:7777");
         let status = commands::health(url)?;
-        println!("nexusd at {url}: {status}");
-        return Ok(());
+        commands::Out { json: cli.json }
+            .print(&serde_json::json!({"url": url, "status": status}), || {
+                format!("nexusd at {url}: {status}")
+            });
+        return Ok(0);
+    }
+    if let Cmd::Secret(cmd) = &mut cli.command {
+        commands::secret::prepare(cmd)?;
     }
     let client = connect::connect(&endpoint(&cli)?).await?;
     let out = commands::Out { json: cli.json };
     let result = match cli.command {
-        Cmd::Health => Ok(()),
-        Cmd::Vm(cmd) => commands::vm::run(&client, cmd, &out).await,
-        Cmd::Secret(cmd) => commands::secret::run(&client, cmd, &out).await,
+        Cmd::Health | Cmd::McpConfig(_) => Ok(0),
+        Cmd::Snapshot(cmd) => commands::snapshot::run(&client, cmd, &out)
+            .await
+            .map(|()| 0),
+        Cmd::Fork(args) => commands::snapshot::fork(&client, args, &out)
+            .await
+            .map(|()| 0),
+        Cmd::Console { vm, lines } => commands::console(&client, &vm, lines, &out)
+            .await
+            .map(|()| 0),
+        Cmd::Vm(cmd) => commands::vm::run(&client, cmd, &out).await.map(|()| 0),
+        Cmd::Secret(cmd) => commands::secret::run(&client, cmd, &out).await.map(|()| 0),
+        Cmd::Exec(args) => commands::exec::run(&client, args).await,
     };
     let _ = client.cancel().await;
     result
@@ -109,6 +158,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -120,9 +170,16 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("nexusctl: {e}");
+            if json {
+                // Scripts read stdout: the error is there too.
+                commands::say(
+                    &serde_json::json!({"error": {"code": e.code(), "message": e.to_string()}})
+                        .to_string(),
+                );
+            }
             ExitCode::from(e.code())
         }
     }

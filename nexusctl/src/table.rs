@@ -2,8 +2,22 @@
 
 /// `rows` under `header`, each column as wide as its widest cell.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    // What nexusd says is shown, never obeyed: no control characters.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .take(header.len())
+                .map(|cell| {
+                    cell.chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -24,7 +38,7 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
         out.trim_end().to_owned()
     };
     let mut out = line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         out.push('\n');
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -36,7 +37,15 @@ fn nexusd() -> PathBuf {
     };
     let status = Command::new(cargo)
         .current_dir(nexus_integration::workspace_root())
-        .args(["build", "-q", "-p", "nexus-host", "--bin", "nexusd"])
+        .args([
+            "build",
+            "-q",
+            "--locked",
+            "-p",
+            "nexus-host",
+            "--bin",
+            "nexusd",
+        ])
         .args(profile)
         .status()
         .unwrap();
@@ -60,6 +69,7 @@ impl Ran {
 fn ctl(args: &[&str], stdin: Option<&str>) -> Ran {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
         .args(args)
+        .env_remove("NEXUS_TOKEN_FILE")
         .env_remove("NEXUS_URL")
         .env_remove("NEXUS_TOKEN")
         .env_remove("NEXUS_SOCKET")
@@ -120,7 +130,11 @@ impl Daemon {
                 .next()
                 .expect("nexusd exited before listening")
                 .unwrap();
-            if let Some(at) = line.find("http://") {
+            if let Some(at) = line
+                .contains("listening")
+                .then(|| line.find("http://"))
+                .flatten()
+            {
                 break line[at..].split_whitespace().next().unwrap().to_owned();
             }
         };
@@ -158,11 +172,26 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
         help.stdout
     );
     for command in [
-        &["vm", "ls"][..],
+        &["health"][..],
+        &["vm", "ls"],
         &["vm", "create"],
+        &["vm", "info"],
+        &["vm", "start"],
+        &["vm", "stop"],
         &["vm", "rm"],
         &["secret", "set"],
+        &["secret", "ls"],
+        &["secret", "rm"],
         &["secret", "grant"],
+        &["secret", "revoke"],
+        &["exec"],
+        &["snapshot", "create"],
+        &["snapshot", "ls"],
+        &["snapshot", "restore"],
+        &["snapshot", "rm"],
+        &["fork"],
+        &["console"],
+        &["mcp-config"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");
@@ -175,6 +204,9 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
     }
     let bad = ctl(&["vm", "frobnicate"], None);
     assert_eq!(bad.code, 2, "{}", bad.stderr);
+    let config = ctl(&["mcp-config", "claude-code"], None);
+    let config: Value = serde_json::from_str(&config.stdout).unwrap();
+    assert_eq!(config["mcpServers"]["nexus"]["args"][0], "stdio");
 }
 
 #[test]
@@ -264,6 +296,27 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
         "{}",
         out.stderr
     );
+    let out = run(&["--json", "vm", "info", "nope"], None);
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.json()["error"]["code"],
+        1,
+        "scripts read the error on stdout too"
+    );
+    // Another local user: the socket is the owner's (exit 4).
+    let other = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+        .args(["--socket", socket.as_str(), "vm", "ls"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(
+        other.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert!(String::from_utf8_lossy(&other.stderr).contains("permission denied"));
     let out = run(&["vm", "create", "c2", "--vcpus", "0"], None);
     assert_eq!(out.code, 1);
     assert!(
@@ -301,13 +354,19 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
     );
     let empty = run(
         &["secret", "set", "EMPTY", "--host", "a.example.com"],
-        Some(""),
+        Some("\n"),
     );
     assert_eq!(empty.code, 1);
+    assert!(empty.stderr.contains("is empty"), "{}", empty.stderr);
+    let inner = run(
+        &["secret", "set", "INNER", "--host", "a.example.com"],
+        Some("a\nb\n"),
+    );
+    assert_eq!(inner.code, 1);
     assert!(
-        empty.stderr.contains("the value is empty"),
+        inner.stderr.contains("control characters"),
         "{}",
-        empty.stderr
+        inner.stderr
     );
     let missing = run(
         &[
@@ -367,6 +426,7 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
     let json = run(&["--json", "secret", "ls"], None);
     assert_eq!(json.json()["secrets"].as_array().unwrap().len(), 2);
     assert!(!json.stdout.contains(value) && !listed.stdout.contains(value));
+    assert!(!set.stdout.contains(value) && !set.stderr.contains(value));
     let bad = run(&["secret", "grant", "NOPE", "c1"], None);
     assert_eq!(bad.code, 1);
     assert!(
@@ -416,6 +476,136 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
     );
     assert_eq!(out.code, 4, "{} {}", out.stdout, out.stderr);
     assert!(out.stderr.contains("token"), "{}", out.stderr);
+
+    // exec: output live on its own streams, the command's exit code.
+    let out = run(
+        &[
+            "exec",
+            "c1",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (3, "out\n", "err\n")
+    );
+    assert_eq!(run(&["exec", "c1", "--", "true"], None).code, 0);
+    assert_eq!(
+        run(&["exec", "c1", "--", "sh", "-c", "kill -9 $$"], None).code,
+        137
+    );
+    let out = run(
+        &[
+            "exec",
+            "c1",
+            "--env",
+            "GREETING=hi",
+            "--cwd",
+            "/tmp",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING $(pwd)",
+        ],
+        None,
+    );
+    assert_eq!(out.stdout, "hi /tmp\n", "{}", out.stderr);
+    let out = run(&["exec", "nope", "--", "true"], None);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    // Ctrl-C: the guest command is interrupted, nothing of it left.
+    {
+        use std::io::BufRead;
+        let all = s(&[
+            "exec",
+            "c1",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 300",
+        ]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+            .args(&all)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "started");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "interrupted: 128 + SIGINT");
+        let left = run(
+            &[
+                "exec",
+                "c1",
+                "--",
+                "sh",
+                "-c",
+                "ps | grep '[s]leep 300' || echo none",
+            ],
+            None,
+        );
+        assert_eq!(left.stdout, "none\n");
+    }
+
+    // Snapshots, a fork, the console.
+    let snap = run(&["snapshot", "create", "c1", "s1"], None);
+    assert!(
+        snap.stdout
+            .starts_with("snapshot c1@s1 of its workspace drive"),
+        "{} {}",
+        snap.stdout,
+        snap.stderr
+    );
+    let listed = run(&["snapshot", "ls", "c1"], None);
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .starts_with("c1  s1    workspace"),
+        "{}",
+        listed.stdout
+    );
+    let fork = run(&["--json", "fork", "c1", "s1", "f1"], None).json();
+    assert_eq!(
+        (fork["name"].as_str(), fork["state"].as_str()),
+        (Some("f1"), Some("running"))
+    );
+    assert_eq!(
+        run(&["--json", "snapshot", "restore", "c1", "s1"], None).json()["name"],
+        "s1"
+    );
+    assert!(
+        run(&["vm", "rm", "f1"], None)
+            .stdout
+            .contains("VM f1 destroyed")
+    );
+    assert!(
+        run(&["snapshot", "rm", "c1", "s1"], None)
+            .stdout
+            .contains("snapshot c1@s1 deleted")
+    );
+    assert!(
+        run(&["snapshot", "ls"], None)
+            .stdout
+            .contains("no snapshots")
+    );
+    let console = run(&["console", "c1", "--lines", "20"], None);
+    assert!(
+        console.code == 0 && !console.stdout.trim().is_empty(),
+        "{}",
+        console.stderr
+    );
 
     // Removed.
     assert!(

@@ -77,3 +77,24 @@ pub struct SecretInfo {
 pub struct SecretList {
     pub secrets: Vec<SecretInfo>,
 }
+
+/// A snapshot of one of a VM's drives.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Snapshot {
+    pub vm: String,
+    pub name: String,
+    pub drive: String,
+    pub created_at: String,
+    /// The drive's logical size in bytes.
+    pub size_bytes: u64,
+    /// The VM of the snapshot the drive's content came from before, if any.
+    pub parent_vm: Option<String>,
+    /// That snapshot.
+    pub parent_snapshot: Option<String>,
+}
+
+/// `list_snapshots`' answer.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}

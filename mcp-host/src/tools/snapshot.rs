@@ -56,38 +56,19 @@ pub struct ForkParams {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct Snapshot {
-    pub vm: String,
-    pub name: String,
-    pub drive: String,
-    pub created_at: String,
-    /// The drive's logical size in bytes.
-    pub size_bytes: u64,
-    /// The VM of the snapshot the drive's content came from before, if any.
-    pub parent_vm: Option<String>,
-    /// That snapshot.
-    pub parent_snapshot: Option<String>,
-}
+pub use nexus_types::{Snapshot, SnapshotList};
 
-impl From<SnapshotInfo> for Snapshot {
-    fn from(s: SnapshotInfo) -> Self {
-        let (parent_vm, parent_snapshot) = crate::daemon::split_reference(s.parent.as_deref());
-        Self {
-            vm: s.vm,
-            name: s.name,
-            drive: s.drive,
-            created_at: s.created_at,
-            size_bytes: s.size_bytes,
-            parent_vm: parent_vm.map(str::to_owned),
-            parent_snapshot: parent_snapshot.map(str::to_owned),
-        }
+fn snapshot(s: SnapshotInfo) -> Snapshot {
+    let (parent_vm, parent_snapshot) = crate::daemon::split_reference(s.parent.as_deref());
+    Snapshot {
+        vm: s.vm,
+        name: s.name,
+        drive: s.drive,
+        created_at: s.created_at,
+        size_bytes: s.size_bytes,
+        parent_vm: parent_vm.map(str::to_owned),
+        parent_snapshot: parent_snapshot.map(str::to_owned),
     }
-}
-
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct SnapshotList {
-    pub snapshots: Vec<Snapshot>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -115,7 +96,7 @@ impl NexusTools {
             "snapshot {}/{} of drive {} taken",
             snap.vm, snap.name, snap.drive
         );
-        done(&Snapshot::from(snap), text)
+        done(&snapshot(snap), text)
     }
 
     #[tool(description = "List snapshots, oldest first.", output_schema = schema_for_output::<SnapshotList>())]
@@ -131,7 +112,7 @@ impl NexusTools {
             .await
             .map_err(super::errors::shown)?
             .into_iter()
-            .map(Snapshot::from)
+            .map(snapshot)
             .filter(|s| self.daemon.reach(&caller, &s.vm).is_ok())
             .collect();
         let text = if snapshots.is_empty() {
@@ -160,7 +141,7 @@ impl NexusTools {
             .await
             .map_err(super::errors::shown)?;
         let text = format!("{} drive {} restored to {}", snap.vm, snap.drive, snap.name);
-        done(&Snapshot::from(snap), text)
+        done(&snapshot(snap), text)
     }
 
     #[tool(description = "Delete a snapshot.", output_schema = schema_for_output::<Deleted>())]

@@ -1,6 +1,9 @@
 //! The commands, each a typed call of nexusd's tools.
 
+pub mod config;
+pub mod exec;
 pub mod secret;
+pub mod snapshot;
 pub mod vm;
 
 use rmcp::model::CallToolRequestParams;
@@ -19,17 +22,37 @@ impl Out {
     /// `--json`: the answer as nexusd gave it; else `human`'s text.
     pub fn print(&self, answer: &Value, human: impl FnOnce() -> String) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(answer).unwrap_or_else(|_| answer.to_string())
-            );
+            let text = serde_json::to_string_pretty(answer).unwrap_or_else(|_| answer.to_string());
+            say(&text);
         } else {
             let text = human();
             if !text.is_empty() {
-                println!("{}", text.trim_end());
+                say(text.trim_end());
             }
         }
     }
+}
+
+/// How long one tool call may take (a boot under TCG takes seconds; an
+/// image build minutes).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1800);
+
+/// Refusals that are about who is asking, not what was asked.
+fn denial(text: &str) -> bool {
+    [
+        "needs the admin role",
+        "does not allow tool",
+        "cannot make VMs",
+        "carries no identity",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+/// Writes a line to stdout; a closed pipe (`| head`) is no error.
+pub fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 /// Calls tool `tool`; its structured answer, or why not.
@@ -38,14 +61,30 @@ pub async fn call(client: &Client, tool: &str, args: Value) -> Result<Value, Ctl
     if let Value::Object(map) = args {
         params = params.with_arguments(map);
     }
-    let result = client.call_tool(params).await.map_err(|e| {
-        let text = e.to_string();
-        if text.contains("needs the admin role") || text.contains("does not allow") {
-            CtlError::Denied(text)
-        } else {
-            CtlError::Unreachable(format!("nexusd: {text}"))
+    let result = match tokio::time::timeout(CALL_TIMEOUT, client.call_tool(params)).await {
+        Err(_) => {
+            return Err(CtlError::Unreachable(format!(
+                "{tool}: no answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            )));
         }
-    })?;
+        Ok(Err(rmcp::ServiceError::McpError(e))) => {
+            // nexusd answered: a refusal, not an outage.
+            let text = e.message.to_string();
+            return Err(if denial(&text) {
+                CtlError::Denied(text)
+            } else {
+                CtlError::Refused(format!("{tool}: {text}"))
+            });
+        }
+        Ok(Err(e)) if e.auth_challenge().is_some() => {
+            return Err(CtlError::Denied(format!(
+                "{tool}: nexusd no longer takes the token: pass a valid one with --token-file or NEXUS_TOKEN"
+            )));
+        }
+        Ok(Err(e)) => return Err(CtlError::Unreachable(format!("nexusd: {e}"))),
+        Ok(Ok(result)) => result,
+    };
     let text: Vec<&str> = result
         .content
         .iter()
@@ -53,13 +92,11 @@ pub async fn call(client: &Client, tool: &str, args: Value) -> Result<Value, Ctl
         .collect();
     let text = text.join(" ");
     if result.is_error == Some(true) {
-        return Err(
-            if text.contains("needs the admin role") || text.contains("does not allow tool") {
-                CtlError::Denied(text)
-            } else {
-                CtlError::Refused(text)
-            },
-        );
+        return Err(if denial(&text) {
+            CtlError::Denied(text)
+        } else {
+            CtlError::Refused(text)
+        });
     }
     result.structured_content.ok_or_else(|| {
         CtlError::Local(format!(
@@ -74,10 +111,31 @@ pub fn parse<T: DeserializeOwned>(tool: &str, answer: &Value) -> Result<T, CtlEr
         .map_err(|e| CtlError::Local(format!("{tool}'s answer does not read: {e}")))
 }
 
+/// `nexusctl console VM`: the last lines of its serial console.
+pub async fn console(client: &Client, vm: &str, lines: u32, out: &Out) -> Result<(), CtlError> {
+    let answer = call(
+        client,
+        "read_console",
+        serde_json::json!({"vm": vm, "lines": lines}),
+    )
+    .await?;
+    out.print(&answer, || {
+        answer["text"].as_str().unwrap_or_default().to_owned()
+    });
+    Ok(())
+}
+
 /// nexusd's HTTP health endpoint's answer.
 pub fn health(url: &str) -> Result<String, CtlError> {
-    let endpoint = format!("{}/healthz", url.trim_end_matches('/'));
-    let body = ureq::get(&endpoint)
+    // The URL nexusd logs ends in /mcp; its health is beside it.
+    let base = url.trim_end_matches('/').trim_end_matches("/mcp");
+    let endpoint = format!("{base}/healthz");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
+    let body = agent
+        .get(&endpoint)
         .call()
         .map_err(|e| {
             CtlError::Unreachable(format!(

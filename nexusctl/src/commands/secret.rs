@@ -36,6 +36,9 @@ pub enum SecretCmd {
         /// Read the value from this file instead of standard input.
         #[arg(long)]
         from_file: Option<PathBuf>,
+        /// The value, read before nexusd is reached (see [`prepare`]).
+        #[arg(skip)]
+        value: Option<String>,
     },
     /// List secrets: names, hosts, grants; never values.
     #[command(alias = "list", after_help = "Example: nexusctl secret ls")]
@@ -51,36 +54,82 @@ pub enum SecretCmd {
     Revoke { name: String, vm: String },
 }
 
-/// The value: a file's content or standard input's, less one final
-/// newline.
-fn value(from_file: Option<PathBuf>) -> Result<String, CtlError> {
-    let mut text = match from_file {
-        Some(path) => std::fs::read_to_string(&path)
-            .map_err(|e| CtlError::Local(format!("the value's file {}: {e}", path.display())))?,
-        None => {
-            let mut stdin = std::io::stdin();
-            if stdin.is_terminal() {
-                eprintln!("nexusctl: reading the value from standard input (end with Ctrl-D)");
-            }
-            let mut text = String::new();
-            stdin.read_to_string(&mut text).map_err(|e| {
-                CtlError::Local(format!("reading the value from standard input: {e}"))
+/// The longest value read (nexusd takes at most 8 KiB).
+const MAX_VALUE_BYTES: u64 = 16 * 1024;
+
+/// The value: a file's content or standard input's (never a terminal's:
+/// it would be echoed), less its final line ends.
+fn value(from_file: Option<&PathBuf>) -> Result<String, CtlError> {
+    let mut text = String::new();
+    match from_file {
+        Some(path) => {
+            let file = std::fs::File::open(path).map_err(|e| {
+                CtlError::Local(format!("the value's file {}: {e}", path.display()))
             })?;
-            text
+            file.take(MAX_VALUE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|e| {
+                    CtlError::Local(format!("the value's file {}: {e}", path.display()))
+                })?;
         }
-    };
-    if text.ends_with('\n') {
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                return Err(CtlError::Local(
+                    "the value is read from standard input, which is a terminal here (it would be echoed): pipe it in, or name a file with --from-file".into(),
+                ));
+            }
+            stdin
+                .take(MAX_VALUE_BYTES)
+                .read_to_string(&mut text)
+                .map_err(|e| {
+                    CtlError::Local(format!("reading the value from standard input: {e}"))
+                })?;
+        }
+    }
+    Ok(trimmed(text))
+}
+
+/// A value less its final line ends (files and `echo` add them; a value
+/// never holds control characters).
+fn trimmed(mut text: String) -> String {
+    while text.ends_with(['\n', '\r']) {
         text.pop();
-        if text.ends_with('\r') {
-            text.pop();
+    }
+    text
+}
+
+/// Reads `set`'s value before nexusd is reached (so no session waits on
+/// it); checks it here, where the file's name is known.
+pub fn prepare(cmd: &mut SecretCmd) -> Result<(), CtlError> {
+    if let SecretCmd::Set {
+        from_file,
+        value: slot,
+        ..
+    } = cmd
+    {
+        let text = value(from_file.as_ref())?;
+        let from = from_file
+            .as_ref()
+            .map_or("standard input".to_owned(), |p| p.display().to_string());
+        if text.is_empty() {
+            return Err(CtlError::Local(format!(
+                "the value from {from} is empty: pipe it on standard input or name a file with --from-file"
+            )));
         }
+        if text.len() > 8192 {
+            return Err(CtlError::Local(format!(
+                "the value from {from} is over 8 KiB"
+            )));
+        }
+        if text.chars().any(char::is_control) {
+            return Err(CtlError::Local(format!(
+                "the value from {from} holds control characters (inner newlines?): a value goes into one header"
+            )));
+        }
+        *slot = Some(text);
     }
-    if text.is_empty() {
-        return Err(CtlError::Local(
-            "the value is empty: pipe it on standard input or name a file with --from-file".into(),
-        ));
-    }
-    Ok(text)
+    Ok(())
 }
 
 fn row(s: &SecretInfo) -> Vec<String> {
@@ -123,9 +172,10 @@ pub async fn run(client: &Client, cmd: SecretCmd, out: &Out) -> Result<(), CtlEr
             hosts,
             header,
             basic_user,
-            from_file,
+            value,
+            ..
         } => {
-            let value = value(from_file)?;
+            let value = value.ok_or_else(|| CtlError::Local("the value was not read".into()))?;
             let mut args = json!({"name": name, "value": value, "hosts": hosts});
             if let Some(header) = header {
                 args["header"] = header.into();
@@ -188,6 +238,25 @@ pub async fn run(client: &Client, cmd: SecretCmd, out: &Out) -> Result<(), CtlEr
                 "revoked",
             )
             .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_ends_go_and_nothing_else() {
+        for (given, kept) in [
+            ("v\n", "v"),
+            ("v\r\n", "v"),
+            ("v\r", "v"),
+            ("v\n\n", "v"),
+            (" v ", " v "),
+            ("a\nb\n", "a\nb"),
+        ] {
+            assert_eq!(trimmed(given.to_owned()), kept, "{given:?}");
         }
     }
 }
