@@ -76,6 +76,14 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         lines: u32,
     },
+    /// Images (list; build and import are tools for now).
+    #[command(subcommand)]
+    Image(commands::admin::ImageCmd),
+    /// API tokens for HTTP clients (admin only).
+    #[command(subcommand)]
+    Token(commands::admin::TokenCmd),
+    /// The audit trail, newest first (admin only).
+    Audit(commands::admin::AuditArgs),
     /// MCP client configuration to paste (Claude Code, Claude Desktop,
     /// Python), for `nexusd stdio` or HTTP.
     McpConfig(commands::config::ConfigArgs),
@@ -143,6 +151,11 @@ async fn run(mut cli: Cli) -> Result<u8, CtlError> {
             .await
             .map(|()| 0),
         Cmd::Fork(args) => commands::snapshot::fork(&client, args, &out)
+            .await
+            .map(|()| 0),
+        Cmd::Image(cmd) => commands::admin::image(&client, cmd, &out).await.map(|()| 0),
+        Cmd::Token(cmd) => commands::admin::token(&client, cmd, &out).await.map(|()| 0),
+        Cmd::Audit(args) => commands::admin::audit(&client, args, &out)
             .await
             .map(|()| 0),
         Cmd::Console { vm, lines } => commands::console(&client, &vm, lines, &out)

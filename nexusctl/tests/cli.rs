@@ -192,6 +192,11 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
         &["fork"],
         &["console"],
         &["mcp-config"],
+        &["image", "ls"],
+        &["token", "create"],
+        &["token", "ls"],
+        &["token", "revoke"],
+        &["audit"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");
@@ -555,6 +560,47 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
         );
         assert_eq!(left.stdout, "none\n");
     }
+
+    // Images, tokens, the trail.
+    let images = run(&["image", "ls"], None);
+    assert!(
+        images.stdout.starts_with("NAME") && images.stdout.contains("\ndefault "),
+        "{}",
+        images.stdout
+    );
+    let made = run(&["--json", "token", "create", "ctl-bot"], None).json();
+    assert!(
+        made["token"].as_str().unwrap().starts_with("nexus_"),
+        "{made}"
+    );
+    let tokens = run(&["token", "ls"], None);
+    assert!(
+        tokens.stdout.contains("ctl-bot") && tokens.stdout.contains("active"),
+        "{}",
+        tokens.stdout
+    );
+    assert!(
+        !tokens.stdout.contains(made["token"].as_str().unwrap()),
+        "a token's secret is shown once"
+    );
+    assert!(
+        run(&["token", "revoke", "ctl-bot"], None)
+            .stdout
+            .contains("token ctl-bot revoked")
+    );
+    let trail = run(&["audit", "--vm", "c1", "--limit", "5"], None);
+    assert!(
+        trail.stdout.starts_with("ID") && trail.stdout.contains(" c1 "),
+        "{}",
+        trail.stdout
+    );
+    assert_eq!(
+        run(&["--json", "audit", "--limit", "3"], None).json()["records"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 
     // Snapshots, a fork, the console.
     let snap = run(&["snapshot", "create", "c1", "s1"], None);

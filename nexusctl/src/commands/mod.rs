@@ -1,5 +1,6 @@
 //! The commands, each a typed call of nexusd's tools.
 
+pub mod admin;
 pub mod config;
 pub mod exec;
 pub mod secret;
