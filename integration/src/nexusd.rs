@@ -128,6 +128,24 @@ pub async fn serve_with(
     Ok((serve, url))
 }
 
+/// Calls tool `tool` of nexusd; its structured answer, or the tool's
+/// error.
+pub async fn call(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    tool: &str,
+    args: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let mut params = rmcp::model::CallToolRequestParams::new(tool.to_owned());
+    if let serde_json::Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = client.call_tool(params).await?;
+    if result.is_error == Some(true) {
+        bail!("{tool}: {:?}", result.content);
+    }
+    Ok(result.structured_content.unwrap_or_default())
+}
+
 /// Stops a served nexusd as a service manager would (SIGTERM) and waits.
 pub async fn stop(mut serve: tokio::process::Child) {
     if let Some(pid) = serve.id() {

@@ -7,23 +7,10 @@
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-
-/// Root and loop devices, as nexusd's embedded pool needs; said when not.
-fn can_run() -> bool {
-    let ok = nix::unistd::Uid::effective().is_root() && Path::new("/dev/loop-control").exists();
-    if !ok {
-        eprintln!("skipping: nexusd's embedded pool needs root and loop devices");
-        assert!(
-            std::env::var_os("NEXUS_NO_SKIP").is_none(),
-            "this test cannot run here, and NEXUS_NO_SKIP (scripts/test.sh, as CI runs it) forbids skipping"
-        );
-    }
-    ok
-}
 
 /// nexusd of this build, next to nexusctl (built first if it is not).
 fn nexusd() -> PathBuf {
@@ -228,7 +215,7 @@ fn without_a_daemon_it_says_how_to_start_one() {
 
 #[test]
 fn vms_and_secrets_through_the_admin_socket_and_http() {
-    if !can_run() {
+    if !nexus_integration::can_run_nexusd() {
         return;
     }
     let d = Daemon::start();

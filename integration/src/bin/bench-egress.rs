@@ -24,28 +24,15 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use nexus_integration::ensure_default_image;
 use nexus_integration::nexusd::{
-    StateDir, admin_token, build_release, http as nexus_http, serve_with, stop,
+    StateDir, admin_token, build_release, call, http as nexus_http, serve_with, stop,
 };
 use rmcp::ServiceExt;
-use rmcp::model::CallToolRequestParams;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Client = rmcp::service::RunningService<rmcp::RoleClient, ()>;
 
 const BIG: u64 = 100 << 20;
-
-async fn call(client: &Client, tool: &str, args: Value) -> anyhow::Result<Value> {
-    let mut params = CallToolRequestParams::new(tool.to_owned());
-    if let Value::Object(map) = args {
-        params = params.with_arguments(map);
-    }
-    let result = client.call_tool(params).await?;
-    if result.is_error == Some(true) {
-        bail!("{tool}: {:?}", result.content);
-    }
-    Ok(result.structured_content.unwrap_or_default())
-}
 
 async fn sh(client: &Client, command: &str) -> anyhow::Result<String> {
     let out = call(

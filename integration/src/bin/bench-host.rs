@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use nexus_integration::ensure_minimal_image;
 use nexus_integration::nexusd::{
-    StateDir, admin_token, build_release, http as nexus_http, percentiles_us, serve, serve_with,
-    stop,
+    StateDir, admin_token, build_release, call, http as nexus_http, percentiles_us, serve,
+    serve_with, stop,
 };
 use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
@@ -53,18 +53,6 @@ fn parse_args() -> anyhow::Result<Args> {
         bail!("--calls must be at least 10, --seconds and --sessions at least 1");
     }
     Ok(args)
-}
-
-async fn call(client: &Client, tool: &str, args: Value) -> anyhow::Result<Value> {
-    let mut params = CallToolRequestParams::new(tool.to_owned());
-    if let Value::Object(map) = args {
-        params = params.with_arguments(map);
-    }
-    let result = client.call_tool(params).await?;
-    if result.is_error == Some(true) {
-        bail!("{tool}: {:?}", result.content);
-    }
-    Ok(result.structured_content.unwrap_or_default())
 }
 
 async fn time_calls(

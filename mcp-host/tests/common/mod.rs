@@ -190,17 +190,7 @@ pub async fn call<H: rmcp::ClientHandler>(
     }
 }
 
-pub fn can_run() -> bool {
-    let ok = nix::unistd::Uid::effective().is_root() && Path::new("/dev/loop-control").exists();
-    if !ok {
-        eprintln!("skipping: nexusd's embedded pool needs root and loop devices");
-        assert!(
-            std::env::var_os("NEXUS_NO_SKIP").is_none(),
-            "this test cannot run here, and NEXUS_NO_SKIP (scripts/test.sh, as CI runs it) forbids skipping"
-        );
-    }
-    ok
-}
+pub use nexus_integration::can_run_nexusd as can_run;
 
 /// `nexusd serve`; dropped, it is stopped as a service manager would
 /// (SIGTERM: its VMs are stopped), not killed.
