@@ -39,6 +39,7 @@ pub mod mounts;
 pub mod network;
 pub mod power;
 pub mod procs;
+pub mod pty;
 pub mod ready;
 pub mod search;
 pub mod sysinfo;

@@ -31,6 +31,7 @@ use tokio::process::{ChildStdin, Command};
 
 use crate::exec::{Program, encode_chunk};
 use crate::limits::Limits;
+use crate::pty::Master;
 use crate::trees::{Tree, Trees};
 
 /// Where a process is in its life.
@@ -69,6 +70,30 @@ pub struct ProcessInfo {
     pub stderr_bytes: u64,
     /// Its standard input is still open for `process_write_stdin`.
     pub stdin_open: bool,
+    /// It runs on a pseudo-terminal: what it prints is all on stdout,
+    /// what is written to its stdin is typed, process_resize resizes it.
+    #[serde(default)]
+    pub tty: bool,
+}
+
+/// The size of a process's terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TtySize {
+    /// Rows, 1 to 1000.
+    pub rows: u16,
+    /// Columns, 1 to 1000.
+    pub cols: u16,
+}
+
+impl TtySize {
+    fn check(self) -> Result<Self, ProcessError> {
+        let ok = |n: u16| (1..=crate::pty::MAX_SIDE).contains(&n);
+        if ok(self.rows) && ok(self.cols) {
+            Ok(self)
+        } else {
+            Err(ProcessError::BadSize(self.rows, self.cols))
+        }
+    }
 }
 
 /// One stream's output from an offset, as `process_output` returns it.
@@ -124,6 +149,36 @@ pub enum ProcessError {
     },
     #[error("`max_bytes` must be between 1 and {max}, got {got}")]
     BadMaxBytes { got: usize, max: usize },
+    #[error("a terminal of {0} rows and {1} columns: each must be between 1 and 1000")]
+    BadSize(u16, u16),
+    #[error("process {0} has no terminal: start it with `tty` to resize it")]
+    NoTty(String),
+    #[error("could not make a terminal: {0}")]
+    Pty(#[source] std::io::Error),
+    #[error("resizing process {id}'s terminal failed: {source}")]
+    Resize {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where `process_write_stdin` writes: a pipe, or a terminal.
+enum Input {
+    Pipe(ChildStdin),
+    Tty(Arc<Master>),
+}
+
+impl Input {
+    async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        match self {
+            Input::Pipe(pipe) => {
+                pipe.write_all(data).await?;
+                pipe.flush().await
+            }
+            Input::Tty(master) => master.write_all(data).await,
+        }
+    }
 }
 
 /// Bytes of one stream: the newest `cap` bytes, addressed by absolute offset.
@@ -183,7 +238,9 @@ struct Entry {
     leader_exited: bool,
     /// Everything it started; dropping the entry kills what is left.
     tree: Option<Arc<Tree>>,
-    stdin: Option<Arc<tokio::sync::Mutex<ChildStdin>>>,
+    stdin: Option<Arc<tokio::sync::Mutex<Input>>>,
+    /// Its terminal, if it runs on one.
+    tty: Option<Arc<Master>>,
     stdout: Ring,
     stderr: Ring,
 }
@@ -236,25 +293,41 @@ impl ProcessTable {
         (n, format!("p{n}"))
     }
 
-    /// Starts `program` in a process group of its own.
+    /// Starts `program` in a process group of its own; with `tty`, on a
+    /// new terminal of that size, in a session of its own.
     pub async fn start(
         self: &Arc<Self>,
         program: Program,
         keep_stdin_open: bool,
+        tty: Option<TtySize>,
     ) -> Result<ProcessInfo, ProcessError> {
+        let tty = tty.map(TtySize::check).transpose()?;
         self.make_room()?;
         let mut cmd = Command::new(&program.argv[0]);
-        cmd.args(&program.argv[1..])
-            .envs(crate::network::env())
-            .envs(&program.env)
-            .stdin(if keep_stdin_open {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        cmd.args(&program.argv[1..]).envs(crate::network::env());
+        let master = match tty {
+            Some(size) => {
+                let (master, [stdin, stdout, stderr]) =
+                    crate::pty::open(size.rows, size.cols).map_err(ProcessError::Pty)?;
+                // Programs on a terminal want to know which kind.
+                cmd.env("TERM", "xterm-256color");
+                cmd.stdin(stdin).stdout(stdout).stderr(stderr);
+                crate::pty::become_session_leader(&mut cmd);
+                Some(Arc::new(master))
+            }
+            None => {
+                cmd.stdin(if keep_stdin_open {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+                None
+            }
+        };
+        cmd.envs(&program.env);
         if let Some(cwd) = &program.cwd {
             cmd.current_dir(cwd);
         }
@@ -264,6 +337,9 @@ impl ProcessTable {
             program: program.argv[0].clone(),
             source,
         })?;
+        // The terminal side is the child's alone now: with it closed here,
+        // reading ours ends when the child's processes have all closed it.
+        drop(cmd);
         let pid = child.id().unwrap_or_default();
         let (key, id) = self.new_id();
         let info = ProcessInfo {
@@ -276,7 +352,8 @@ impl ProcessTable {
             runtime_s: 0.0,
             stdout_bytes: 0,
             stderr_bytes: 0,
-            stdin_open: keep_stdin_open,
+            stdin_open: keep_stdin_open || master.is_some(),
+            tty: master.is_some(),
         };
         let cap = self.limits.process_buffer_bytes;
         self.lock().insert(
@@ -287,16 +364,21 @@ impl ProcessTable {
                 ended: None,
                 leader_exited: false,
                 tree: Some(Arc::new(tree)),
-                stdin: child
-                    .stdin
-                    .take()
-                    .map(|s| Arc::new(tokio::sync::Mutex::new(s))),
+                stdin: match &master {
+                    Some(m) => Some(Input::Tty(m.clone())),
+                    None => child.stdin.take().map(Input::Pipe),
+                }
+                .map(|input| Arc::new(tokio::sync::Mutex::new(input))),
+                tty: master.clone(),
                 stdout: Ring::new(cap),
                 stderr: Ring::new(cap),
             },
         );
         self.save_state();
-        let out = tokio::spawn(pump(self.clone(), key, child.stdout.take(), Stream::Stdout));
+        let out = match master {
+            Some(master) => tokio::spawn(pump_tty(self.clone(), key, master)),
+            None => tokio::spawn(pump(self.clone(), key, child.stdout.take(), Stream::Stdout)),
+        };
         let err = tokio::spawn(pump(self.clone(), key, child.stderr.take(), Stream::Stderr));
         let table = self.clone();
         tokio::spawn(async move {
@@ -405,9 +487,7 @@ impl ProcessTable {
                 .ok_or_else(|| ProcessError::StdinClosed(id.to_owned()))?
         };
         let written = tokio::time::timeout(STDIN_TIMEOUT, async {
-            let mut pipe = stdin.lock().await;
-            pipe.write_all(data).await?;
-            pipe.flush().await
+            stdin.lock().await.write_all(data).await
         })
         .await;
         match written {
@@ -425,6 +505,31 @@ impl ProcessTable {
             entry.info.stdin_open = false;
         }
         Ok(data.len())
+    }
+
+    /// Gives a process's terminal a new size (it gets SIGWINCH).
+    pub fn resize(&self, id: &str, size: TtySize) -> Result<(), ProcessError> {
+        let size = size.check()?;
+        let key = parse_id(id)?;
+        let master = {
+            let entries = self.lock();
+            let entry = entries
+                .get(&key)
+                .ok_or_else(|| ProcessError::NotFound(id.to_owned()))?;
+            if entry.info.state != ProcessState::Running {
+                return Err(ProcessError::NotRunning(id.to_owned()));
+            }
+            entry
+                .tty
+                .clone()
+                .ok_or_else(|| ProcessError::NoTty(id.to_owned()))?
+        };
+        master
+            .resize(size.rows, size.cols)
+            .map_err(|source| ProcessError::Resize {
+                id: id.to_owned(),
+                source,
+            })
     }
 
     pub fn signal(&self, id: &str, signal: &str, whole_group: bool) -> Result<(), ProcessError> {
@@ -542,12 +647,14 @@ impl ProcessTable {
                         stdout_bytes: 0,
                         stderr_bytes: 0,
                         stdin_open: false,
+                        tty: false,
                     },
                     started: Instant::now(),
                     ended: Some(Instant::now()),
                     leader_exited: true,
                     tree: None,
                     stdin: None,
+                    tty: None,
                     stdout: Ring::new(0),
                     stderr: Ring::new(0),
                 },
@@ -583,6 +690,17 @@ async fn pump<R: AsyncRead + Unpin>(
             break;
         }
         table.append(key, stream, &buf[..n]);
+    }
+}
+
+/// What a process on a terminal prints, all of it as stdout.
+async fn pump_tty(table: Arc<ProcessTable>, key: u64, master: Arc<Master>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = master.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        table.append(key, Stream::Stdout, &buf[..n]);
     }
 }
 

@@ -394,3 +394,114 @@ async fn a_restarted_guest_mcp_kills_and_reports_the_processes_it_lost() {
     );
     client.cancel().await.unwrap();
 }
+
+/// Reads a process's stdout from `at` until it holds `wanted` (10 s).
+async fn read_until(
+    client: &RunningService<RoleClient, ()>,
+    id: &str,
+    at: &mut u64,
+    wanted: &str,
+) -> String {
+    let mut seen = String::new();
+    for _ in 0..100 {
+        let out = call(
+            client,
+            "process_output",
+            json!({"id": id, "stdout_offset": *at, "wait_ms": 100}),
+        )
+        .await
+        .ok();
+        seen.push_str(out["stdout"]["data"].as_str().unwrap());
+        *at = out["stdout"]["next_offset"].as_u64().unwrap();
+        if seen.contains(wanted) {
+            return seen;
+        }
+    }
+    panic!("{wanted:?} never came; got {seen:?}");
+}
+
+#[tokio::test]
+async fn a_process_on_a_terminal_is_typed_to_resized_and_interrupted() {
+    let server = Server::start(&[]).await;
+    let client = server.client().await;
+    let started = call(
+        &client,
+        "process_start",
+        json!({"argv": ["sh"], "tty": {"rows": 24, "cols": 80}, "env": {"PS1": "$ "}}),
+    )
+    .await
+    .ok();
+    let id = started["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (started["tty"].as_bool(), started["stdin_open"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let mut at = 0;
+    let type_ = |text: &str| {
+        let (client, id, text) = (&client, id.clone(), text.to_owned());
+        async move {
+            call(
+                client,
+                "process_write_stdin",
+                json!({"id": id, "data": text}),
+            )
+            .await
+            .ok();
+        }
+    };
+    // It is a terminal, of the size asked; the echo of what is typed
+    // ("$((6*7))") is not what ran ("42").
+    type_("tty -s && echo on-a-tty-$((6*7)); stty size\n").await;
+    let seen = read_until(&client, &id, &mut at, "24 80").await;
+    assert!(seen.contains("on-a-tty-42"), "{seen:?}");
+    // Resized: the shell's next stty sees the new size.
+    let resized = call(
+        &client,
+        "process_resize",
+        json!({"id": id, "rows": 40, "cols": 120}),
+    )
+    .await
+    .ok();
+    assert_eq!(resized["rows"], 40);
+    type_("stty size\n").await;
+    read_until(&client, &id, &mut at, "40 120").await;
+    // Ctrl-C, typed, interrupts the foreground command, not the shell.
+    type_("sleep 100\n").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    type_("\u{3}").await;
+    type_("echo after-$((1+1))\n").await;
+    read_until(&client, &id, &mut at, "after-2").await;
+    // Bad sizes and a process without a terminal are refused, by name.
+    let bad = call(
+        &client,
+        "process_resize",
+        json!({"id": id, "rows": 0, "cols": 80}),
+    )
+    .await
+    .err();
+    assert!(bad.contains("between 1 and 1000"), "{bad}");
+    let bad = call(
+        &client,
+        "process_start",
+        json!({"argv": ["true"], "tty": {"rows": 2000, "cols": 80}}),
+    )
+    .await
+    .err();
+    assert!(bad.contains("between 1 and 1000"), "{bad}");
+    let plain = call(&client, "process_start", json!({"argv": ["sleep", "5"]}))
+        .await
+        .ok();
+    let bad = call(
+        &client,
+        "process_resize",
+        json!({"id": plain["id"], "rows": 10, "cols": 10}),
+    )
+    .await
+    .err();
+    assert!(bad.contains("has no terminal"), "{bad}");
+    // exit: the process ends with the shell's code, its output complete.
+    type_("exit 7\n").await;
+    let ended = wait_ended(&client, &id).await;
+    assert_eq!(ended["exit_code"], 7, "{ended}");
+    client.cancel().await.unwrap();
+}

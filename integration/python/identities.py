@@ -146,6 +146,7 @@ async def over_http(url, admin_token):
         # Secrets are the admin's alone.
         await reader.err("set_secret", {"name": "MINE", "value": "v", "hosts": ["a.b"]}, "needs the admin role")
         await reader.err("list_secrets", {}, "needs the admin role")
+        await reader.err("host_status", {}, "needs the admin role")
         for tool, args in [
             ("pyvm__read_file", {"path": "/etc/hostname"}),
             ("vm_read_file", {"vm": "pyvm", "path": "/etc/hostname"}),

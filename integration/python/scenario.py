@@ -28,7 +28,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 GUEST_TOOLS = [
     "exec", "process_start", "process_list", "process_status", "process_output",
-    "process_write_stdin", "process_signal", "read_file", "write_file", "edit_file",
+    "process_write_stdin", "process_signal", "process_resize", "read_file", "write_file", "edit_file",
     "list_dir", "stat", "make_dir", "remove", "move", "copy", "glob", "grep", "system_info",
 ]
 MANAGEMENT_TOOLS = [
@@ -38,6 +38,7 @@ MANAGEMENT_TOOLS = [
     "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
     "build_image", "import_image", "pull_image", "delete_image", "set_egress",
     "set_secret", "list_secrets", "delete_secret", "grant_secret", "revoke_secret",
+    "host_status",
 ]
 
 
@@ -199,6 +200,10 @@ async def run(s, prefix, mode):
     gone = await s.err("delete_secret", {"name": key})
     assert "no secret named" in gone, gone
     await s.ok("delete_role", {"role": f"{prefix}-r"})
+    status = await s.ok("host_status")
+    assert status["accel"] in ("kvm", "tcg") and status["accel_reason"], status
+    assert status["vms"]["running"] >= 1 and status["pool"]["free_bytes"] > 0, status
+    assert "minimal" in status["images"] or "default" in status["images"], status
     console = await s.ok("read_console", {"vm": a, "lines": 200})
     assert console["text"], console
 
@@ -254,6 +259,19 @@ async def run(s, prefix, mode):
             break
         await asyncio.sleep(0.05)
     assert status["state"] == "exited", status
+    # A process on a terminal: typed to, resized, its size seen.
+    tty = await s.guest(a, "process_start", {"argv": ["sh"], "tty": {"rows": 24, "cols": 80}})
+    assert tty["tty"] is True, tty
+    resized = await s.guest(a, "process_resize", {"id": tty["id"], "rows": 33, "cols": 101})
+    assert (resized["rows"], resized["cols"]) == (33, 101), resized
+    await s.guest(a, "process_write_stdin", {"id": tty["id"], "data": "stty size; exit 4\n"})
+    seen = ""
+    for _ in range(50):
+        output = await s.guest(a, "process_output", {"id": tty["id"], "wait_ms": 2000})
+        seen = output["stdout"]["data"]
+        if output["process"]["state"] != "running":
+            break
+    assert "33 101" in seen and output["process"]["exit_code"] == 4, output
 
     # Snapshot, change, restore in place (the VM keeps running), fork.
     cid = info["cid"]

@@ -23,7 +23,8 @@ pub const USER_ROLE: &str = "user";
 /// Tools that administer identities, and those that act as root on the
 /// host (image builds run recipe commands; imports read host paths):
 /// only the admin role has them, whatever another role's patterns say.
-pub const ADMIN_TOOLS: [&str; 20] = [
+pub const ADMIN_TOOLS: [&str; 21] = [
+    "host_status",
     "build_image",
     "import_image",
     "pull_image",

@@ -721,7 +721,7 @@ async fn python_client_meets_each_refusal_over_http_and_as_another_local_user() 
     .await;
     assert_eq!(seen["uid"], NOBODY);
     let seen = python_script("identities.py", &["http", &url, &state.admin_token()], None).await;
-    assert_eq!(seen["denied"]["py-reader"], 11, "{seen}");
+    assert_eq!(seen["denied"]["py-reader"], 12, "{seen}");
 
     // The second local user's calls are in the trail, by uid and socket.
     let trail = call(

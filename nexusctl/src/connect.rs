@@ -8,13 +8,49 @@ use http_body_util::Empty;
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use nexus_types::admin::{MCP_PATH, SURFACE_QUERY, UPGRADE_PROTOCOL};
-use rmcp::service::RunningService;
-use rmcp::{RoleClient, ServiceExt};
+use rmcp::model::ProgressNotificationParam;
+use rmcp::service::{NotificationContext, RunningService};
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use tokio::net::UnixStream;
 
 use crate::error::CtlError;
 
-pub type Client = RunningService<RoleClient, ()>;
+pub type Client = RunningService<RoleClient, Handler>;
+
+type Sink = tokio::sync::mpsc::UnboundedSender<String>;
+
+/// Passes the progress lines of the calls under way (an image build's)
+/// to whoever watches.
+#[derive(Clone, Default)]
+pub struct Handler {
+    progress: std::sync::Arc<std::sync::Mutex<Option<Sink>>>,
+}
+
+impl Handler {
+    /// From now on, progress messages arrive here.
+    pub fn watch(&self) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+}
+
+impl ClientHandler for Handler {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
+        let sink = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let (Some(sink), Some(message)) = (sink, params.message) {
+            let _ = sink.send(message);
+        }
+    }
+}
 
 /// How long reaching nexusd and opening a session may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -41,7 +77,8 @@ async fn open(endpoint: &Endpoint) -> Result<Client, CtlError> {
     match endpoint {
         Endpoint::Socket(path) => {
             let stream = upgrade(path).await?;
-            ().serve(TokioIo::new(stream))
+            Handler::default()
+                .serve(TokioIo::new(stream))
                 .await
                 .map_err(|e| CtlError::Unreachable(format!("MCP over {}: {e}", path.display())))
         }
@@ -55,7 +92,7 @@ async fn open(endpoint: &Endpoint) -> Result<Client, CtlError> {
                 config = config.auth_header(token.clone());
             }
             let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
-            ().serve(transport).await.map_err(|e| {
+            Handler::default().serve(transport).await.map_err(|e| {
                 if e.auth_challenge().is_some() {
                     let which = if token.is_some() {
                         "refused the token"

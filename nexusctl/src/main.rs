@@ -7,23 +7,24 @@
 //!
 //! - `connect`: reaching nexusd (socket upgrade, or HTTP).
 //! - `error`: failures and their exit codes.
-//! - `table`: the human output.
+//! - `table`: the human output; `ui`: colour and progress.
 //! - `commands`: one function per command.
 
 mod commands;
 mod connect;
 mod error;
 mod table;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::connect::Endpoint;
 use crate::error::CtlError;
 
-const EXIT_CODES: &str = "Exit codes: 0 done; 1 nexusd refused or failed the operation, or a local file or value does not read (the message says why); 2 bad usage; 3 nexusd not reachable; 4 permission denied; exec: the command's own (128+N for signal N).";
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 nexusd refused or failed the operation, or a local file or value does not read (the message says why); 2 bad usage; 3 nexusd not reachable; 4 permission denied; exec and shell: the command's own (128+N for signal N).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -53,6 +54,10 @@ enum Cmd {
     /// Check that nexusd answers on its HTTP health endpoint.
     #[command(after_help = "Example: nexusctl --url http://127.0.0.1:7777 health")]
     Health,
+    /// How the host stands: version, backend and acceleration (and why),
+    /// pool space, VMs by state, what they use, images. Admin only.
+    #[command(after_help = "Example: nexusctl status")]
+    Status,
     /// VMs: list, create, show, start, stop, remove.
     #[command(subcommand)]
     Vm(commands::vm::VmCmd),
@@ -63,22 +68,34 @@ enum Cmd {
     /// Run a command in a VM, its output streamed live; exits with its
     /// exit code.
     Exec(commands::exec::ExecArgs),
+    /// An interactive terminal in a VM (like `docker exec -it`): a login
+    /// shell, or the command given; exits with its exit code.
+    Shell(commands::shell::ShellArgs),
+    /// Copy a file between this host and a VM, either way (VM:PATH),
+    /// with a progress bar and a checksum check.
+    Cp(commands::cp::CpArgs),
     /// Snapshots of VMs' drives: create, list, restore in place, remove.
     #[command(subcommand)]
     Snapshot(commands::snapshot::SnapshotCmd),
     /// A new VM whose workspace starts as a snapshot.
     Fork(commands::snapshot::ForkArgs),
     /// A VM's serial console, its last lines.
-    #[command(after_help = "Example: nexusctl console agent1 --lines 50")]
+    #[command(after_help = "Example: nexusctl console agent1 --lines 50 --follow")]
     Console {
         vm: String,
         /// How many lines (1-1000, default 100).
         #[arg(long, default_value_t = 100)]
         lines: u32,
+        /// Keep printing what the console says, until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
     },
-    /// Images (list; build and import are tools for now).
+    /// Images: list, build from a recipe, import, pull, remove.
     #[command(subcommand)]
     Image(commands::admin::ImageCmd),
+    /// Roles and grants: who may call which tools on which VMs (admin only).
+    #[command(subcommand)]
+    Policy(commands::policy::PolicyCmd),
     /// API tokens for HTTP clients (admin only).
     #[command(subcommand)]
     Token(commands::admin::TokenCmd),
@@ -87,6 +104,9 @@ enum Cmd {
     /// MCP client configuration to paste (Claude Code, Claude Desktop,
     /// Python), for `nexusd stdio` or HTTP.
     McpConfig(commands::config::ConfigArgs),
+    /// Shell completions: `source <(nexusctl completions bash)`.
+    #[command(after_help = "Example: nexusctl completions zsh > ~/.zfunc/_nexusctl")]
+    Completions { shell: clap_complete::Shell },
 }
 
 fn token(cli: &Cli) -> Result<Option<String>, CtlError> {
@@ -127,6 +147,15 @@ fn endpoint(cli: &Cli) -> Result<Endpoint, CtlError> {
 
 /// Runs the command; the exit code it ends with.
 async fn run(mut cli: Cli) -> Result<u8, CtlError> {
+    if let Cmd::Completions { shell } = cli.command {
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "nexusctl",
+            &mut std::io::stdout(),
+        );
+        return Ok(0);
+    }
     if let Cmd::McpConfig(args) = &cli.command {
         commands::say(&commands::config::render(args));
         return Ok(0);
@@ -146,7 +175,10 @@ async fn run(mut cli: Cli) -> Result<u8, CtlError> {
     let client = connect::connect(&endpoint(&cli)?).await?;
     let out = commands::Out { json: cli.json };
     let result = match cli.command {
-        Cmd::Health | Cmd::McpConfig(_) => Ok(0),
+        Cmd::Health | Cmd::McpConfig(_) | Cmd::Completions { .. } => Ok(0),
+        Cmd::Cp(args) => commands::cp::run(&client, args, &out).await.map(|()| 0),
+        Cmd::Status => commands::status::run(&client, &out).await.map(|()| 0),
+        Cmd::Policy(cmd) => commands::policy::run(&client, cmd, &out).await.map(|()| 0),
         Cmd::Snapshot(cmd) => commands::snapshot::run(&client, cmd, &out)
             .await
             .map(|()| 0),
@@ -158,12 +190,13 @@ async fn run(mut cli: Cli) -> Result<u8, CtlError> {
         Cmd::Audit(args) => commands::admin::audit(&client, args, &out)
             .await
             .map(|()| 0),
-        Cmd::Console { vm, lines } => commands::console(&client, &vm, lines, &out)
+        Cmd::Console { vm, lines, follow } => commands::console(&client, &vm, lines, follow, &out)
             .await
             .map(|()| 0),
         Cmd::Vm(cmd) => commands::vm::run(&client, cmd, &out).await.map(|()| 0),
         Cmd::Secret(cmd) => commands::secret::run(&client, cmd, &out).await.map(|()| 0),
         Cmd::Exec(args) => commands::exec::run(&client, args).await,
+        Cmd::Shell(args) => commands::shell::run(&client, args).await,
     };
     let _ = client.cancel().await;
     result
@@ -171,6 +204,10 @@ async fn run(mut cli: Cli) -> Result<u8, CtlError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if ui::no_color() {
+        console::set_colors_enabled(false);
+        console::set_colors_enabled_stderr(false);
+    }
     let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

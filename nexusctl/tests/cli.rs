@@ -172,6 +172,7 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
         &["secret", "grant"],
         &["secret", "revoke"],
         &["exec"],
+        &["shell"],
         &["snapshot", "create"],
         &["snapshot", "ls"],
         &["snapshot", "restore"],
@@ -184,6 +185,19 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
         &["token", "ls"],
         &["token", "revoke"],
         &["audit"],
+        &["status"],
+        &["cp"],
+        &["image", "build"],
+        &["image", "import"],
+        &["image", "pull"],
+        &["image", "rm"],
+        &["policy", "roles"],
+        &["policy", "set-role"],
+        &["policy", "rm-role"],
+        &["policy", "grant"],
+        &["policy", "revoke"],
+        &["policy", "grants"],
+        &["completions"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");
@@ -647,4 +661,562 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
             .contains("VM c1 destroyed")
     );
     assert!(run(&["vm", "ls"], None).stdout.contains("no VMs"));
+}
+
+/// A running `nexusctl ... --follow`: its stdout lines, as they come.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+            .args(args)
+            .env_remove("NEXUS_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first line that `wanted` accepts within 60 s.
+    fn wait_for(&self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if wanted(&line) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no such line within 60 s; saw {seen:#?}");
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nexusctl on a real pseudo-terminal of its own (its controlling
+/// terminal, as in a terminal emulator): what it prints, collected.
+struct Terminal {
+    child: std::process::Child,
+    master: std::fs::File,
+    screen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Terminal {
+    fn start(args: &[&str], rows: u16, cols: u16) -> Self {
+        use std::io::Read;
+        let size = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&size), None).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexusctl"));
+        cmd.args(args)
+            .env("TERM", "xterm")
+            .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stderr(Stdio::from(pty.slave));
+        // SAFETY: setsid(2) and ioctl(2) in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                if nix::libc::ioctl(0, nix::libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(cmd);
+        let master = std::fs::File::from(pty.master);
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut reader = master.try_clone().unwrap();
+        let seen = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self {
+            child,
+            master,
+            screen,
+        }
+    }
+
+    fn type_(&mut self, text: &str) {
+        self.master.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Waits (60 s) until the screen shows `wanted`, typing `retype`
+    /// again every 2 s if given.
+    fn expect(&mut self, wanted: &str, retype: Option<&str>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut next = std::time::Instant::now();
+        while std::time::Instant::now() < deadline {
+            if self.screen.lock().unwrap().contains(wanted) {
+                return;
+            }
+            if let Some(text) = retype.filter(|_| std::time::Instant::now() >= next) {
+                self.type_(text);
+                next = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "{wanted:?} never showed; the screen: {:?}",
+            self.screen.lock().unwrap()
+        );
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let size = nix::libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: a valid winsize on an open terminal descriptor.
+        let rc = unsafe { nix::libc::ioctl(self.master.as_raw_fd(), nix::libc::TIOCSWINSZ, &size) };
+        assert_eq!(rc, 0);
+    }
+
+    /// Its exit code, within 60 s.
+    fn wait(&mut self) -> i32 {
+        for _ in 0..1200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "nexusctl shell did not end; the screen: {:?}",
+            self.screen.lock().unwrap()
+        );
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `len` bytes that do not compress, the same each run.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn files_status_policy_images_and_following() {
+    if !nexus_integration::can_run_nexusd() {
+        return;
+    }
+    let d = Daemon::start();
+    let socket = d.socket();
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let mut all = vec!["--socket", socket.as_str()];
+        all.extend_from_slice(args);
+        ctl(&all, stdin)
+    };
+    let made = run(&["vm", "create", "f2", "--memory", "256"], None);
+    assert_eq!(made.code, 0, "{}", made.stderr);
+
+    // status: what the host runs, and why.
+    let status = run(&["status"], None);
+    assert_eq!(status.code, 0, "{}", status.stderr);
+    for field in [
+        "version:",
+        "backend: qemu",
+        "accel:",
+        "pool:",
+        "vms:     1 (1 running",
+        "images:  default",
+    ] {
+        assert!(status.stdout.contains(field), "{field}: {}", status.stdout);
+    }
+    let json = run(&["--json", "status"], None).json();
+    assert!(
+        ["kvm", "tcg"].contains(&json["accel"].as_str().unwrap()),
+        "{json}"
+    );
+    assert!(!json["accel_reason"].as_str().unwrap().is_empty(), "{json}");
+    assert_eq!(
+        (
+            json["vms"]["running"].as_u64(),
+            json["usage"]["memory_mib"].as_u64()
+        ),
+        (Some(1), Some(256))
+    );
+    assert!(json["pool"]["free_bytes"].as_u64().unwrap() > 0, "{json}");
+
+    // cp, 100 MiB each way, checksums compared on both sides.
+    let work = tempfile::tempdir().unwrap();
+    let big = noise(100 << 20);
+    let local = work.path().join("big.bin");
+    std::fs::write(&local, &big).unwrap();
+    let local_arg = local.display().to_string();
+    let up = run(&["--json", "cp", &local_arg, "f2:/workspace/"], None);
+    assert_eq!(up.code, 0, "{}", up.stderr);
+    let up = up.json();
+    let sum = sha256_hex(&big);
+    assert_eq!(
+        (
+            up["bytes"].as_u64(),
+            up["sha256"].as_str(),
+            up["to"].as_str()
+        ),
+        (
+            Some(100 << 20),
+            Some(sum.as_str()),
+            Some("f2:/workspace/big.bin")
+        )
+    );
+    let guest_sum = run(
+        &["exec", "f2", "--", "sha256sum", "/workspace/big.bin"],
+        None,
+    );
+    assert!(guest_sum.stdout.starts_with(&sum), "{}", guest_sum.stdout);
+    let left = run(
+        &[
+            "exec",
+            "f2",
+            "--",
+            "sh",
+            "-c",
+            "ls -A /workspace | grep -v lost+found",
+        ],
+        None,
+    );
+    assert_eq!(left.stdout.trim(), "big.bin", "no temporary file is left");
+    let back = work.path().join("back.bin");
+    let back_arg = back.display().to_string();
+    let down = run(&["--json", "cp", "f2:big.bin", &back_arg], None);
+    assert_eq!(down.code, 0, "{}", down.stderr);
+    let down = down.json();
+    assert_eq!(down["sha256"].as_str(), Some(sum.as_str()));
+    assert!(
+        std::fs::read(&back).unwrap() == big,
+        "the file came back as it went"
+    );
+    eprintln!(
+        "cp 100 MiB: up {:.1} MiB/s, down {:.1} MiB/s (debug build)",
+        up["mib_per_s"].as_f64().unwrap(),
+        down["mib_per_s"].as_f64().unwrap()
+    );
+    // Into a directory, by the source's name; a human line.
+    let into = run(
+        &[
+            "cp",
+            "f2:/etc/hostname",
+            &format!("{}/", work.path().display()),
+        ],
+        None,
+    );
+    assert!(
+        into.code == 0 && into.stdout.contains("sha256") && work.path().join("hostname").is_file(),
+        "{}",
+        into.stderr
+    );
+    // Bad input: says what, exits 1, leaves nothing behind.
+    let before: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for (args, says) in [
+        (
+            vec!["cp", "/nonexistent/file", "f2:/workspace/"],
+            "/nonexistent/file: No such file",
+        ),
+        (
+            vec!["cp", work.path().to_str().unwrap(), "f2:/workspace/"],
+            "is a directory",
+        ),
+        (
+            vec!["cp", "f2:/workspace/missing", back_arg.as_str()],
+            "missing",
+        ),
+        (vec!["cp", "f2:/workspace", back_arg.as_str()], "not a file"),
+        (
+            vec!["cp", local_arg.as_str(), "nosuchvm:/workspace/"],
+            "nosuchvm",
+        ),
+        (
+            vec!["cp", local_arg.as_str(), back_arg.as_str()],
+            "neither side is a VM",
+        ),
+    ] {
+        let out = run(&args, None);
+        assert!(
+            out.code == 1 && out.stderr.contains(says),
+            "{args:?}: {} {}",
+            out.code,
+            out.stderr
+        );
+    }
+    let after: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "a failed copy leaves no file");
+    let left = run(
+        &[
+            "exec",
+            "f2",
+            "--",
+            "sh",
+            "-c",
+            "ls -A /workspace | grep -v lost+found",
+        ],
+        None,
+    );
+    assert_eq!(left.stdout.trim(), "big.bin");
+
+    // policy: a role, a grant, and back.
+    let role = run(
+        &[
+            "policy",
+            "set-role",
+            "ctl-reader",
+            "--tools",
+            "list_*,get_vm",
+            "--vms",
+            "granted",
+            "--egress",
+            "none",
+            "--max-vcpus",
+            "2",
+        ],
+        None,
+    );
+    assert_eq!(
+        (role.code, role.stdout.trim()),
+        (0, "role ctl-reader created"),
+        "{}",
+        role.stderr
+    );
+    let roles = run(&["--json", "policy", "roles"], None).json();
+    let reader = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "ctl-reader")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            reader["vms"].as_str(),
+            reader["egress"].clone(),
+            reader["quota"]["max_vcpus"].as_u64()
+        ),
+        (Some("granted"), serde_json::json!([]), Some(2)),
+        "{reader}"
+    );
+    assert!(
+        run(&["policy", "roles"], None)
+            .stdout
+            .contains("ctl-reader")
+    );
+    assert_eq!(run(&["policy", "grant", "f2", "uid:4321"], None).code, 0);
+    let grants = run(&["policy", "grants", "--vm", "f2"], None);
+    assert!(
+        grants
+            .stdout
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .starts_with("f2  uid:4321"),
+        "{}",
+        grants.stdout
+    );
+    assert_eq!(run(&["policy", "revoke", "f2", "uid:4321"], None).code, 0);
+    assert!(
+        run(&["policy", "grants"], None)
+            .stdout
+            .contains("no grants")
+    );
+    let bad = run(&["policy", "set-role", "Bad Name", "--tools", "x"], None);
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert_eq!(run(&["policy", "rm-role", "ctl-reader"], None).code, 0);
+    assert!(
+        !run(&["policy", "roles"], None)
+            .stdout
+            .contains("ctl-reader")
+    );
+
+    // image build (its log on stderr), ls, rm; a recipe that does not read.
+    let recipe = work.path().join("r.toml");
+    std::fs::write(&recipe, "env = { BUILT = \"yes\" }\n").unwrap();
+    let built = run(
+        &[
+            "image",
+            "build",
+            "ctl-img",
+            "--recipe",
+            recipe.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    assert!(
+        built.stdout.starts_with("image ctl-img added (sha256:"),
+        "{}",
+        built.stdout
+    );
+    assert!(!built.stderr.trim().is_empty(), "the build log is shown");
+    assert!(run(&["image", "ls"], None).stdout.contains("ctl-img"));
+    assert!(
+        run(&["image", "rm", "ctl-img"], None)
+            .stdout
+            .contains("image ctl-img deleted")
+    );
+    assert!(!run(&["image", "ls"], None).stdout.contains("ctl-img"));
+    let missing = run(
+        &["image", "build", "x", "--recipe", "/nonexistent.toml"],
+        None,
+    );
+    assert!(
+        missing.code == 1 && missing.stderr.contains("/nonexistent.toml"),
+        "{}",
+        missing.stderr
+    );
+    assert_eq!(
+        run(&["image", "rm", "default"], None).code,
+        1,
+        "refused while f2 uses it"
+    );
+
+    // --follow: the console and the audit trail, as they happen.
+    let console = Follower::start(&[
+        "--socket", &socket, "console", "f2", "--lines", "1", "--follow",
+    ]);
+    let audit = Follower::start(&[
+        "--socket", &socket, "--json", "audit", "--limit", "1", "--follow",
+    ]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let wrote = run(
+        &[
+            "exec",
+            "f2",
+            "--",
+            "sh",
+            "-c",
+            "echo '<1>ctl-follow-marker' > /dev/kmsg",
+        ],
+        None,
+    );
+    assert_eq!(wrote.code, 0, "{}", wrote.stderr);
+    console.wait_for(|l| l.contains("ctl-follow-marker"));
+    assert_eq!(run(&["vm", "info", "f2"], None).code, 0);
+    let row = audit.wait_for(|l| l.contains("\"get_vm\""));
+    let row: Value = serde_json::from_str(&row).unwrap();
+    assert_eq!(row["vm"], "f2");
+
+    // shell, on a real terminal: typed to, resized, interrupted, its exit code.
+    let mut term = Terminal::start(&["--socket", &socket, "shell", "f2"], 24, 80);
+    term.expect("hi-42", Some("echo hi-$((6*7))\r"));
+    term.type_("stty size\r");
+    term.expect("24 80", None);
+    term.resize(40, 120);
+    term.expect("40 120", Some("stty size\r"));
+    term.type_("sleep 100\r");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    term.type_("\u{3}");
+    term.expect("after-2", Some("echo after-$((1+1))\r"));
+    term.type_("exit 7\r");
+    assert_eq!(term.wait(), 7, "{:?}", term.screen.lock().unwrap());
+    let left = run(
+        &[
+            "exec",
+            "f2",
+            "--",
+            "sh",
+            "-c",
+            "command -v ps >/dev/null || exit 9; ps -o args | grep '^sleep 100' || echo none",
+        ],
+        None,
+    );
+    assert_eq!(left.stdout.trim(), "none", "Ctrl-C ended the sleep");
+    // Not on a terminal: a clear refusal, nothing started.
+    let piped = run(&["shell", "f2"], None);
+    assert!(
+        piped.code == 1 && piped.stderr.contains("use `nexusctl exec"),
+        "{}",
+        piped.stderr
+    );
+
+    // Completions; flags win over the environment; --token-file needs --url.
+    let bash = run(&["completions", "bash"], None);
+    assert!(
+        bash.code == 0 && bash.stdout.contains("_nexusctl()"),
+        "{}",
+        bash.stderr
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+        .args(["--socket", &socket, "vm", "ls"])
+        .env("NEXUS_SOCKET", "/nonexistent.sock")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = work.path().join("token");
+    std::fs::write(&token, "nexus_x\n").unwrap();
+    let out = run(&["--token-file", token.to_str().unwrap(), "vm", "ls"], None);
+    assert!(
+        out.code == 1 && out.stderr.contains("--token-file is for --url"),
+        "{}",
+        out.stderr
+    );
 }

@@ -98,3 +98,55 @@ pub struct Snapshot {
 pub struct SnapshotList {
     pub snapshots: Vec<Snapshot>,
 }
+
+/// `host_status`' answer: what the host runs and holds.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct HostStatus {
+    /// nexusd's version.
+    pub version: String,
+    /// When this nexusd started (RFC 3339) and how long ago, in seconds.
+    pub started_at: String,
+    pub uptime_s: u64,
+    /// The VMM backend ("qemu"), and whether it can start VMs.
+    pub backend: String,
+    /// Why VMs cannot start, when they cannot (what to install).
+    pub backend_problem: Option<String>,
+    /// "kvm" or "tcg": what new VMs run with.
+    pub accel: String,
+    /// Why that one.
+    pub accel_reason: String,
+    pub pool: PoolStatus,
+    pub vms: VmCounts,
+    /// What running VMs use, against what the host may hold.
+    pub usage: Usage,
+    /// The images VMs can be made from, by name.
+    pub images: Vec<String>,
+}
+
+/// The storage pool (workspaces, snapshots).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PoolStatus {
+    pub path: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// VMs by state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct VmCounts {
+    pub total: u32,
+    pub running: u32,
+    pub stopped: u32,
+    /// Running VMs whose guest does not answer now.
+    pub unresponsive: u32,
+}
+
+/// Running VMs' vCPUs and memory, and the limits they count against.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    pub vcpus: u32,
+    pub max_vcpus: u32,
+    pub memory_mib: u64,
+    pub max_memory_mib: u64,
+    pub max_vms: u32,
+}

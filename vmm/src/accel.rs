@@ -70,6 +70,21 @@ fn probe_kvm_at(dev: &Path, modules: &Path) -> KvmSupport {
     }
 }
 
+/// What `auto` picks on this host, and why (for status reports).
+pub fn auto_choice() -> (Resolved, String) {
+    match probe_kvm() {
+        KvmSupport::Usable => (
+            Resolved::Kvm,
+            "/dev/kvm opens and a hardware hypervisor module (kvm_intel or kvm_amd) is loaded"
+                .into(),
+        ),
+        KvmSupport::Unusable(why) => (
+            Resolved::Tcg,
+            format!("emulation, as KVM cannot be used: {why}"),
+        ),
+    }
+}
+
 impl Accel {
     pub fn resolve(self) -> Result<Resolved, VmmError> {
         self.resolve_with(&probe_kvm())

@@ -1,5 +1,6 @@
 //! Background processes: `process_start`, `process_list`, `process_status`,
-//! `process_output`, `process_write_stdin`, `process_signal`.
+//! `process_output`, `process_write_stdin`, `process_signal`,
+//! `process_resize`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{GuestTools, done};
 use crate::exec::Program;
-use crate::procs::{ProcessInfo, ProcessState, StreamChunk};
+use crate::procs::{ProcessInfo, ProcessState, StreamChunk, TtySize};
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +34,24 @@ pub struct StartParams {
     /// Keep standard input open for process_write_stdin (otherwise it is empty).
     #[serde(default)]
     pub stdin: bool,
+    /// Run it on a pseudo-terminal of this size (an interactive shell,
+    /// `top`, an editor): everything it prints comes as stdout, what
+    /// process_write_stdin sends is typed (`\u0003` is Ctrl-C), and
+    /// process_resize changes the size. TERM is xterm-256color unless
+    /// `env` says otherwise.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeParams {
+    /// The process id (e.g. "p1"); it must have been started with `tty`.
+    pub id: String,
+    /// Rows, 1 to 1000.
+    pub rows: u16,
+    /// Columns, 1 to 1000.
+    pub cols: u16,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -110,6 +129,13 @@ pub struct Written {
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
+pub struct Resized {
+    pub id: String,
+    pub rows: u16,
+    pub cols: u16,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Signalled {
     pub id: String,
     pub signal: String,
@@ -147,7 +173,7 @@ impl GuestTools {
         let info = self
             .shared
             .processes
-            .start(program, p.stdin)
+            .start(program, p.stdin, p.tty)
             .await
             .map_err(|e| e.to_string())?;
         done(&info, format!("started {}", describe(&info)))
@@ -255,6 +281,33 @@ impl GuestTools {
             stdin_open: !p.close,
         };
         done(&written, format!("wrote {n} bytes to {}", p.id))
+    }
+
+    #[tool(
+        description = "Resize the terminal of a background process started with `tty`; it gets SIGWINCH.",
+        output_schema = schema_for_output::<Resized>()
+    )]
+    async fn process_resize(
+        &self,
+        Parameters(p): Parameters<ResizeParams>,
+    ) -> Result<CallToolResult, String> {
+        let size = TtySize {
+            rows: p.rows,
+            cols: p.cols,
+        };
+        self.shared
+            .processes
+            .resize(&p.id, size)
+            .map_err(|e| e.to_string())?;
+        let text = format!("{} now has a {}x{} terminal", p.id, p.rows, p.cols);
+        done(
+            &Resized {
+                id: p.id,
+                rows: p.rows,
+                cols: p.cols,
+            },
+            text,
+        )
     }
 
     #[tool(

@@ -23,6 +23,7 @@ mod recovery;
 mod secrets;
 mod snapshots;
 mod spawn;
+mod status;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -173,6 +174,8 @@ pub struct Daemon {
     /// Held by a secret's change from its write to its reload.
     secret_changes: Mutex<()>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// When this nexusd opened its state (for status).
+    started_at: std::time::SystemTime,
     _lock: StateLock,
 }
 
@@ -260,6 +263,7 @@ impl Daemon {
             metrics: crate::metrics::Metrics::new(),
             me: me.clone(),
             limits: admission::Limits::resolve(&limits),
+            started_at: std::time::SystemTime::now(),
             booting: std::sync::Mutex::default(),
             creating: Mutex::new(()),
             image_ops: Mutex::new(()),

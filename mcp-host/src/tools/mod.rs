@@ -15,6 +15,7 @@ mod logging;
 mod role;
 mod secret;
 mod snapshot;
+mod status;
 pub mod surface;
 mod token;
 mod vm;
@@ -85,7 +86,8 @@ impl NexusTools {
                 + Self::token_router()
                 + Self::role_router()
                 + Self::secret_router()
-                + Self::audit_router(),
+                + Self::audit_router()
+                + Self::status_router(),
             options,
             log_level: logging::SessionLevel::default(),
             identity,

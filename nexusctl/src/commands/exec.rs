@@ -42,7 +42,7 @@ fn parse_env(text: &str) -> Result<(String, String), String> {
 }
 
 /// One stream's chunk as bytes.
-fn bytes(chunk: &Value) -> Vec<u8> {
+pub fn bytes(chunk: &Value) -> Vec<u8> {
     let data = chunk["data"].as_str().unwrap_or_default();
     if chunk["encoding"] == "base64" {
         base64::engine::general_purpose::STANDARD
@@ -114,29 +114,34 @@ pub async fn run(client: &Client, args: ExecArgs) -> Result<u8, CtlError> {
             }
             *at = chunk["next_offset"].as_u64().unwrap_or(*at);
         }
-        let process = &answer["process"];
-        // Done means ended and every byte read.
-        let all_read = process["stdout_bytes"]
-            .as_u64()
-            .is_some_and(|n| out_at >= n)
-            && process["stderr_bytes"]
-                .as_u64()
-                .is_some_and(|n| err_at >= n);
-        match process["state"].as_str() {
-            Some("exited") if all_read => {
-                if let Some(code) = process["exit_code"].as_i64() {
-                    return Ok(u8::try_from(code).unwrap_or(1));
-                }
-                let signal = process["signal"].as_i64().unwrap_or(0);
-                return Ok(u8::try_from(128 + signal).unwrap_or(255));
-            }
-            Some("lost") => {
-                return Err(CtlError::Refused(format!(
-                    "the command was lost: {}",
-                    process["reason"].as_str().unwrap_or("guest-mcp restarted")
-                )));
-            }
-            _ => {}
+        if let Some(code) = ended(&answer, out_at, err_at)? {
+            return Ok(code);
         }
+    }
+}
+
+/// The exit code once the process has ended and every byte up to
+/// `out_at`/`err_at` was read (128 + N for signal N); None while it runs.
+pub fn ended(answer: &Value, out_at: u64, err_at: u64) -> Result<Option<u8>, CtlError> {
+    let process = &answer["process"];
+    let all_read = process["stdout_bytes"]
+        .as_u64()
+        .is_some_and(|n| out_at >= n)
+        && process["stderr_bytes"]
+            .as_u64()
+            .is_some_and(|n| err_at >= n);
+    match process["state"].as_str() {
+        Some("exited") if all_read => {
+            if let Some(code) = process["exit_code"].as_i64() {
+                return Ok(Some(u8::try_from(code).unwrap_or(1)));
+            }
+            let signal = process["signal"].as_i64().unwrap_or(0);
+            Ok(Some(u8::try_from(128 + signal).unwrap_or(255)))
+        }
+        Some("lost") => Err(CtlError::Refused(format!(
+            "the command was lost: {}",
+            process["reason"].as_str().unwrap_or("guest-mcp restarted")
+        ))),
+        _ => Ok(None),
     }
 }

@@ -2,14 +2,21 @@
 
 pub mod admin;
 pub mod config;
+pub mod cp;
 pub mod exec;
+pub mod policy;
 pub mod secret;
+pub mod shell;
 pub mod snapshot;
+pub mod status;
 pub mod vm;
 
 use rmcp::model::CallToolRequestParams;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use rmcp::RoleClient;
+use rmcp::service::Peer;
 
 use crate::connect::Client;
 use crate::error::CtlError;
@@ -57,7 +64,7 @@ pub fn say(text: &str) {
 }
 
 /// Calls tool `tool`; its structured answer, or why not.
-pub async fn call(client: &Client, tool: &str, args: Value) -> Result<Value, CtlError> {
+pub async fn call(client: &Peer<RoleClient>, tool: &str, args: Value) -> Result<Value, CtlError> {
     let mut params = CallToolRequestParams::new(tool.to_owned());
     if let Value::Object(map) = args {
         params = params.with_arguments(map);
@@ -106,6 +113,40 @@ pub async fn call(client: &Client, tool: &str, args: Value) -> Result<Value, Ctl
     })
 }
 
+/// [`call`], its progress messages on stderr as they come (a build log)
+/// under a spinner saying `what` while it runs, where stderr is a
+/// terminal.
+pub async fn call_with_progress(
+    client: &Client,
+    tool: &str,
+    args: Value,
+    what: &str,
+) -> Result<Value, CtlError> {
+    let mut lines = client.service().watch();
+    let bar = crate::ui::spinner(what);
+    let call = call(client, tool, args);
+    tokio::pin!(call);
+    let result = loop {
+        tokio::select! {
+            result = &mut call => break result,
+            Some(line) = lines.recv() => {
+                let line: String = line
+                    .trim_end()
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            }
+        }
+    };
+    bar.finish_and_clear();
+    result
+}
+
 /// Reads an answer as `T`.
 pub fn parse<T: DeserializeOwned>(tool: &str, answer: &Value) -> Result<T, CtlError> {
     serde_json::from_value(answer.clone())
@@ -113,7 +154,13 @@ pub fn parse<T: DeserializeOwned>(tool: &str, answer: &Value) -> Result<T, CtlEr
 }
 
 /// `nexusctl console VM`: the last lines of its serial console.
-pub async fn console(client: &Client, vm: &str, lines: u32, out: &Out) -> Result<(), CtlError> {
+pub async fn console(
+    client: &Client,
+    vm: &str,
+    lines: u32,
+    follow: bool,
+    out: &Out,
+) -> Result<(), CtlError> {
     let answer = call(
         client,
         "read_console",
@@ -123,7 +170,57 @@ pub async fn console(client: &Client, vm: &str, lines: u32, out: &Out) -> Result
     out.print(&answer, || {
         answer["text"].as_str().unwrap_or_default().to_owned()
     });
-    Ok(())
+    if !follow {
+        return Ok(());
+    }
+    let mut seen: Vec<String> = console_lines(&answer);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let answer = call(
+            client,
+            "read_console",
+            serde_json::json!({"vm": vm, "lines": FOLLOW_WINDOW}),
+        )
+        .await?;
+        let now = console_lines(&answer);
+        for line in new_lines(&seen, &now) {
+            if out.json {
+                say(&serde_json::json!({"vm": vm, "line": line}).to_string());
+            } else {
+                say(line);
+            }
+        }
+        seen = now;
+    }
+}
+
+/// Lines `console --follow` reads each time: more than a burst of boot
+/// messages between two reads.
+const FOLLOW_WINDOW: u32 = 1000;
+
+fn console_lines(answer: &Value) -> Vec<String> {
+    answer["text"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The lines of `now` (the console's last lines) after those of `before`:
+/// where `before`'s last lines reappear in `now`, what follows them is
+/// new. If they do not (more came than the window holds), all of `now`.
+fn new_lines<'a>(before: &[String], now: &'a [String]) -> &'a [String] {
+    if before.is_empty() {
+        return now;
+    }
+    // The latest place `before`'s last lines (up to 20) appear in `now`.
+    let anchor = before.len().min(20);
+    let tail = &before[before.len() - anchor..];
+    (0..=now.len().saturating_sub(anchor))
+        .rev()
+        .find(|&i| now[i..].starts_with(tail))
+        .map_or(now, |i| &now[i + anchor..])
 }
 
 /// nexusd's HTTP health endpoint's answer.
@@ -154,6 +251,25 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::io::{Read, Write};
+
+    #[test]
+    fn follow_prints_only_what_came_after_the_last_lines_seen() {
+        let lines = |s: &str| s.lines().map(str::to_owned).collect::<Vec<_>>();
+        let before = lines("a\nb\nc");
+        assert_eq!(
+            new_lines(&before, &lines("a\nb\nc\nd\ne")),
+            &lines("d\ne")[..]
+        );
+        assert!(new_lines(&before, &lines("a\nb\nc")).is_empty());
+        // A repeated line does not fool it: the whole tail must match.
+        assert_eq!(
+            new_lines(&lines("x\nc"), &lines("x\nc\ny\nc")),
+            &lines("y\nc")[..]
+        );
+        // Nothing in common: everything is new.
+        assert_eq!(new_lines(&before, &lines("x\ny")), &lines("x\ny")[..]);
+        assert_eq!(new_lines(&[], &lines("x")), &lines("x")[..]);
+    }
 
     #[test]
     fn health_reads_the_endpoint_and_explains_failures() {

@@ -174,3 +174,37 @@ pub async fn run(client: &Client, cmd: VmCmd, out: &Out) -> Result<(), CtlError>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, state: &str, owner: Option<&str>, ready_ms: Option<u64>) -> VmInfo {
+        VmInfo {
+            name: name.into(),
+            state: state.into(),
+            image: "default".into(),
+            image_digest: "sha256:0123abcd".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            from_vm: None,
+            from_snapshot: None,
+            cid: ready_ms.map(|_| 7),
+            ready_ms,
+            guest: ready_ms.map(|_| "answering".into()),
+            egress: Some(vec!["pypi.org".into()]),
+            owner: owner.map(str::to_owned),
+            secrets: vec!["API".into()],
+        }
+    }
+
+    #[test]
+    fn the_vm_table_and_details_read_as_they_did() {
+        let vms = [
+            vm("agent1", "running", Some("uid:1000"), Some(812)),
+            vm("build-box", "stopped", None, None),
+        ];
+        insta::assert_snapshot!("vm_ls", rows(&vms));
+        insta::assert_snapshot!("vm_info", details(&vms[0]));
+    }
+}
