@@ -381,6 +381,7 @@ impl ProcessTable {
         };
         let err = tokio::spawn(pump(self.clone(), key, child.stderr.take(), Stream::Stderr));
         let table = self.clone();
+        let on_tty = info.tty;
         tokio::spawn(async move {
             let status = child.wait().await;
             use std::os::unix::process::ExitStatusExt;
@@ -400,9 +401,27 @@ impl ProcessTable {
                 entry.stdin = None;
                 entry.info.stdin_open = false;
             }
-            // What its children still write keeps arriving until the pipes
-            // close; only then is its output complete and the process ended.
-            let _ = tokio::join!(out, err);
+            if on_tty {
+                // A terminal's session ends with its leader, as when a
+                // terminal closes: what is printed by then is read, then
+                // what is left on it (background jobs) is hung up.
+                let mut out = out;
+                if tokio::time::timeout(TTY_GRACE, &mut out).await.is_err() {
+                    let tree = table.lock().get(&key).and_then(|e| e.tree.clone());
+                    if let Some(tree) = tree {
+                        tree.signal(Signal::SIGHUP);
+                    }
+                    if tokio::time::timeout(TTY_GRACE, &mut out).await.is_err() {
+                        out.abort();
+                    }
+                }
+                let _ = err.await;
+            } else {
+                // What its children still write keeps arriving until the
+                // pipes close; only then is its output complete and the
+                // process ended.
+                let _ = tokio::join!(out, err);
+            }
             if let Some(entry) = table.lock().get_mut(&key) {
                 entry.info.state = state;
                 entry.ended = Some(Instant::now());
@@ -499,6 +518,23 @@ impl ProcessTable {
                 });
             }
             Err(_) => return Err(ProcessError::StdinFull(id.to_owned())),
+        }
+        let on_tty = matches!(&*stdin.lock().await, Input::Tty(_));
+        if close && on_tty {
+            // A terminal has no end of input: Ctrl-D at the start of a
+            // line is what a program reading it takes for one.
+            let eof = tokio::time::timeout(STDIN_TIMEOUT, async {
+                stdin.lock().await.write_all(b"\x04").await
+            })
+            .await;
+            return match eof {
+                Ok(Ok(())) => Ok(data.len()),
+                Ok(Err(source)) => Err(ProcessError::Stdin {
+                    id: id.to_owned(),
+                    source,
+                }),
+                Err(_) => Err(ProcessError::StdinFull(id.to_owned())),
+            };
         }
         if close && let Some(entry) = self.lock().get_mut(&key) {
             entry.stdin = None;
@@ -726,6 +762,10 @@ fn parse_signal(name: &str) -> Result<Signal, ProcessError> {
         _ => return Err(ProcessError::BadSignal(name.to_owned())),
     })
 }
+
+/// How long a terminal's output is read after its leader exited before
+/// what still holds the terminal is hung up.
+const TTY_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long a stdin write may wait for a process that is not reading.
 const STDIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

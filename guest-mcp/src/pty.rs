@@ -7,8 +7,9 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Stdio;
 
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::pty::{Winsize, openpty};
+use nix::fcntl::OFlag;
+use nix::pty::{Winsize, grantpt, posix_openpt, ptsname_r, unlockpt};
+use nix::sys::stat::Mode;
 use tokio::io::unix::AsyncFd;
 
 /// The most rows or columns a terminal may have.
@@ -21,19 +22,30 @@ pub struct Master(AsyncFd<OwnedFd>);
 
 /// A new terminal of `rows` x `cols`: guest-mcp's side, and the three
 /// standard streams for the process.
+///
+/// Both sides are opened close-on-exec from the start (openpty(3) does
+/// not): a process started meanwhile, or any later one, must not inherit
+/// them, or the terminal would never be hung up and its process would
+/// never be seen to end.
 pub fn open(rows: u16, cols: u16) -> std::io::Result<(Master, [Stdio; 3])> {
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let master = posix_openpt(flags | OFlag::O_NONBLOCK)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let slave_path = ptsname_r(&master)?;
+    let slave: OwnedFd = nix::fcntl::open(slave_path.as_str(), flags, Mode::empty())?;
+    let master = OwnedFd::from(master);
     let size = winsize(rows, cols);
-    let pty = openpty(Some(&size), None)?;
-    let flags = OFlag::from_bits_truncate(fcntl(&pty.master, FcntlArg::F_GETFL)?);
-    fcntl(&pty.master, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    // SAFETY: the fd is open and `size` a valid winsize the kernel reads.
+    unsafe { set_winsize(master.as_raw_fd(), &size) }?;
     let streams = [
-        Stdio::from(pty.slave.try_clone()?),
-        Stdio::from(pty.slave.try_clone()?),
-        Stdio::from(pty.slave),
+        Stdio::from(slave.try_clone()?),
+        Stdio::from(slave.try_clone()?),
+        Stdio::from(slave),
     ];
     // SAFETY: an OwnedFd's descriptor is open and its own until it is
     // dropped, which only the AsyncFd does.
-    let master = unsafe { AsyncFd::register(pty.master) }.map_err(std::io::Error::from)?;
+    let master = unsafe { AsyncFd::register(master) }.map_err(std::io::Error::from)?;
     Ok((Master(master), streams))
 }
 

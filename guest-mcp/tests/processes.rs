@@ -465,12 +465,18 @@ async fn a_process_on_a_terminal_is_typed_to_resized_and_interrupted() {
     assert_eq!(resized["rows"], 40);
     type_("stty size\n").await;
     read_until(&client, &id, &mut at, "40 120").await;
-    // Ctrl-C, typed, interrupts the foreground command, not the shell.
-    type_("sleep 100\n").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Ctrl-C, typed, interrupts the foreground command, not the shell
+    // (typed once the command surely runs).
+    type_("sh -c 'echo go-$((1+1)); exec sleep 100'\n").await;
+    read_until(&client, &id, &mut at, "go-2").await;
     type_("\u{3}").await;
     type_("echo after-$((1+1))\n").await;
     read_until(&client, &id, &mut at, "after-2").await;
+    // Neither side of the terminal leaked into what runs on it: no
+    // descriptor but the terminal's own.
+    type_("ls -l /proc/$$/fd; echo listed-$((2+2))\n").await;
+    let fds = read_until(&client, &id, &mut at, "listed-4").await;
+    assert!(!fds.contains("ptmx"), "the master leaked: {fds}");
     // Bad sizes and a process without a terminal are refused, by name.
     let bad = call(
         &client,
@@ -499,9 +505,30 @@ async fn a_process_on_a_terminal_is_typed_to_resized_and_interrupted() {
     .await
     .err();
     assert!(bad.contains("has no terminal"), "{bad}");
-    // exit: the process ends with the shell's code, its output complete.
+    // exit: the process ends with the shell's code, though a background
+    // job still holds the terminal (it is hung up, as a closed terminal's).
+    type_("sleep 1000 & echo bg-$((3+3))\n").await;
+    read_until(&client, &id, &mut at, "bg-6").await;
     type_("exit 7\n").await;
     let ended = wait_ended(&client, &id).await;
     assert_eq!(ended["exit_code"], 7, "{ended}");
+    // close on a terminal types Ctrl-D: a reading program sees the end.
+    let cat = call(
+        &client,
+        "process_start",
+        json!({"argv": ["cat"], "tty": {"rows": 5, "cols": 20}}),
+    )
+    .await
+    .ok();
+    let closed = call(
+        &client,
+        "process_write_stdin",
+        json!({"id": cat["id"], "data": "", "close": true}),
+    )
+    .await
+    .ok();
+    assert_eq!(closed["stdin_open"], true, "{closed}");
+    let ended = wait_ended(&client, cat["id"].as_str().unwrap()).await;
+    assert_eq!(ended["exit_code"], 0, "{ended}");
     client.cancel().await.unwrap();
 }

@@ -16,6 +16,9 @@ pub enum CtlError {
     /// parse.
     #[error("{0}")]
     Local(String),
+    /// Ctrl-C: what was under way was undone.
+    #[error("interrupted; nothing was left half done")]
+    Interrupted,
 }
 
 impl CtlError {
@@ -24,6 +27,7 @@ impl CtlError {
             Self::Refused(_) | Self::Local(_) => 1,
             Self::Unreachable(_) => 3,
             Self::Denied(_) => 4,
+            Self::Interrupted => 130,
         }
     }
 }

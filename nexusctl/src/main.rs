@@ -215,14 +215,18 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("nexusctl: {e}");
+            // Messages may quote a guest (a file name, its error): shown,
+            // never obeyed by the terminal.
+            eprintln!("nexusctl: {}", ui::printable(&e.to_string()));
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("nexusctl: {e}");
+            // Messages may quote a guest (a file name, its error): shown,
+            // never obeyed by the terminal.
+            eprintln!("nexusctl: {}", ui::printable(&e.to_string()));
             if json {
                 // Scripts read stdout: the error is there too.
                 commands::say(

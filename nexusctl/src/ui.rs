@@ -67,6 +67,22 @@ pub fn paint_state(text: &str) -> String {
     format!("\u{1b}[{code}m{text}\u{1b}[0m")
 }
 
+/// Text a guest wrote, made safe to show: no escape sequences (a guest
+/// must not drive the admin's terminal: titles, clipboard, cursor), no
+/// carriage returns; line ends and tabs kept.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .filter(|&c| c != '\r')
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// `text` painted where stdout takes colour.
 pub fn paint_if(text: &str) -> String {
     if colors() {
@@ -79,6 +95,14 @@ pub fn paint_if(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_text_loses_its_escapes_but_keeps_its_lines() {
+        assert_eq!(
+            printable("ok\r\n\u{1b}]52;c;aGk=\u{7}next\tx\n"),
+            "ok\n\u{fffd}]52;c;aGk=\u{fffd}next\tx\n"
+        );
+    }
 
     #[test]
     fn states_are_painted_and_the_rest_left_alone() {

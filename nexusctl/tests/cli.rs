@@ -166,6 +166,7 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
         &["vm", "start"],
         &["vm", "stop"],
         &["vm", "rm"],
+        &["vm", "console"],
         &["secret", "set"],
         &["secret", "ls"],
         &["secret", "rm"],
@@ -1008,6 +1009,61 @@ fn files_status_policy_images_and_following() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(before, after, "a failed copy leaves no file");
+    // An empty file and one of exactly two chunks, both ways.
+    for (name, len) in [("empty", 0usize), ("two-chunks", 8 << 20)] {
+        let bytes = noise(len);
+        let from = work.path().join(name);
+        std::fs::write(&from, &bytes).unwrap();
+        let up = run(&["cp", from.to_str().unwrap(), "f2:/tmp/"], None);
+        assert_eq!(up.code, 0, "{name}: {}", up.stderr);
+        let again = work.path().join(format!("{name}.back"));
+        let down = run(
+            &["cp", &format!("f2:/tmp/{name}"), again.to_str().unwrap()],
+            None,
+        );
+        assert_eq!(down.code, 0, "{name}: {}", down.stderr);
+        assert!(
+            std::fs::read(&again).unwrap() == bytes,
+            "{name} came back as it went"
+        );
+    }
+    // Ctrl-C in the middle: exit 130, and the partial copy is gone.
+    let child = Command::new(env!("CARGO_BIN_EXE_nexusctl"))
+        .args([
+            "--socket",
+            &socket,
+            "cp",
+            &local_arg,
+            "f2:/workspace/interrupted.bin",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the partial copy is there (the transfer under way).
+    let mut under_way = false;
+    for _ in 0..100 {
+        let listed = run(&["exec", "f2", "--", "ls", "-A", "/workspace"], None);
+        if listed.stdout.contains(".interrupted.bin.nexusctl-") {
+            under_way = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(under_way, "the upload never started");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let left = run(
         &[
             "exec",
@@ -1084,6 +1140,38 @@ fn files_status_policy_images_and_following() {
             .stdout
             .contains("no grants")
     );
+    // Changing only its tools keeps its egress and quotas.
+    let changed = run(
+        &["policy", "set-role", "ctl-reader", "--tools", "list_*"],
+        None,
+    );
+    assert_eq!(
+        (changed.code, changed.stdout.trim()),
+        (0, "role ctl-reader replaced"),
+        "{}",
+        changed.stderr
+    );
+    let roles = run(&["--json", "policy", "roles"], None).json();
+    let reader = roles["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "ctl-reader")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            reader["egress"].clone(),
+            reader["quota"]["max_vcpus"].as_u64(),
+            reader["tools"].clone()
+        ),
+        (
+            serde_json::json!([]),
+            Some(2),
+            serde_json::json!(["list_*"])
+        ),
+        "{reader}"
+    );
     let bad = run(&["policy", "set-role", "Bad Name", "--tools", "x"], None);
     assert_eq!(bad.code, 1, "{}", bad.stderr);
     assert_eq!(run(&["policy", "rm-role", "ctl-reader"], None).code, 0);
@@ -1134,10 +1222,23 @@ fn files_status_policy_images_and_following() {
         1,
         "refused while f2 uses it"
     );
+    let import = run(&["image", "import", "ctl-x", "relative/layout"], None);
+    assert!(
+        import.code == 1 && import.stderr.contains("must be absolute"),
+        "{}",
+        import.stderr
+    );
+    let pull = run(&["image", "pull", "ctl-x", "Not A Reference"], None);
+    assert!(
+        pull.code == 1 && pull.stderr.contains("is not an image reference"),
+        "{}",
+        pull.stderr
+    );
+    assert!(!run(&["image", "ls"], None).stdout.contains("ctl-x"));
 
     // --follow: the console and the audit trail, as they happen.
     let console = Follower::start(&[
-        "--socket", &socket, "console", "f2", "--lines", "1", "--follow",
+        "--socket", &socket, "vm", "console", "f2", "--lines", "1", "--follow",
     ]);
     let audit = Follower::start(&[
         "--socket", &socket, "--json", "audit", "--limit", "1", "--follow",
@@ -1168,12 +1269,32 @@ fn files_status_policy_images_and_following() {
     term.expect("24 80", None);
     term.resize(40, 120);
     term.expect("40 120", Some("stty size\r"));
-    term.type_("sleep 100\r");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Ctrl-C once the command surely runs.
+    term.type_("sh -c 'echo go-$((1+1)); exec sleep 100'\r");
+    term.expect("go-2", None);
     term.type_("\u{3}");
     term.expect("after-2", Some("echo after-$((1+1))\r"));
     term.type_("exit 7\r");
     assert_eq!(term.wait(), 7, "{:?}", term.screen.lock().unwrap());
+    let mode = nix::sys::termios::tcgetattr(&term.master).unwrap();
+    use nix::sys::termios::LocalFlags;
+    assert!(
+        mode.local_flags
+            .contains(LocalFlags::ICANON | LocalFlags::ECHO),
+        "the terminal is given back as it was: {:?}",
+        mode.local_flags
+    );
+    // Ctrl-] ends a session from this side; its command goes with it.
+    let mut term = Terminal::start(&["--socket", &socket, "shell", "f2", "--", "sh"], 24, 80);
+    term.expect("ready-9", Some("echo ready-$((4+5)); sleep 200\r"));
+    term.type_("\u{1d}");
+    assert_eq!(term.wait(), 130, "{:?}", term.screen.lock().unwrap());
+    assert!(
+        term.screen
+            .lock()
+            .unwrap()
+            .contains("session ended with Ctrl-]")
+    );
     let left = run(
         &[
             "exec",
@@ -1181,11 +1302,15 @@ fn files_status_policy_images_and_following() {
             "--",
             "sh",
             "-c",
-            "command -v ps >/dev/null || exit 9; ps -o args | grep '^sleep 100' || echo none",
+            "command -v ps >/dev/null || exit 9; ps -o args | grep -E '^sleep (100|200)' || echo none",
         ],
         None,
     );
-    assert_eq!(left.stdout.trim(), "none", "Ctrl-C ended the sleep");
+    assert_eq!(
+        left.stdout.trim(),
+        "none",
+        "Ctrl-C and Ctrl-] ended the sleeps"
+    );
     // Not on a terminal: a clear refusal, nothing started.
     let piped = run(&["shell", "f2"], None);
     assert!(

@@ -166,6 +166,14 @@ pub fn tail(log: &Path, lines: usize, boot_only: bool) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The last `lines` lines as written, line ends kept: a last line
+/// without one is still being written (what follows a console needs).
+pub fn tail_verbatim(log: &Path, lines: usize) -> String {
+    let text = end_of(log, TAIL_WINDOW);
+    let all: Vec<&str> = text.split_inclusive('\n').collect();
+    all[all.len().saturating_sub(lines)..].concat()
+}
+
 /// The first line of the latest boot's output that says why the kernel
 /// died (a panic's stack dump pushes it out of the last lines).
 pub fn panic_line(log: &Path) -> Option<String> {
@@ -211,6 +219,9 @@ mod tests {
         }
         let last = tail(&log, 3, false);
         assert_eq!(last, "line 9997\nline 9998\nline 9999");
+        assert_eq!(tail_verbatim(&log, 2), "line 9998\nline 9999\n");
+        ring.write(b"half a li").unwrap();
+        assert_eq!(tail_verbatim(&log, 2), "line 9999\nhalf a li");
         // Flooded past the marker: the tail is still this boot's, and the
         // old boot's panic is not this one's.
         assert_eq!(panic_line(&log), None);
@@ -237,5 +248,6 @@ mod tests {
         assert!(boot.ends_with("trace"), "{boot}");
         assert!(tail(&log, 20, false).contains("previous boot"));
         assert_eq!(tail(&dir.path().join("none"), 20, true), "");
+        assert_eq!(tail_verbatim(&dir.path().join("none"), 20), "");
     }
 }

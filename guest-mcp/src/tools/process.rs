@@ -88,7 +88,8 @@ pub struct WriteStdinParams {
     pub id: String,
     /// Text to write.
     pub data: String,
-    /// Close standard input afterwards (the process sees end of file).
+    /// Close standard input afterwards (the process sees end of file; on a
+    /// terminal, Ctrl-D is typed instead).
     #[serde(default)]
     pub close: bool,
 }
@@ -278,7 +279,8 @@ impl GuestTools {
             .map_err(|e| e.to_string())?;
         let written = Written {
             bytes_written: n,
-            stdin_open: !p.close,
+            // A terminal stays open after `close` (it typed Ctrl-D).
+            stdin_open: table.status(&p.id).is_ok_and(|i| i.stdin_open),
         };
         done(&written, format!("wrote {n} bytes to {}", p.id))
     }

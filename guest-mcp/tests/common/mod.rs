@@ -41,6 +41,10 @@ impl Server {
         let control = dir.path().join("control.sock");
         let workdir = dir.path().join("workspace");
         std::fs::create_dir_all(&workdir).unwrap();
+        // A killed predecessor leaves its sockets: waiting for them to
+        // appear must wait for this one's.
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&control);
         let child = Command::new(env!("CARGO_BIN_EXE_guest-mcp"))
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))

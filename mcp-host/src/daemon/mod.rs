@@ -492,10 +492,9 @@ impl Daemon {
     /// The last `lines` lines of a VM's serial console.
     pub async fn console(&self, name: &str, lines: usize) -> Result<String> {
         self.known(name).await?;
-        Ok(nexus_vmm::console::tail(
+        Ok(nexus_vmm::console::tail_verbatim(
             &self.console_log(name),
             lines,
-            false,
         ))
     }
 

@@ -204,7 +204,7 @@ async fn made(
     what: &str,
     out: &Out,
 ) -> Result<(), CtlError> {
-    let answer = call_with_progress(client, tool, args, what).await?;
+    let answer = call_with_progress(client, tool, args, what, true).await?;
     out.print(&answer, || {
         format!(
             "image {} {} ({}, {}) in {:.1} s",
@@ -360,7 +360,8 @@ async fn follow_audit(client: &Client, args: AuditArgs, out: &Out) -> Result<(),
             if out.json {
                 say(&r.to_string());
             } else {
-                say(&audit_line(r));
+                // Callers choose tool names and VM names: shown, not obeyed.
+                say(&crate::ui::printable(&audit_line(r)));
             }
         }
         if last.is_none() {

@@ -11,7 +11,7 @@ use base64::Engine;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::{Out, call};
+use super::{GUEST_CALL_TIMEOUT, Out, call, call_within};
 use crate::connect::Client;
 use crate::error::CtlError;
 
@@ -125,7 +125,7 @@ async fn upload(client: &Client, from: &Path, vm: &str, path: &str) -> Result<Co
             from.display()
         )));
     }
-    let mut file = std::fs::File::open(from).map_err(local)?;
+    let file = std::fs::File::open(from).map_err(local)?;
     let name = from
         .file_name()
         .and_then(|n| n.to_str())
@@ -150,6 +150,74 @@ async fn upload(client: &Client, from: &Path, vm: &str, path: &str) -> Result<Co
         format!("{:04o}", meta.permissions().mode() & 0o7777)
     };
     let bar = crate::ui::bytes_bar(meta.len(), &format!("{} -> {vm}:{target}", from.display()));
+    // Ctrl-C stops it between chunks, never in the middle of a call: a
+    // write still under way would make the file again after its removal.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let dest = Dest {
+        vm,
+        temp: &temp,
+        target: &target,
+        mode: &mode,
+    };
+    let sent = send(client, file, &dest, &bar, &interrupted).await;
+    watcher.abort();
+    bar.finish_and_clear();
+    match sent {
+        Ok((bytes, sha256)) => Ok(Copied {
+            from: from.display().to_string(),
+            to: format!("{vm}:{target}"),
+            bytes,
+            sha256,
+            seconds: 0.0,
+        }),
+        Err(e) => {
+            // Whatever failed, the partial copy goes (the target was never
+            // touched).
+            let _ = call_within(
+                client,
+                &format!("{vm}__remove"),
+                json!({"path": temp}),
+                GUEST_CALL_TIMEOUT,
+            )
+            .await;
+            Err(e)
+        }
+    }
+}
+
+/// Where an upload goes in the guest.
+struct Dest<'a> {
+    vm: &'a str,
+    /// Written first, beside the target.
+    temp: &'a str,
+    target: &'a str,
+    /// The source's permission bits, octal.
+    mode: &'a str,
+}
+
+/// Writes `file` into the guest's temporary file chunk by chunk, checks
+/// its sha256 there and renames it to the target; its size and sha256.
+async fn send(
+    client: &Client,
+    mut file: std::fs::File,
+    dest: &Dest<'_>,
+    bar: &indicatif::ProgressBar,
+    interrupted: &std::sync::atomic::AtomicBool,
+) -> Result<(u64, String), CtlError> {
+    let Dest {
+        vm,
+        temp,
+        target,
+        mode,
+    } = *dest;
     let write = format!("{vm}__write_file");
     let mut hash = Sha256::new();
     let mut offset = 0u64;
@@ -157,74 +225,59 @@ async fn upload(client: &Client, from: &Path, vm: &str, path: &str) -> Result<Co
     // One call at a time: with more in flight, the guest (decoding and
     // writing several chunks at once) took longer (19 MiB/s against 15
     // with three, measured under TCG).
-    let sent: Result<(), CtlError> = async {
-        loop {
-            let n = read_full(&mut file, &mut buf).map_err(local)?;
-            let mut args = json!({"path": temp, "content_base64": b64().encode(&buf[..n])});
-            if offset == 0 {
-                args["mode"] = mode.clone().into();
-            } else {
-                args["offset"] = offset.into();
-            }
-            call(client, &write, args).await?;
-            hash.update(&buf[..n]);
-            offset += n as u64;
-            bar.set_position(offset);
-            if n < CHUNK {
-                return Ok(());
-            }
+    loop {
+        if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CtlError::Interrupted);
+        }
+        let n = read_full(&mut file, &mut buf)
+            .map_err(|e| CtlError::Local(format!("reading the source: {e}")))?;
+        let mut args = json!({"path": temp, "content_base64": b64().encode(&buf[..n])});
+        if offset == 0 {
+            args["mode"] = mode.into();
+        } else {
+            args["offset"] = offset.into();
+        }
+        call_within(client, &write, args, GUEST_CALL_TIMEOUT).await?;
+        hash.update(&buf[..n]);
+        offset += n as u64;
+        bar.set_position(offset);
+        if n < CHUNK {
+            break;
         }
     }
-    .await;
-    bar.finish_and_clear();
     let sha256 = hex(&hash.finalize());
-    let checked = match sent {
-        Ok(()) => {
-            let stat = call(
-                client,
-                &format!("{vm}__stat"),
-                json!({"path": temp, "sha256": true}),
-            )
-            .await?;
-            if stat["sha256"] == sha256.as_str() && stat["size"] == offset {
-                Ok(())
-            } else {
-                Err(CtlError::Local(format!(
-                    "the copy in {vm} does not match {} (sha256 {} of {} bytes, sent {sha256} of {offset}): nothing was replaced; try again",
-                    from.display(),
-                    stat["sha256"],
-                    stat["size"]
-                )))
-            }
-        }
-        Err(e) => Err(e),
-    };
-    let moved = match checked {
-        Ok(()) => call(
-            client,
-            &format!("{vm}__move"),
-            json!({"source": temp, "destination": target, "overwrite": true}),
-        )
-        .await
-        .map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = moved {
-        let _ = call(client, &format!("{vm}__remove"), json!({"path": temp})).await;
-        return Err(e);
+    // The guest hashes the whole file: seconds for a large one under TCG.
+    let stat = call(
+        client,
+        &format!("{vm}__stat"),
+        json!({"path": temp, "sha256": true}),
+    )
+    .await?;
+    if stat["sha256"] != sha256.as_str() || stat["size"] != offset {
+        return Err(CtlError::Local(format!(
+            "the copy in {vm} does not match the source (sha256 {} of {} bytes, sent {sha256} of {offset}): nothing was replaced; try again",
+            stat["sha256"], stat["size"]
+        )));
     }
-    Ok(Copied {
-        from: from.display().to_string(),
-        to: format!("{vm}:{target}"),
-        bytes: offset,
-        sha256,
-        seconds: 0.0,
-    })
+    call_within(
+        client,
+        &format!("{vm}__move"),
+        json!({"source": temp, "destination": target, "overwrite": true}),
+        GUEST_CALL_TIMEOUT,
+    )
+    .await?;
+    Ok((offset, sha256))
 }
 
 /// VM to host.
 async fn download(client: &Client, vm: &str, path: &str, to: &Path) -> Result<Copied, CtlError> {
-    let stat = call(client, &format!("{vm}__stat"), json!({"path": path})).await?;
+    let stat = call_within(
+        client,
+        &format!("{vm}__stat"),
+        json!({"path": path}),
+        GUEST_CALL_TIMEOUT,
+    )
+    .await?;
     if stat["type"] != "file" {
         return Err(CtlError::Local(format!(
             "{vm}:{path} is a {}, not a file: cp copies files; pack a directory first (nexusctl exec {vm} -- tar cf dir.tar DIR)",
@@ -248,105 +301,147 @@ async fn download(client: &Client, vm: &str, path: &str, to: &Path) -> Result<Co
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| CtlError::Local(format!("{} has no file name", target.display())))?;
-    let temp = dir.join(format!(".{base}.nexusctl-{}", std::process::id()));
-    let mut file = std::fs::File::create(&temp).map_err(local)?;
+    // The guest says how big: it must fit before anything is written.
+    let free = nix::sys::statvfs::statvfs(&dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .map_err(|e| CtlError::Local(format!("{}: {e}", dir.display())))?;
+    if size > free {
+        return Err(CtlError::Local(format!(
+            "{vm}:{path} is {size} bytes and {} has {free} free: make room or copy elsewhere",
+            dir.display()
+        )));
+    }
+    // A temporary file of its own (a new random name, 0600, never a link
+    // someone planted), removed on any failure when it is dropped.
+    let mut temp = tempfile::Builder::new()
+        .prefix(&format!(".{base}."))
+        .suffix(".nexusctl")
+        .tempfile_in(&dir)
+        .map_err(local)?;
     let bar = crate::ui::bytes_bar(size, &format!("{vm}:{path} -> {}", target.display()));
+    let received = tokio::select! {
+        received = receive(client, vm, path, size, temp.as_file_mut(), &bar) => received,
+        _ = tokio::signal::ctrl_c() => Err(CtlError::Interrupted),
+    };
+    bar.finish_and_clear();
+    let (bytes, sha256) = received?;
+    // The target keeps its mode if it exists; else the guest file's,
+    // under this process's umask, as cp does.
+    let mode = match std::fs::metadata(&target) {
+        Ok(meta) => {
+            use std::os::unix::fs::PermissionsExt;
+            meta.permissions().mode() & 0o7777
+        }
+        Err(_) => {
+            let guest =
+                u32::from_str_radix(stat["mode"].as_str().unwrap_or("0644"), 8).unwrap_or(0o644);
+            guest & 0o777 & !umask()
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .and_then(|()| temp.as_file().sync_all())
+            .map_err(local)?;
+    }
+    temp.persist(&target).map_err(|e| local(e.error))?;
+    Ok(Copied {
+        from: format!("{vm}:{path}"),
+        to: target.display().to_string(),
+        bytes,
+        sha256,
+        seconds: 0.0,
+    })
+}
+
+/// This process's umask (read by setting it, and setting it back).
+fn umask() -> u32 {
+    use nix::sys::stat::{Mode, umask};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    umask(old);
+    old.bits()
+}
+
+/// Reads the guest file into `file`, a few chunks in flight, and checks
+/// it against the guest's sha256; its size and sha256.
+async fn receive(
+    client: &Client,
+    vm: &str,
+    path: &str,
+    size: u64,
+    file: &mut std::fs::File,
+    bar: &indicatif::ProgressBar,
+) -> Result<(u64, String), CtlError> {
     let read = format!("{vm}__read_file");
+    let changed = |how: &str| {
+        CtlError::Local(format!(
+            "{vm}:{path} changed while it was copied ({how}): try again"
+        ))
+    };
     let mut hash = Sha256::new();
-    let received: Result<u64, CtlError> = async {
-        // The chunks the size says, a few calls in flight, taken in order;
-        // then one more read to see the end (a file that grew since).
-        let offsets = (0..size.div_ceil(CHUNK as u64)).map(|i| i * CHUNK as u64);
-        let calls = offsets.chain(std::iter::once(u64::MAX)).map(|offset| {
-            let read = read.clone();
-            async move {
-                if offset == u64::MAX {
-                    return Ok(None);
-                }
+    // The chunks the size says, in order; then one more read to see the
+    // end (a file that grew since).
+    let offsets = (0..size.div_ceil(CHUNK as u64)).map(|i| i * CHUNK as u64);
+    let calls = offsets.chain(std::iter::once(u64::MAX)).map(|offset| {
+        let read = read.clone();
+        async move {
+            if offset == u64::MAX {
+                return Ok(None);
+            }
+            let args =
+                json!({"path": path, "encoding": "base64", "offset": offset, "limit": CHUNK});
+            call_within(client, &read, args, GUEST_CALL_TIMEOUT)
+                .await
+                .map(Some)
+        }
+    });
+    let mut chunks = futures::StreamExt::buffered(futures::stream::iter(calls), IN_FLIGHT);
+    let mut offset = 0u64;
+    loop {
+        let Some(chunk) = futures::StreamExt::next(&mut chunks).await else {
+            return Err(changed("it grew"));
+        };
+        let chunk = match chunk? {
+            Some(chunk) => chunk,
+            None => {
                 let args =
                     json!({"path": path, "encoding": "base64", "offset": offset, "limit": CHUNK});
-                call(client, &read, args).await.map(Some)
+                call_within(client, &read, args, GUEST_CALL_TIMEOUT).await?
             }
-        });
-        let mut chunks = futures::StreamExt::buffered(futures::stream::iter(calls), IN_FLIGHT);
-        let mut offset = 0u64;
-        while let Some(chunk) = futures::StreamExt::next(&mut chunks).await {
-            let chunk = match chunk? {
-                Some(chunk) => chunk,
-                None => call(
-                    client,
-                    &read,
-                    json!({"path": path, "encoding": "base64", "offset": offset, "limit": CHUNK}),
-                )
-                .await?,
-            };
-            let bytes = b64()
-                .decode(chunk["content"].as_str().unwrap_or_default())
-                .map_err(|e| {
-                    CtlError::Local(format!("read_file's content does not decode: {e}"))
-                })?;
-            if chunk["offset"].as_u64() != Some(offset) {
-                return Err(CtlError::Local(format!(
-                    "{vm}:{path} changed while it was copied (it shrank)"
-                )));
-            }
-            file.write_all(&bytes).map_err(local)?;
-            hash.update(&bytes);
-            offset += bytes.len() as u64;
-            bar.set_position(offset);
-            if chunk["eof"] == true && offset >= size {
-                return Ok(offset);
-            }
-            if bytes.is_empty() {
-                return Err(CtlError::Local(format!(
-                    "{vm}:{path} changed while it was copied (it shrank)"
-                )));
-            }
+        };
+        if chunk["offset"].as_u64() != Some(offset) {
+            return Err(changed("it shrank"));
         }
-        Err(CtlError::Local(format!(
-            "{vm}:{path} changed while it was copied (it grew)"
-        )))
+        let bytes = b64()
+            .decode(chunk["content"].as_str().unwrap_or_default())
+            .map_err(|e| CtlError::Local(format!("read_file's content does not decode: {e}")))?;
+        file.write_all(&bytes)
+            .map_err(|e| CtlError::Local(format!("writing the copy: {e}")))?;
+        hash.update(&bytes);
+        offset += bytes.len() as u64;
+        bar.set_position(offset);
+        if chunk["eof"] == true && offset >= size {
+            break;
+        }
+        if bytes.is_empty() || offset > size.saturating_add(CHUNK as u64) {
+            return Err(changed("its size moved"));
+        }
     }
-    .await;
-    bar.finish_and_clear();
     let sha256 = hex(&hash.finalize());
-    let finished = match received {
-        Ok(bytes) => {
-            let check = call(
-                client,
-                &format!("{vm}__stat"),
-                json!({"path": path, "sha256": true}),
-            )
-            .await;
-            match check {
-                Ok(s) if s["sha256"] == sha256.as_str() => file
-                    .sync_all()
-                    .and_then(|()| std::fs::rename(&temp, &target))
-                    .map(|()| bytes)
-                    .map_err(local),
-                Ok(s) => Err(CtlError::Local(format!(
-                    "{vm}:{path} changed while it was copied (sha256 now {}, received {sha256}): {} was left as it was; try again",
-                    s["sha256"],
-                    target.display()
-                ))),
-                Err(e) => Err(e),
-            }
-        }
-        Err(e) => Err(e),
-    };
-    match finished {
-        Ok(bytes) => Ok(Copied {
-            from: format!("{vm}:{path}"),
-            to: target.display().to_string(),
-            bytes,
-            sha256,
-            seconds: 0.0,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            Err(e)
-        }
+    let stat = call(
+        client,
+        &format!("{vm}__stat"),
+        json!({"path": path, "sha256": true}),
+    )
+    .await?;
+    if stat["sha256"] != sha256.as_str() {
+        return Err(changed(&format!(
+            "sha256 now {}, received {sha256}",
+            stat["sha256"]
+        )));
     }
+    Ok((offset, sha256))
 }
 
 /// Reads until `buf` is full or the file ends; how much.

@@ -9,7 +9,7 @@ use std::io::Write;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use super::call;
+use super::{call, call_within};
 use crate::connect::Client;
 use crate::error::CtlError;
 
@@ -77,10 +77,11 @@ pub async fn run(client: &Client, args: ExecArgs) -> Result<u8, CtlError> {
     let output_tool = format!("{vm}__process_output");
     let mut interrupts = 0;
     loop {
-        let read = call(
+        let read = call_within(
             client,
             &output_tool,
             json!({"id": id, "stdout_offset": out_at, "stderr_offset": err_at, "wait_ms": WAIT_MS}),
+            super::GUEST_CALL_TIMEOUT,
         );
         let answer = tokio::select! {
             answer = read => answer?,

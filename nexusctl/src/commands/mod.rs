@@ -65,15 +65,29 @@ pub fn say(text: &str) {
 
 /// Calls tool `tool`; its structured answer, or why not.
 pub async fn call(client: &Peer<RoleClient>, tool: &str, args: Value) -> Result<Value, CtlError> {
+    call_within(client, tool, args, CALL_TIMEOUT).await
+}
+
+/// How long a guest call that answers at once (or within its own
+/// `wait_ms`) may take before the guest counts as silent.
+pub const GUEST_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// [`call`] with its own deadline.
+pub async fn call_within(
+    client: &Peer<RoleClient>,
+    tool: &str,
+    args: Value,
+    timeout: std::time::Duration,
+) -> Result<Value, CtlError> {
     let mut params = CallToolRequestParams::new(tool.to_owned());
     if let Value::Object(map) = args {
         params = params.with_arguments(map);
     }
-    let result = match tokio::time::timeout(CALL_TIMEOUT, client.call_tool(params)).await {
+    let result = match tokio::time::timeout(timeout, client.call_tool(params)).await {
         Err(_) => {
             return Err(CtlError::Unreachable(format!(
                 "{tool}: no answer within {} s",
-                CALL_TIMEOUT.as_secs()
+                timeout.as_secs()
             )));
         }
         Ok(Err(rmcp::ServiceError::McpError(e))) => {
@@ -113,14 +127,15 @@ pub async fn call(client: &Peer<RoleClient>, tool: &str, args: Value) -> Result<
     })
 }
 
-/// [`call`], its progress messages on stderr as they come (a build log)
-/// under a spinner saying `what` while it runs, where stderr is a
-/// terminal.
+/// [`call`] under a spinner saying `what` while it runs, where stderr is
+/// a terminal. Its progress messages: with `log`, printed on stderr as
+/// they come (a build log); else shown in the spinner only.
 pub async fn call_with_progress(
     client: &Client,
     tool: &str,
     args: Value,
     what: &str,
+    log: bool,
 ) -> Result<Value, CtlError> {
     let mut lines = client.service().watch();
     let bar = crate::ui::spinner(what);
@@ -130,19 +145,27 @@ pub async fn call_with_progress(
         tokio::select! {
             result = &mut call => break result,
             Some(line) = lines.recv() => {
-                let line: String = line
-                    .trim_end()
-                    .chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .collect();
-                if bar.is_hidden() {
-                    eprintln!("{line}");
-                } else {
-                    bar.println(line);
+                let line = crate::ui::printable(line.trim_end()).replace(['\n', '\t'], " ");
+                match (log, bar.is_hidden()) {
+                    (true, true) => eprintln!("{line}"),
+                    (true, false) => bar.println(line),
+                    (false, false) => bar.set_message(format!("{what}: {line}")),
+                    (false, true) => {}
                 }
             }
         }
     };
+    // The last lines (a failed build's reason) may still be queued.
+    while let Ok(line) = lines.try_recv() {
+        if log {
+            let line = crate::ui::printable(line.trim_end());
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+        }
+    }
     bar.finish_and_clear();
     result
 }
@@ -153,7 +176,8 @@ pub fn parse<T: DeserializeOwned>(tool: &str, answer: &Value) -> Result<T, CtlEr
         .map_err(|e| CtlError::Local(format!("{tool}'s answer does not read: {e}")))
 }
 
-/// `nexusctl console VM`: the last lines of its serial console.
+/// `nexusctl console VM`: the last lines of its serial console; with
+/// `follow`, what it says next, until Ctrl-C.
 pub async fn console(
     client: &Client,
     vm: &str,
@@ -161,19 +185,31 @@ pub async fn console(
     follow: bool,
     out: &Out,
 ) -> Result<(), CtlError> {
+    let window = if follow { FOLLOW_WINDOW } else { lines };
     let answer = call(
         client,
         "read_console",
-        serde_json::json!({"vm": vm, "lines": lines}),
+        serde_json::json!({"vm": vm, "lines": window}),
     )
     .await?;
-    out.print(&answer, || {
-        answer["text"].as_str().unwrap_or_default().to_owned()
-    });
     if !follow {
+        out.print(&answer, || {
+            crate::ui::printable(answer["text"].as_str().unwrap_or_default())
+        });
         return Ok(());
     }
-    let mut seen: Vec<String> = console_lines(&answer);
+    // Complete lines only: a line still being written is shown once done.
+    let mut seen = complete_lines(&answer);
+    let show = |line: &str| {
+        if out.json {
+            say(&serde_json::json!({"vm": vm, "line": line}).to_string());
+        } else {
+            say(&crate::ui::printable(line));
+        }
+    };
+    for line in &seen[seen.len().saturating_sub(lines as usize)..] {
+        show(line);
+    }
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let answer = call(
@@ -182,13 +218,9 @@ pub async fn console(
             serde_json::json!({"vm": vm, "lines": FOLLOW_WINDOW}),
         )
         .await?;
-        let now = console_lines(&answer);
+        let now = complete_lines(&answer);
         for line in new_lines(&seen, &now) {
-            if out.json {
-                say(&serde_json::json!({"vm": vm, "line": line}).to_string());
-            } else {
-                say(line);
-            }
+            show(line);
         }
         seen = now;
     }
@@ -198,13 +230,11 @@ pub async fn console(
 /// messages between two reads.
 const FOLLOW_WINDOW: u32 = 1000;
 
-fn console_lines(answer: &Value) -> Vec<String> {
-    answer["text"]
-        .as_str()
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+/// The console's lines that are complete (ended by a line feed).
+fn complete_lines(answer: &Value) -> Vec<String> {
+    let text = answer["text"].as_str().unwrap_or_default();
+    let done = text.rfind('\n').map_or("", |end| &text[..end]);
+    done.lines().map(str::to_owned).collect()
 }
 
 /// The lines of `now` (the console's last lines) after those of `before`:
@@ -269,6 +299,13 @@ mod tests {
         // Nothing in common: everything is new.
         assert_eq!(new_lines(&before, &lines("x\ny")), &lines("x\ny")[..]);
         assert_eq!(new_lines(&[], &lines("x")), &lines("x")[..]);
+    }
+
+    #[test]
+    fn a_line_still_being_written_waits() {
+        let answer = serde_json::json!({"text": "one\ntwo\nlogin: "});
+        assert_eq!(complete_lines(&answer), vec!["one", "two"]);
+        assert!(complete_lines(&serde_json::json!({"text": "partial"})).is_empty());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub enum PolicyCmd {
     /// List roles: their tool patterns, VM scope, quotas and egress.
     #[command(after_help = "Example: nexusctl policy roles")]
     Roles,
-    /// Create a role or replace what it allows; its tokens follow at once.
+    /// Create a role or change what it allows; its tokens follow at once.
+    /// Changing one keeps its egress and quotas unless given again.
     #[command(
         after_help = "Example: nexusctl policy set-role reader --tools 'list_*,get_vm,vm_read_file' --vms granted --egress pypi.org,files.pythonhosted.org"
     )]
@@ -92,7 +93,22 @@ pub async fn run(client: &Client, cmd: PolicyCmd, out: &Out) -> Result<(), CtlEr
             max_memory_mib,
             max_snapshots,
         } => {
+            // Replacing a role keeps what is not given again (its egress,
+            // its quotas): an edit of its tools must not open its network.
+            let roles = call(client, "list_roles", json!({})).await?;
+            let existing = roles["roles"]
+                .as_array()
+                .and_then(|r| r.iter().find(|r| r["name"] == name.as_str()))
+                .cloned();
             let mut args = json!({"name": name, "tools": tools, "vms": vms, "quota": {}});
+            if let Some(old) = &existing {
+                if old["quota"].is_object() {
+                    args["quota"] = old["quota"].clone();
+                }
+                if !old["egress"].is_null() {
+                    args["egress"] = old["egress"].clone();
+                }
+            }
             if let Some(egress) = egress {
                 let none = egress.len() == 1 && egress[0] == "none";
                 args["egress"] = if none { json!([]) } else { json!(egress) };

@@ -4,7 +4,8 @@
 //! passed on as typed (Ctrl-C included: the guest's terminal turns it
 //! into SIGINT there), what the guest prints is written here as it
 //! comes, and a resize here resizes the guest's terminal. nexusctl exits
-//! with the command's exit code.
+//! with the command's exit code. Ctrl-] ends the session from this side;
+//! however it ends, the guest command does not outlive it.
 
 use std::io::{IsTerminal, Read, Write};
 
@@ -12,8 +13,8 @@ use rmcp::RoleClient;
 use rmcp::service::Peer;
 use serde_json::{Value, json};
 
-use super::call;
 use super::exec::{bytes, ended};
+use super::{GUEST_CALL_TIMEOUT, call, call_within};
 use crate::connect::Client;
 use crate::error::CtlError;
 
@@ -23,7 +24,7 @@ const LOGIN_SHELL: &str =
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  nexusctl shell agent1\n  nexusctl shell agent1 -- python3\nExit code: the shell's own. Needs a terminal; scripts use `nexusctl exec`."
+    after_help = "Examples:\n  nexusctl shell agent1\n  nexusctl shell agent1 -- python3\nCtrl-] ends the session (the command is killed; exit code 130).\nExit code: the shell's own. Needs a terminal; scripts use `nexusctl exec`."
 )]
 pub struct ShellArgs {
     /// The VM.
@@ -58,6 +59,10 @@ fn size() -> (u16, u16) {
     crossterm::terminal::size().unwrap_or((80, 24))
 }
 
+/// Typed here, this key ends the session (the guest command is killed):
+/// the way out of a guest that no longer listens. Ctrl-], as telnet's.
+const ESCAPE: u8 = 0x1d;
+
 pub async fn run(client: &Client, args: ShellArgs) -> Result<u8, CtlError> {
     if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
         return Err(CtlError::Local(
@@ -87,13 +92,106 @@ pub async fn run(client: &Client, args: ShellArgs) -> Result<u8, CtlError> {
         .as_str()
         .ok_or_else(|| CtlError::Local(format!("process_start answered no id: {started}")))?
         .to_owned();
-    let raw = RawMode::enter()?;
     let peer = client.peer().clone();
-    let output = tokio::spawn(print_output(peer.clone(), vm.clone(), id.clone()));
-    let typed = typing();
-    let result = relay(&peer, &vm, &id, typed, output).await;
-    drop(raw);
-    result
+    let result = match RawMode::enter() {
+        Ok(raw) => {
+            let result = session(&peer, &vm, &id).await;
+            drop(raw);
+            result
+        }
+        Err(e) => Err(e),
+    };
+    // However the session ended, nothing of it stays in the guest (a
+    // command that ended on its own is refused this, harmlessly).
+    let _ = call_within(
+        &peer,
+        &format!("{vm}__process_signal"),
+        json!({"id": id, "signal": "KILL"}),
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    match result {
+        Ok(Ended::Guest(code)) => Ok(code),
+        Ok(Ended::Here(why)) => {
+            eprintln!("nexusctl: {why}");
+            Ok(130)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// How a session ended.
+enum Ended {
+    /// The command ended, with this exit code.
+    Guest(u8),
+    /// This side ended it (the escape key, a signal): why.
+    Here(String),
+}
+
+/// Keys, resizes and output until the command or this side ends it.
+async fn session(peer: &Peer<RoleClient>, vm: &str, id: &str) -> Result<Ended, CtlError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let watch = |kind| signal(kind).map_err(|e| CtlError::Local(format!("watching signals: {e}")));
+    let mut resized = watch(SignalKind::window_change())?;
+    let mut hangup = watch(SignalKind::hangup())?;
+    let mut terminate = watch(SignalKind::terminate())?;
+    let mut interrupt = watch(SignalKind::interrupt())?;
+    let mut output = tokio::spawn(print_output(peer.clone(), vm.to_owned(), id.to_owned()));
+    // Keys go out in order on a task of their own, so a slow write never
+    // holds up a resize or the end.
+    let (keys_tx, keys_rx) = tokio::sync::mpsc::channel::<String>(256);
+    let writer = tokio::spawn(send_keys(
+        peer.clone(),
+        vm.to_owned(),
+        id.to_owned(),
+        keys_rx,
+    ));
+    let mut typed = typing();
+    // A key's UTF-8 may arrive split across reads: its start waits here.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut typing_open = true;
+    let ended = loop {
+        tokio::select! {
+            done = &mut output => {
+                break done
+                    .map_err(|e| CtlError::Local(format!("the output task failed: {e}")))?
+                    .map(Ended::Guest);
+            }
+            keys = typed.recv(), if typing_open => {
+                let Some(keys) = keys else {
+                    typing_open = false;
+                    continue;
+                };
+                if let Some(at) = keys.iter().position(|&k| k == ESCAPE) {
+                    pending.extend_from_slice(&keys[..at]);
+                    let _ = keys_tx.send(take_text(&mut pending)).await;
+                    break Ok(Ended::Here("session ended with Ctrl-]; the command was killed".into()));
+                }
+                pending.extend_from_slice(&keys);
+                let text = take_text(&mut pending);
+                if !text.is_empty() && keys_tx.send(text).await.is_err() {
+                    typing_open = false;
+                }
+            }
+            _ = resized.recv() => {
+                let (cols, rows) = size();
+                let _ = call_within(
+                    peer,
+                    &format!("{vm}__process_resize"),
+                    json!({"id": id, "rows": rows, "cols": cols}),
+                    GUEST_CALL_TIMEOUT,
+                )
+                .await;
+            }
+            _ = hangup.recv() => break Ok(Ended::Here("the terminal hung up".into())),
+            _ = terminate.recv() => break Ok(Ended::Here("terminated".into())),
+            _ = interrupt.recv() => break Ok(Ended::Here("interrupted".into())),
+        }
+    };
+    output.abort();
+    drop(keys_tx);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+    ended
 }
 
 /// Keys as typed, read on a thread of their own (a read of a terminal
@@ -117,48 +215,26 @@ fn typing() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     rx
 }
 
-/// Passes keys and resizes on until the output task says the command
-/// ended; its exit code.
-async fn relay(
-    peer: &Peer<RoleClient>,
-    vm: &str,
-    id: &str,
-    mut typed: tokio::sync::mpsc::Receiver<Vec<u8>>,
-    mut output: tokio::task::JoinHandle<Result<u8, CtlError>>,
-) -> Result<u8, CtlError> {
-    let mut resized = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
-        .map_err(|e| CtlError::Local(format!("watching the terminal's size: {e}")))?;
-    let write = format!("{vm}__process_write_stdin");
-    // A key's UTF-8 may arrive split across reads: its start waits here.
-    let mut pending: Vec<u8> = Vec::new();
-    let mut typing_open = true;
-    loop {
-        tokio::select! {
-            done = &mut output => {
-                return done.map_err(|e| CtlError::Local(format!("the output task failed: {e}")))?;
-            }
-            keys = typed.recv(), if typing_open => {
-                let Some(keys) = keys else {
-                    typing_open = false;
-                    continue;
-                };
-                pending.extend_from_slice(&keys);
-                let text = take_text(&mut pending);
-                if !text.is_empty() {
-                    // The command may have just ended: its output task says so.
-                    let _ = call(peer, &write, json!({"id": id, "data": text})).await;
-                }
-            }
-            _ = resized.recv() => {
-                let (cols, rows) = size();
-                let _ = call(
-                    peer,
-                    &format!("{vm}__process_resize"),
-                    json!({"id": id, "rows": rows, "cols": cols}),
-                )
-                .await;
-            }
+/// Writes keys to the guest command's terminal, in order.
+async fn send_keys(
+    peer: Peer<RoleClient>,
+    vm: String,
+    id: String,
+    mut keys: tokio::sync::mpsc::Receiver<String>,
+) {
+    let tool = format!("{vm}__process_write_stdin");
+    while let Some(text) = keys.recv().await {
+        if text.is_empty() {
+            continue;
         }
+        // The command may have just ended: its output task says so.
+        let _ = call_within(
+            &peer,
+            &tool,
+            json!({"id": id, "data": text}),
+            GUEST_CALL_TIMEOUT,
+        )
+        .await;
     }
 }
 
@@ -180,10 +256,11 @@ async fn print_output(peer: Peer<RoleClient>, vm: String, id: String) -> Result<
     let tool = format!("{vm}__process_output");
     let mut at = 0u64;
     loop {
-        let answer: Value = call(
+        let answer: Value = call_within(
             &peer,
             &tool,
             json!({"id": id, "stdout_offset": at, "wait_ms": 10_000}),
+            GUEST_CALL_TIMEOUT,
         )
         .await?;
         let data = bytes(&answer["stdout"]);

@@ -129,7 +129,7 @@ pub async fn fork(client: &Client, args: ForkArgs, out: &Out) -> Result<(), CtlE
     if let Some(name) = args.name {
         call_args["name"] = name.into();
     }
-    let answer = call(client, "fork_vm", call_args).await?;
+    let answer = super::call_with_progress(client, "fork_vm", call_args, "forking", false).await?;
     let vm: VmInfo = parse("fork_vm", &answer)?;
     out.print(&answer, || {
         format!(

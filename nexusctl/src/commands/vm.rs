@@ -1,10 +1,10 @@
-//! `nexusctl vm ls|create|info|start|stop|rm`.
+//! `nexusctl vm ls|create|info|start|stop|rm|console`.
 
 use clap::Subcommand;
 use nexus_types::VmInfo;
 use serde_json::{Value, json};
 
-use super::{Out, call, parse};
+use super::{Out, call, call_with_progress, parse};
 use crate::connect::Client;
 use crate::error::CtlError;
 use crate::table::{or_dash, render};
@@ -53,6 +53,17 @@ pub enum VmCmd {
     /// Destroy a VM: its drives, snapshots and log go.
     #[command(alias = "destroy", after_help = "Example: nexusctl vm rm agent1")]
     Rm { vm: String },
+    /// Its serial console (the same as `nexusctl console`).
+    #[command(after_help = "Example: nexusctl vm console agent1 --follow")]
+    Console {
+        vm: String,
+        /// How many lines (1-1000, default 100).
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+        /// Keep printing what the console says, until Ctrl-C.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 fn rows(vms: &[VmInfo]) -> String {
@@ -118,7 +129,18 @@ fn details(v: &VmInfo) -> String {
 }
 
 async fn one(client: &Client, tool: &str, args: Value, out: &Out) -> Result<(), CtlError> {
-    let answer = call(client, tool, args).await?;
+    // Booting takes seconds: a spinner on a terminal, with nexusd's steps.
+    let what = match tool {
+        "spawn_vm" => "creating the VM",
+        "start_vm" => "booting",
+        "stop_vm" => "stopping",
+        _ => "",
+    };
+    let answer = if what.is_empty() {
+        call(client, tool, args).await?
+    } else {
+        call_with_progress(client, tool, args, what, false).await?
+    };
     let vm: VmInfo = parse(tool, &answer)?;
     out.print(&answer, || details(&vm));
     Ok(())
@@ -171,6 +193,9 @@ pub async fn run(client: &Client, cmd: VmCmd, out: &Out) -> Result<(), CtlError>
             let answer = call(client, "destroy_vm", json!({"vm": vm})).await?;
             out.print(&answer, || format!("VM {vm} destroyed"));
             Ok(())
+        }
+        VmCmd::Console { vm, lines, follow } => {
+            super::console(client, &vm, lines, follow, out).await
         }
     }
 }
