@@ -18,6 +18,9 @@ use nix::unistd::Pid;
 /// Stops every process, flushes the disks and resets the machine.
 pub fn poweroff(grace: Duration) -> ! {
     tracing::info!("powering off");
+    // A workspace frozen for a snapshot or a pause would block the sync
+    // below: it thaws first.
+    crate::freeze::thaw_leftover(std::path::Path::new("/workspace"));
     // kill(-1) reaches every process but init and the caller.
     let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
     let deadline = Instant::now() + grace;

@@ -38,7 +38,7 @@ MANAGEMENT_TOOLS = [
     "set_role", "list_roles", "delete_role", "grant_vm", "revoke_grant", "list_grants",
     "build_image", "import_image", "pull_image", "delete_image", "set_egress",
     "set_secret", "list_secrets", "delete_secret", "grant_secret", "revoke_secret",
-    "host_status",
+    "host_status", "pause_vm", "resume_vm",
 ]
 
 
@@ -200,6 +200,14 @@ async def run(s, prefix, mode):
     gone = await s.err("delete_secret", {"name": key})
     assert "no secret named" in gone, gone
     await s.ok("delete_role", {"role": f"{prefix}-r"})
+    # Paused: its tools answer so at once; resumed: they answer again.
+    paused = await s.ok("pause_vm", {"vm": a})
+    assert paused["state"] == "paused", paused
+    guest_args = {"vm": a} if s.surface == "shared" else {}
+    refused = await s.err(s.guest_name(a, "system_info"), guest_args)
+    assert "is paused" in refused, refused
+    resumed = await s.ok("resume_vm", {"vm": a})
+    assert resumed["state"] == "running", resumed
     status = await s.ok("host_status")
     assert status["accel"] in ("kvm", "tcg") and status["accel_reason"], status
     assert status["vms"]["running"] >= 1 and status["pool"]["free_bytes"] > 0, status

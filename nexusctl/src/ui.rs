@@ -60,7 +60,7 @@ pub fn bytes_bar(total: u64, what: &str) -> ProgressBar {
 pub fn paint_state(text: &str) -> String {
     let code = match text {
         "running" | "answering" | "active" | "ok" => "32",
-        "stopped" | "expired" | "revoked" | "denied" => "33",
+        "stopped" | "paused" | "expired" | "revoked" | "denied" => "33",
         t if t.starts_with("unresponsive") || t.ends_with("error") => "31",
         _ => return text.to_owned(),
     };

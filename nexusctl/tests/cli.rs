@@ -167,6 +167,8 @@ fn help_names_the_exit_codes_and_each_command_has_an_example() {
         &["vm", "stop"],
         &["vm", "rm"],
         &["vm", "console"],
+        &["vm", "pause"],
+        &["vm", "resume"],
         &["secret", "set"],
         &["secret", "ls"],
         &["secret", "rm"],
@@ -899,6 +901,27 @@ fn files_status_policy_images_and_following() {
         (Some(1), Some(256))
     );
     assert!(json["pool"]["free_bytes"].as_u64().unwrap() > 0, "{json}");
+
+    // Paused and resumed.
+    let paused = run(&["vm", "pause", "f2"], None);
+    assert!(
+        paused.stdout.contains("state:      paused"),
+        "{} {}",
+        paused.stdout,
+        paused.stderr
+    );
+    let refused = run(&["exec", "f2", "--", "true"], None);
+    assert!(
+        refused.code == 1 && refused.stderr.contains("is paused"),
+        "{}",
+        refused.stderr
+    );
+    let resumed = run(&["vm", "resume", "f2"], None);
+    assert!(
+        resumed.stdout.contains("state:      running"),
+        "{}",
+        resumed.stderr
+    );
 
     // cp, 100 MiB each way, checksums compared on both sides.
     let work = tempfile::tempdir().unwrap();

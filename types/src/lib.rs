@@ -23,7 +23,7 @@ pub mod admin {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct VmInfo {
     pub name: String,
-    /// `running` or `stopped`.
+    /// `running`, `paused` (pause_vm) or `stopped`.
     pub state: String,
     pub image: String,
     /// The version of the image it was made from and boots
@@ -135,7 +135,10 @@ pub struct PoolStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 pub struct VmCounts {
     pub total: u32,
+    /// Paused ones included.
     pub running: u32,
+    #[serde(default)]
+    pub paused: u32,
     pub stopped: u32,
     /// Running VMs whose guest does not answer now.
     pub unresponsive: u32,

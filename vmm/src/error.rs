@@ -58,4 +58,9 @@ pub enum VmmError {
     },
     #[error("VM {vm}: control channel: {why}")]
     Control { vm: String, why: String },
+    /// The VMM's own control (pause, resume) failed.
+    #[error("VM {vm}: {why}")]
+    Machine { vm: String, why: String },
+    #[error("VM {vm} is paused: resume_vm first")]
+    Paused { vm: String },
 }

@@ -44,7 +44,7 @@ pub use accel::Accel;
 pub use backend::{Backend, BackendKind};
 pub use error::VmmError;
 pub use spec::{Drive, VmSpec};
-pub use vm::{GuestEndpoint, GuestState, StopReport, Vm, Vmm, VmmConfig};
+pub use vm::{GuestEndpoint, GuestState, Machine, StopReport, Vm, Vmm, VmmConfig};
 
 /// Guest vsock port of the agent-facing MCP server.
 pub const GUEST_TOOLS_PORT: u32 = 1024;

@@ -32,6 +32,66 @@ const CONSOLE_SOCKET: &str = "console.sock";
 /// The hybrid-vsock socket, in the VM's vsock directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
 
+/// Pauses and resumes one VM by stopping and continuing its host
+/// processes (the VMM and its helpers together, so that no device is
+/// caught half way). QEMU's own `stop` cannot be used here: after a
+/// `cont`, vhost-device-vsock 0.3 no longer answers host connections.
+/// The guest's clock jumps by the pause on resume (its TSC runs on).
+#[derive(Debug, Clone)]
+pub struct Machine {
+    vm: String,
+    /// The VMM first; each with its exit, so that a pid is only signalled
+    /// while its process is unreaped (never a reused pid).
+    processes: Vec<(u32, tokio::sync::watch::Receiver<Option<ExitStatus>>)>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Machine {
+    /// Stops its processes; its memory stays. Nothing in the guest runs,
+    /// and no connection to it is made, until [`Machine::resume`].
+    pub async fn pause(&self) -> Result<(), VmmError> {
+        // Marked first: nothing starts waiting on a guest about to stop.
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stopped = self.signal_all(Signal::SIGSTOP, self.processes.iter());
+        if stopped.is_err() {
+            let _ = self.signal_all(Signal::SIGCONT, self.processes.iter().rev());
+            self.paused
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        stopped
+    }
+
+    /// Continues its processes: helpers first, then the VMM.
+    pub async fn resume(&self) -> Result<(), VmmError> {
+        self.signal_all(Signal::SIGCONT, self.processes.iter().rev())?;
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn signal_all<'a>(
+        &self,
+        signal: Signal,
+        processes: impl Iterator<Item = &'a (u32, tokio::sync::watch::Receiver<Option<ExitStatus>>)>,
+    ) -> Result<(), VmmError> {
+        for (pid, exit) in processes {
+            if exit.borrow().is_some() {
+                return Err(VmmError::Machine {
+                    vm: self.vm.clone(),
+                    why: format!("its process {pid} has exited"),
+                });
+            }
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal).map_err(
+                |e| VmmError::Machine {
+                    vm: self.vm.clone(),
+                    why: format!("{signal} to its process {pid}: {e}"),
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Where VMs keep their run-time files, and which programs run them.
 #[derive(Debug, Clone)]
 pub struct VmmConfig {
@@ -282,6 +342,7 @@ impl Vmm {
             config: self.config.clone(),
             cgroup,
             cut_off: Arc::default(),
+            paused: Arc::default(),
             finished: false,
         }))
     }
@@ -412,6 +473,12 @@ impl Vmm {
             listen_ready(&vsock_uds, run_as).map_err(io("listen for the guest's readiness"))?;
         let mut state = readiness.subscribe();
         let mut exit = vmm.exit_watch();
+        // A VM its previous daemon left paused would never answer: it runs
+        // on (its guest thaws its workspace by itself; see the daemon).
+        for (pid, _) in recorded.iter().rev() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGCONT);
+        }
         let ready = tokio::time::timeout(ready_timeout, async {
             tokio::select! {
                 ready = state.wait_for(|s| matches!(s, GuestState::Ready { .. })) => ready.is_ok(),
@@ -442,6 +509,7 @@ impl Vmm {
             config: self.config.clone(),
             cgroup,
             cut_off: Arc::default(),
+            paused: Arc::default(),
             finished: false,
         };
         if !ready {
@@ -560,6 +628,7 @@ impl Drop for Pending {
 pub struct GuestEndpoint {
     vm: String,
     uds: PathBuf,
+    paused: Arc<std::sync::atomic::AtomicBool>,
     state: Option<tokio::sync::watch::Receiver<GuestState>>,
     exit: tokio::sync::watch::Receiver<Option<ExitStatus>>,
     connect_timeout: Duration,
@@ -585,6 +654,11 @@ impl GuestEndpoint {
         self.state.clone()
     }
 
+    /// Its vCPUs are stopped (pause_vm): it cannot answer until resumed.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Resolves once the VMM process has exited.
     pub async fn exited(&self) {
         let mut exit = self.exit.clone();
@@ -599,6 +673,11 @@ impl GuestEndpoint {
         };
         if self.exit.borrow().is_some() {
             return Err(not_ready("the VM has exited"));
+        }
+        if self.is_paused() {
+            return Err(VmmError::Paused {
+                vm: self.vm.clone(),
+            });
         }
         match self.state.as_ref().map(|s| s.borrow().clone()) {
             Some(GuestState::Ready { .. }) => {}
@@ -660,6 +739,8 @@ pub struct Vm {
     cgroup: Option<VmCgroup>,
     /// Set when a helper's death made nexusd kill the VMM: why.
     cut_off: Arc<std::sync::OnceLock<String>>,
+    /// Its processes are stopped: nothing may wait on its guest.
+    paused: Arc<std::sync::atomic::AtomicBool>,
     finished: bool,
 }
 
@@ -782,10 +863,36 @@ impl Vm {
         GuestEndpoint {
             vm: self.name.clone(),
             uds: self.vsock_uds.clone(),
+            paused: self.paused.clone(),
             state: self.readiness.as_ref().map(Readiness::subscribe),
             exit: self.vmm.exit_watch(),
             connect_timeout: self.config.connect_timeout,
         }
+    }
+
+    /// A handle that pauses and resumes it, to use without holding the
+    /// `Vm` (callers keep VMs in maps they should not lock meanwhile).
+    pub fn machine(&self) -> Result<Machine, VmmError> {
+        if self.exit_status().is_some() {
+            return Err(VmmError::Machine {
+                vm: self.name.clone(),
+                why: "it has exited".into(),
+            });
+        }
+        let processes = std::iter::once(&self.vmm)
+            .chain(&self.helpers)
+            .filter_map(|w| Some((w.pid()?, w.exit_watch())))
+            .collect();
+        Ok(Machine {
+            vm: self.name.clone(),
+            processes,
+            paused: self.paused.clone(),
+        })
+    }
+
+    /// Its vCPUs are stopped ([`Machine::pause`]).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn guest_state(&self) -> GuestState {
@@ -829,6 +936,13 @@ impl Vm {
     pub async fn stop(mut self) -> StopReport {
         let started = Instant::now();
         let mut graceful_error = None;
+        // A paused guest cannot power off: it runs again first.
+        if self.is_paused()
+            && let Ok(machine) = self.machine()
+            && let Err(e) = machine.resume().await
+        {
+            tracing::warn!(error = %e, "could not resume the paused VM to stop it");
+        }
         let method = if self.vmm.exit_status().is_some() {
             StopMethod::AlreadyExited
         } else {

@@ -36,6 +36,8 @@ pub enum EventKind {
     GuestLost,
     /// guest-mcp is back (restarted by the guest's init).
     GuestBack,
+    Paused,
+    Resumed,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,7 +62,11 @@ pub struct VmEvent {
 impl VmEvent {
     pub fn new(vm: &str, event: EventKind, message: impl Into<String>) -> Self {
         let severity = match event {
-            EventKind::Started | EventKind::Stopped | EventKind::Destroyed => Severity::Info,
+            EventKind::Started
+            | EventKind::Stopped
+            | EventKind::Destroyed
+            | EventKind::Paused
+            | EventKind::Resumed => Severity::Info,
             EventKind::GuestBack => Severity::Notice,
             EventKind::GuestLost => Severity::Warning,
             EventKind::BootFailed | EventKind::Died => Severity::Error,

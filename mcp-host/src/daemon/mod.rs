@@ -18,6 +18,7 @@ mod hooks;
 mod images;
 mod lifecycle;
 mod owners;
+mod pause;
 pub mod quota;
 mod recovery;
 mod secrets;
@@ -471,7 +472,12 @@ impl Daemon {
             .filter(|vm| vm.exit_status().is_none());
         Ok(VmInfo {
             name: name.to_owned(),
-            state: if vm.is_some() { "running" } else { "stopped" }.to_owned(),
+            state: match vm {
+                Some(vm) if vm.is_paused() => "paused",
+                Some(_) => "running",
+                None => "stopped",
+            }
+            .to_owned(),
             image: drives.image,
             image_digest: drives.image_digest,
             vcpus: config.vcpus,

@@ -31,7 +31,13 @@ impl Daemon {
         let _counted = self.snapshotting.lock().await;
         self.admit_owner_snapshot(self.owner_of(name).flatten().as_deref())
             .await?;
-        let control = self.control(name).await?;
+        // A paused VM's workspace is frozen already, and its guest cannot
+        // answer: nothing to ask of it.
+        let control = if self.is_paused(name).await {
+            None
+        } else {
+            self.control(name).await?
+        };
         let vm = name.to_owned();
         let handle = tokio::runtime::Handle::current();
         let abandon = self.destroy_asked(name);
@@ -71,6 +77,11 @@ impl Daemon {
         let (vm, snap) = (name.to_owned(), snapshot.to_owned());
         let target = self.blocking(move |s| s.snapshot(&vm, &snap)).await?;
         let running = self.running.lock().await.contains_key(name);
+        if self.is_paused(name).await {
+            return Err(DaemonError::Invalid(format!(
+                "VM {name} is paused, and a restore needs its guest to unmount and mount /workspace: resume_vm {name} first"
+            )));
+        }
         if running && target.drive != nexus_storage::WORKSPACE_DRIVE {
             return Err(DaemonError::Invalid(format!(
                 "snapshot {snapshot:?} is of the {} drive, which a running VM cannot give up: stop_vm {name} first",

@@ -13,8 +13,11 @@ impl Daemon {
         let (mut vcpus, mut memory_mib) = (0u32, 0u64);
         for vm in &vms {
             counts.total += 1;
-            if vm.state == "running" {
+            if vm.state == "running" || vm.state == "paused" {
                 counts.running += 1;
+                if vm.state == "paused" {
+                    counts.paused += 1;
+                }
                 vcpus += vm.vcpus;
                 memory_mib += u64::from(vm.memory_mib);
                 if vm

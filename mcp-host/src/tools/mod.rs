@@ -228,6 +228,12 @@ impl NexusTools {
         {
             args.remove(surface::VM_ARGUMENT);
         }
+        if self.daemon.is_paused(&vm).await {
+            return Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "VM {vm:?} is paused: resume_vm {vm} first"
+            ))])
+            .into());
+        }
         if !self.daemon.guests().is_attached(&vm) {
             let why = self.daemon.why_unreachable(&vm).await;
             return Ok(CallToolResult::error(vec![ContentBlock::text(format!(

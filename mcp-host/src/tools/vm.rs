@@ -264,6 +264,38 @@ impl NexusTools {
     }
 
     #[tool(
+        description = "Pause a running VM: its vCPUs stop and its memory stays, so its processes carry on where they were when resumed; it uses no CPU meanwhile. Its workspace is flushed and frozen first, so snapshot_drive and fork_vm of a paused VM are consistent. Its guest tools answer \"paused\" until resume_vm.",
+        output_schema = schema_for_output::<VmInfo>()
+    )]
+    async fn pause_vm(
+        &self,
+        Parameters(p): Parameters<VmParams>,
+    ) -> Result<CallToolResult, String> {
+        let info = self
+            .daemon
+            .pause(&p.vm)
+            .await
+            .map_err(super::errors::shown)?;
+        done(&info, format!("paused {}", line(&info)))
+    }
+
+    #[tool(
+        description = "Resume a paused VM where it was (its workspace thawed).",
+        output_schema = schema_for_output::<VmInfo>()
+    )]
+    async fn resume_vm(
+        &self,
+        Parameters(p): Parameters<VmParams>,
+    ) -> Result<CallToolResult, String> {
+        let info = self
+            .daemon
+            .resume(&p.vm)
+            .await
+            .map_err(super::errors::shown)?;
+        done(&info, format!("resumed {}", line(&info)))
+    }
+
+    #[tool(
         description = "Stop a VM if it runs and delete it with its drives and snapshots. This cannot be undone.",
         output_schema = schema_for_output::<Destroyed>()
     )]

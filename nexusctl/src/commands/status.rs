@@ -41,8 +41,13 @@ pub fn render(s: &HostStatus) -> String {
         (
             "vms",
             format!(
-                "{} ({} running, {} stopped, {} unresponsive; at most {})",
-                s.vms.total, s.vms.running, s.vms.stopped, s.vms.unresponsive, s.usage.max_vms
+                "{} ({} running of which {} paused, {} stopped, {} unresponsive; at most {})",
+                s.vms.total,
+                s.vms.running,
+                s.vms.paused,
+                s.vms.stopped,
+                s.vms.unresponsive,
+                s.usage.max_vms
             ),
         ),
         (
@@ -99,6 +104,7 @@ mod tests {
             vms: VmCounts {
                 total: 3,
                 running: 2,
+                paused: 1,
                 stopped: 1,
                 unresponsive: 0,
             },

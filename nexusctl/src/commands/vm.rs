@@ -1,4 +1,4 @@
-//! `nexusctl vm ls|create|info|start|stop|rm|console`.
+//! `nexusctl vm ls|create|info|start|stop|pause|resume|rm|console`.
 
 use clap::Subcommand;
 use nexus_types::VmInfo;
@@ -50,6 +50,14 @@ pub enum VmCmd {
     /// Stop a running VM (its drives stay).
     #[command(after_help = "Example: nexusctl vm stop agent1")]
     Stop { vm: String },
+    /// Pause a running VM: its vCPUs stop, its memory and processes stay.
+    #[command(
+        after_help = "Example: nexusctl vm pause agent1 && nexusctl snapshot create agent1 now"
+    )]
+    Pause { vm: String },
+    /// Resume a paused VM where it was.
+    #[command(after_help = "Example: nexusctl vm resume agent1")]
+    Resume { vm: String },
     /// Destroy a VM: its drives, snapshots and log go.
     #[command(alias = "destroy", after_help = "Example: nexusctl vm rm agent1")]
     Rm { vm: String },
@@ -189,6 +197,8 @@ pub async fn run(client: &Client, cmd: VmCmd, out: &Out) -> Result<(), CtlError>
         VmCmd::Info { vm } => one(client, "get_vm", json!({"vm": vm}), out).await,
         VmCmd::Start { vm } => one(client, "start_vm", json!({"vm": vm}), out).await,
         VmCmd::Stop { vm } => one(client, "stop_vm", json!({"vm": vm}), out).await,
+        VmCmd::Pause { vm } => one(client, "pause_vm", json!({"vm": vm}), out).await,
+        VmCmd::Resume { vm } => one(client, "resume_vm", json!({"vm": vm}), out).await,
         VmCmd::Rm { vm } => {
             let answer = call(client, "destroy_vm", json!({"vm": vm})).await?;
             out.print(&answer, || format!("VM {vm} destroyed"));

@@ -1,0 +1,133 @@
+//! Pausing and resuming a running VM: its vCPUs stop and its memory
+//! stays. Its workspace is frozen first (everything written is on the
+//! drive, and nothing more is), so a snapshot taken while it is paused is
+//! consistent without the guest's help; resuming thaws it.
+
+use std::time::Duration;
+
+use rmcp::model::CallToolRequestParams;
+
+use super::events::{EventKind, VmEvent};
+use super::{Daemon, DaemonError, Result, VmInfo};
+
+/// How long the guest has to freeze or thaw its workspace.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest thaws by itself after this long (its most) if nexusd never
+/// does: a VM left paused by a dead nexusd runs on when adopted, and its
+/// workspace must not stay frozen.
+const FREEZE_DEADLINE_S: u64 = 600;
+
+impl Daemon {
+    /// Pauses a running VM; its guest tools answer "paused" until resumed.
+    pub async fn pause(&self, name: &str) -> Result<VmInfo> {
+        self.known(name).await?;
+        self.check_not_destroying(name)?;
+        let _op = self.lock_vm(name).await;
+        let machine = self.machine(name).await?;
+        if self.is_paused(name).await {
+            return Err(DaemonError::Invalid(format!(
+                "VM {name} is paused already: resume_vm resumes it"
+            )));
+        }
+        self.guest_control(
+            name,
+            "freeze",
+            serde_json::json!({"timeout_s": FREEZE_DEADLINE_S}),
+        )
+        .await?;
+        if let Err(e) = machine.pause().await {
+            let _ = self
+                .guest_control(name, "thaw", serde_json::json!({}))
+                .await;
+            return Err(e.into());
+        }
+        tracing::info!(vm = name, "VM paused");
+        self.emit(VmEvent::new(
+            name,
+            EventKind::Paused,
+            format!("VM {name} paused"),
+        ));
+        self.info(name).await
+    }
+
+    /// Resumes a paused VM where it was.
+    pub async fn resume(&self, name: &str) -> Result<VmInfo> {
+        self.known(name).await?;
+        self.check_not_destroying(name)?;
+        let _op = self.lock_vm(name).await;
+        let machine = self.machine(name).await?;
+        if !self.is_paused(name).await {
+            return Err(DaemonError::Invalid(format!(
+                "VM {name} is not paused: pause_vm pauses it"
+            )));
+        }
+        machine.resume().await?;
+        // Thawed by the guest's own deadline already if the pause was long.
+        if let Err(e) = self
+            .guest_control(name, "thaw", serde_json::json!({}))
+            .await
+        {
+            tracing::info!(vm = name, error = %e, "thaw after resume");
+        }
+        // What changed while it was paused (a secret granted) reaches it now.
+        if !self.granted(name).secrets.is_empty() {
+            self.push_network(name).await;
+        }
+        tracing::info!(vm = name, "VM resumed");
+        self.emit(VmEvent::new(
+            name,
+            EventKind::Resumed,
+            format!("VM {name} resumed"),
+        ));
+        self.info(name).await
+    }
+
+    /// Whether a running VM is paused.
+    pub async fn is_paused(&self, name: &str) -> bool {
+        self.running
+            .lock()
+            .await
+            .get(name)
+            .is_some_and(|r| r.vm.is_paused())
+    }
+
+    async fn machine(&self, name: &str) -> Result<nexus_vmm::Machine> {
+        let running = self.running.lock().await;
+        let vm = running
+            .get(name)
+            .map(|r| &r.vm)
+            .filter(|vm| vm.exit_status().is_none())
+            .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+        Ok(vm.machine()?)
+    }
+
+    /// Calls a tool of the guest's control channel, within a deadline.
+    async fn guest_control(
+        &self,
+        name: &str,
+        tool: &'static str,
+        args: serde_json::Value,
+    ) -> Result<()> {
+        let failed = |why: String| DaemonError::Guest {
+            vm: name.to_owned(),
+            why: format!("{tool}: {why}"),
+        };
+        let client = self
+            .control(name)
+            .await?
+            .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+        let mut params = CallToolRequestParams::new(tool);
+        if let serde_json::Value::Object(map) = args {
+            params = params.with_arguments(map);
+        }
+        let result = tokio::time::timeout(FREEZE_TIMEOUT, client.call_tool(params))
+            .await
+            .map_err(|_| failed(format!("no answer within {FREEZE_TIMEOUT:?}")))?
+            .map_err(|e| failed(e.to_string()))?;
+        let _ = client.cancel().await;
+        if result.is_error == Some(true) {
+            return Err(failed(super::hooks::result_text(&result)));
+        }
+        Ok(())
+    }
+}
