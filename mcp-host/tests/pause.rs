@@ -1,6 +1,8 @@
-//! Pause and resume of a running VM (QEMU `stop`/`cont` over QMP): its
-//! tools answer "paused" at once, a snapshot of it is consistent and
-//! forks, its processes carry on after resume, and a paused VM stops.
+//! Pause and resume of a running VM (its VMM and vsock helper stopped and
+//! continued): its tools answer "paused" at once, a call under way when
+//! it pauses is answered so, a snapshot of it is consistent and forks,
+//! its processes carry on after resume, and a paused VM stops and is
+//! destroyed cleanly.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -41,8 +43,40 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     let counting = counter["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // A call under way when the VM pauses is answered at once, saying so.
+    let slow = {
+        let client = state.client().await;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = call(
+                &client,
+                "p1__exec",
+                json!({"command": "sleep 5; echo late"}),
+            )
+            .await;
+            (answer.err(), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let paused = call(&client, "pause_vm", json!({"vm": "p1"})).await.ok();
     assert_eq!(paused["state"], "paused");
+    let (err, took) = slow.await.unwrap();
+    assert!(err.contains("was paused while exec ran"), "{err}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    // Its host processes are stopped (state T), not merely marked.
+    let run = state.path().join("run");
+    let pids = nexus_integration::processes_mentioning(run.to_str().unwrap());
+    assert!(pids.len() >= 2, "the VMM and its helper: {pids:?}");
+    let stopped = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    };
+    assert!(pids.iter().all(stopped), "all stopped: {pids:?}");
     let listed = call(&client, "list_vms", json!({})).await.ok();
     assert_eq!(listed["vms"][0]["state"], "paused");
     // Its tools refuse at once, naming what to do; nothing waits on it.
@@ -90,6 +124,7 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     // Resumed: the same process counts on; the workspace takes writes.
     let resumed = call(&client, "resume_vm", json!({"vm": "p1"})).await.ok();
     assert_eq!(resumed["state"], "running");
+    assert!(!pids.iter().any(stopped), "none stopped after resume");
     let status = call(&client, "p1__process_status", json!({"id": counting}))
         .await
         .ok();
@@ -129,7 +164,12 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     )
     .await;
     assert_eq!(after["stdout"], "more\nkept\n", "{after}");
-    for vm in ["p1", "p2"] {
-        call(&client, "destroy_vm", json!({"vm": vm})).await.ok();
-    }
+    // A paused VM is destroyed cleanly, nothing of it left running.
+    call(&client, "pause_vm", json!({"vm": "p2"})).await.ok();
+    call(&client, "destroy_vm", json!({"vm": "p2"})).await.ok();
+    call(&client, "destroy_vm", json!({"vm": "p1"})).await.ok();
+    assert!(
+        nexus_integration::processes_mentioning(run.to_str().unwrap()).is_empty(),
+        "no VM process is left"
+    );
 }

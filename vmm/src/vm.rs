@@ -69,26 +69,32 @@ impl Machine {
         Ok(())
     }
 
+    /// Signals every process still running (one that ended is the
+    /// VM's end, seen by its watcher); the first failure, if any.
     fn signal_all<'a>(
         &self,
         signal: Signal,
         processes: impl Iterator<Item = &'a (u32, tokio::sync::watch::Receiver<Option<ExitStatus>>)>,
     ) -> Result<(), VmmError> {
+        let mut failed = None;
         for (pid, exit) in processes {
+            // Unreaped until its exit is recorded: the pid is still its own.
             if exit.borrow().is_some() {
-                return Err(VmmError::Machine {
-                    vm: self.vm.clone(),
-                    why: format!("its process {pid} has exited"),
-                });
+                failed.get_or_insert_with(|| format!("its process {pid} has exited"));
+                continue;
             }
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal).map_err(
-                |e| VmmError::Machine {
-                    vm: self.vm.clone(),
-                    why: format!("{signal} to its process {pid}: {e}"),
-                },
-            )?;
+            if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal)
+            {
+                failed.get_or_insert_with(|| format!("{signal} to its process {pid}: {e}"));
+            }
         }
-        Ok(())
+        match failed {
+            Some(why) => Err(VmmError::Machine {
+                vm: self.vm.clone(),
+                why,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -936,12 +942,20 @@ impl Vm {
     pub async fn stop(mut self) -> StopReport {
         let started = Instant::now();
         let mut graceful_error = None;
-        // A paused guest cannot power off: it runs again first.
+        // A paused guest cannot power off: it runs again first. If it
+        // cannot, it is killed (a stopped process would only take its
+        // SIGTERM once continued).
         if self.is_paused()
-            && let Ok(machine) = self.machine()
-            && let Err(e) = machine.resume().await
+            && let Err(e) = match self.machine() {
+                Ok(machine) => machine.resume().await,
+                Err(e) => Err(e),
+            }
         {
-            tracing::warn!(error = %e, "could not resume the paused VM to stop it");
+            tracing::warn!(error = %e, "could not resume the paused VM to stop it; killing it");
+            self.vmm.signal(Signal::SIGKILL);
+            for helper in &self.helpers {
+                helper.signal(Signal::SIGCONT);
+            }
         }
         let method = if self.vmm.exit_status().is_some() {
             StopMethod::AlreadyExited
@@ -1039,5 +1053,68 @@ impl Drop for Vm {
         self.readiness = None;
         let _ = std::fs::remove_dir_all(&self.run_dir);
         self.remove_vsock_dir();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(pid: u32) -> char {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .unwrap_or('?')
+    }
+
+    #[tokio::test]
+    async fn a_machine_stops_and_continues_all_its_processes_even_past_one_that_ended() {
+        let mut children: Vec<std::process::Child> = (0..2)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let (ended_tx, ended_rx) = tokio::sync::watch::channel(None);
+        let live = tokio::sync::watch::channel(None).1;
+        let machine = Machine {
+            vm: "t".into(),
+            processes: vec![(children[0].id(), live.clone()), (children[1].id(), live)],
+            paused: Arc::default(),
+        };
+        machine.pause().await.unwrap();
+        assert!(machine.paused.load(std::sync::atomic::Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(children.iter().all(|c| state(c.id()) == 'T'));
+        machine.resume().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(children.iter().all(|c| state(c.id()) != 'T'));
+
+        // One process has ended (its exit recorded): the other is still
+        // stopped and continued, and the failure names the ended one.
+        let (a, b) = (children[0].id(), children[1].id());
+        let with_ended = Machine {
+            vm: "t".into(),
+            processes: vec![(a, ended_rx), (b, tokio::sync::watch::channel(None).1)],
+            paused: Arc::default(),
+        };
+        ended_tx.send_replace(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
+        let err = with_ended.pause().await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("its process {a} has exited")),
+            "{err}"
+        );
+        assert!(!with_ended.paused.load(std::sync::atomic::Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_ne!(state(b), 'T', "a failed pause continues what it stopped");
+        for child in &mut children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -12,10 +12,11 @@ use super::{Daemon, DaemonError, Result, VmInfo};
 
 /// How long the guest has to freeze or thaw its workspace.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The guest thaws by itself after this long (its most) if nexusd never
-/// does: a VM left paused by a dead nexusd runs on when adopted, and its
-/// workspace must not stay frozen.
-const FREEZE_DEADLINE_S: u64 = 600;
+/// The guest thaws by itself after this long if nexusd never does. The
+/// VM is stopped right after the freeze, and its clock jumps by the pause
+/// on resume: a long pause thaws at once, and a VM a dead nexusd left
+/// paused (continued when adopted) thaws within this.
+const FREEZE_DEADLINE_S: u64 = 30;
 
 impl Daemon {
     /// Pauses a running VM; its guest tools answer "paused" until resumed.
@@ -29,12 +30,20 @@ impl Daemon {
                 "VM {name} is paused already: resume_vm resumes it"
             )));
         }
-        self.guest_control(
-            name,
-            "freeze",
-            serde_json::json!({"timeout_s": FREEZE_DEADLINE_S}),
-        )
-        .await?;
+        let frozen = self
+            .guest_control(
+                name,
+                "freeze",
+                serde_json::json!({"timeout_s": FREEZE_DEADLINE_S}),
+            )
+            .await;
+        if let Err(e) = frozen {
+            // It may have frozen after nexusd gave up waiting.
+            let _ = self
+                .guest_control(name, "thaw", serde_json::json!({}))
+                .await;
+            return Err(e);
+        }
         if let Err(e) = machine.pause().await {
             let _ = self
                 .guest_control(name, "thaw", serde_json::json!({}))
@@ -62,17 +71,22 @@ impl Daemon {
             )));
         }
         machine.resume().await?;
-        // Thawed by the guest's own deadline already if the pause was long.
-        if let Err(e) = self
-            .guest_control(name, "thaw", serde_json::json!({}))
-            .await
-        {
-            tracing::info!(vm = name, error = %e, "thaw after resume");
+        // Thawed by the guest's own deadline already if the pause was
+        // long ("not frozen"); anything else is tried once more.
+        for attempt in 0..2 {
+            match self
+                .guest_control(name, "thaw", serde_json::json!({}))
+                .await
+            {
+                Err(e) if !e.to_string().contains("not frozen") => {
+                    tracing::warn!(vm = name, attempt, error = %e, "thaw after resume failed");
+                }
+                _ => break,
+            }
         }
-        // What changed while it was paused (a secret granted) reaches it now.
-        if !self.granted(name).secrets.is_empty() {
-            self.push_network(name).await;
-        }
+        // What changed while it was paused (a secret granted or revoked)
+        // reaches it now.
+        self.push_network(name).await;
         tracing::info!(vm = name, "VM resumed");
         self.emit(VmEvent::new(
             name,
@@ -88,7 +102,7 @@ impl Daemon {
             .lock()
             .await
             .get(name)
-            .is_some_and(|r| r.vm.is_paused())
+            .is_some_and(|r| r.vm.is_paused() && r.vm.exit_status().is_none())
     }
 
     async fn machine(&self, name: &str) -> Result<nexus_vmm::Machine> {

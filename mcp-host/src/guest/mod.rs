@@ -209,6 +209,20 @@ impl Guests {
         lock(&self.links).contains_key(vm)
     }
 
+    /// Whether the VM is paused (pause_vm): its guest answers nothing.
+    pub fn is_paused(&self, vm: &str) -> bool {
+        lock(&self.links)
+            .get(vm)
+            .is_some_and(|link| link.endpoint.is_paused())
+    }
+
+    /// Resolves once the VM is paused (checked every 100 ms).
+    pub async fn paused(&self, vm: &str) {
+        while !self.is_paused(vm) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// How the VM's guest stands, if it is attached.
     pub fn health(&self, vm: &str) -> Option<Health> {
         let link = lock(&self.links).get(vm).cloned()?;

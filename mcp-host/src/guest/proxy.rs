@@ -94,10 +94,17 @@ pub async fn call(
             }
         })
     });
+    let mut paused = false;
     let answer = tokio::select! {
         answer = &mut handle.rx => Some(Some(answer)),
         () = context.ct.cancelled() => None,
         () = tokio::time::sleep(deadline) => Some(None),
+        // A paused guest answers nothing: the caller hears so now, and
+        // the guest is not held unresponsive for it.
+        () = guests.paused(vm) => {
+            paused = true;
+            None
+        }
     };
     // Everything the guest reported before its answer is in the route's
     // queue (the tap routes progress as it is read); closing the route ends
@@ -109,12 +116,18 @@ pub async fn call(
     }
     match answer {
         None => {
-            // A wedged guest does not read the cancellation either.
+            // A wedged guest does not read the cancellation either (a
+            // paused one reads it when resumed).
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
                 handle.cancel(Some("cancelled by nexusd's client".into())),
             )
             .await;
+            if paused {
+                return failed(format!(
+                    "VM {vm:?} was paused while {tool} ran: the call was cancelled; call it again after resume_vm {vm}"
+                ));
+            }
             failed(format!("{tool} in VM {vm:?} was cancelled"))
         }
         Some(None) => {
