@@ -112,8 +112,6 @@ impl Watched {
             return false;
         }
         self.signal(Signal::SIGTERM);
-        // A stopped process (a paused VM's) takes it only once continued.
-        self.signal(Signal::SIGCONT);
         if self.wait_for(grace).await.is_some() {
             return false;
         }
