@@ -81,15 +81,7 @@ enum Cmd {
     Fork(commands::snapshot::ForkArgs),
     /// A VM's serial console, its last lines.
     #[command(after_help = "Example: nexusctl console agent1 --lines 50 --follow")]
-    Console {
-        vm: String,
-        /// How many lines (1-1000, default 100).
-        #[arg(long, default_value_t = 100)]
-        lines: u32,
-        /// Keep printing what the console says, until Ctrl-C.
-        #[arg(long, short)]
-        follow: bool,
-    },
+    Console(commands::ConsoleArgs),
     /// Images: list, build from a recipe, import, pull, remove.
     #[command(subcommand)]
     Image(commands::admin::ImageCmd),
@@ -190,9 +182,7 @@ async fn run(mut cli: Cli) -> Result<u8, CtlError> {
         Cmd::Audit(args) => commands::admin::audit(&client, args, &out)
             .await
             .map(|()| 0),
-        Cmd::Console { vm, lines, follow } => commands::console(&client, &vm, lines, follow, &out)
-            .await
-            .map(|()| 0),
+        Cmd::Console(args) => commands::console(&client, args, &out).await.map(|()| 0),
         Cmd::Vm(cmd) => commands::vm::run(&client, cmd, &out).await.map(|()| 0),
         Cmd::Secret(cmd) => commands::secret::run(&client, cmd, &out).await.map(|()| 0),
         Cmd::Exec(args) => commands::exec::run(&client, args).await,

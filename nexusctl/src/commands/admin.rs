@@ -149,28 +149,24 @@ pub async fn image(client: &Client, cmd: ImageCmd, out: &Out) -> Result<(), CtlE
                 std::fs::read_to_string(&recipe)
             }
             .map_err(|e| CtlError::Local(format!("the recipe {}: {e}", recipe.display())))?;
-            let mut args = json!({"name": name, "recipe": text});
-            if let Some(base) = base {
-                args["base"] = base.into();
-            }
+            let args = json!({"name": name, "recipe": text});
             made(
                 client,
                 "build_image",
                 args,
+                base,
                 &format!("building {name}"),
                 out,
             )
             .await
         }
         ImageCmd::Import { name, path, base } => {
-            let mut args = json!({"name": name, "path": path});
-            if let Some(base) = base {
-                args["base"] = base.into();
-            }
+            let args = json!({"name": name, "path": path});
             made(
                 client,
                 "import_image",
                 args,
+                base,
                 &format!("importing {name}"),
                 out,
             )
@@ -182,11 +178,16 @@ pub async fn image(client: &Client, cmd: ImageCmd, out: &Out) -> Result<(), CtlE
             plain_http,
             base,
         } => {
-            let mut args = json!({"name": name, "reference": reference, "plain_http": plain_http});
-            if let Some(base) = base {
-                args["base"] = base.into();
-            }
-            made(client, "pull_image", args, &format!("pulling {name}"), out).await
+            let args = json!({"name": name, "reference": reference, "plain_http": plain_http});
+            made(
+                client,
+                "pull_image",
+                args,
+                base,
+                &format!("pulling {name}"),
+                out,
+            )
+            .await
         }
         ImageCmd::Rm { name } => {
             let answer = call(client, "delete_image", json!({"image": name})).await?;
@@ -196,14 +197,19 @@ pub async fn image(client: &Client, cmd: ImageCmd, out: &Out) -> Result<(), CtlE
     }
 }
 
-/// An image build, import or pull, its progress shown, and what it made.
+/// An image build, import or pull (on `base`'s kernel and guest-mcp, if
+/// given), its progress shown, and what it made.
 async fn made(
     client: &Client,
     tool: &str,
-    args: Value,
+    mut args: Value,
+    base: Option<String>,
     what: &str,
     out: &Out,
 ) -> Result<(), CtlError> {
+    if let Some(base) = base {
+        args["base"] = base.into();
+    }
     let answer = call_with_progress(client, tool, args, what, true).await?;
     out.print(&answer, || {
         format!(

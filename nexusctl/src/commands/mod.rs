@@ -176,15 +176,23 @@ pub fn parse<T: DeserializeOwned>(tool: &str, answer: &Value) -> Result<T, CtlEr
         .map_err(|e| CtlError::Local(format!("{tool}'s answer does not read: {e}")))
 }
 
+/// `nexusctl console` and `nexusctl vm console`.
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    pub vm: String,
+    /// How many lines (1-1000, default 100).
+    #[arg(long, default_value_t = 100)]
+    pub lines: u32,
+    /// Keep printing what the console says, until Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
 /// `nexusctl console VM`: the last lines of its serial console; with
 /// `follow`, what it says next, until Ctrl-C.
-pub async fn console(
-    client: &Client,
-    vm: &str,
-    lines: u32,
-    follow: bool,
-    out: &Out,
-) -> Result<(), CtlError> {
+pub async fn console(client: &Client, args: ConsoleArgs, out: &Out) -> Result<(), CtlError> {
+    let ConsoleArgs { vm, lines, follow } = args;
+    let vm = vm.as_str();
     let window = if follow { FOLLOW_WINDOW } else { lines };
     let answer = call(
         client,

@@ -63,15 +63,7 @@ pub enum VmCmd {
     Rm { vm: String },
     /// Its serial console (the same as `nexusctl console`).
     #[command(after_help = "Example: nexusctl vm console agent1 --follow")]
-    Console {
-        vm: String,
-        /// How many lines (1-1000, default 100).
-        #[arg(long, default_value_t = 100)]
-        lines: u32,
-        /// Keep printing what the console says, until Ctrl-C.
-        #[arg(long, short)]
-        follow: bool,
-    },
+    Console(super::ConsoleArgs),
 }
 
 fn rows(vms: &[VmInfo]) -> String {
@@ -204,9 +196,7 @@ pub async fn run(client: &Client, cmd: VmCmd, out: &Out) -> Result<(), CtlError>
             out.print(&answer, || format!("VM {vm} destroyed"));
             Ok(())
         }
-        VmCmd::Console { vm, lines, follow } => {
-            super::console(client, &vm, lines, follow, out).await
-        }
+        VmCmd::Console(args) => super::console(client, args, out).await,
     }
 }
 
