@@ -296,6 +296,7 @@ async def run(s, prefix, mode):
     assert read["content"] == "v1\ngoodbye world\n", read
     fork = await s.ok("fork_vm", {"vm": a, "snapshot": "s1", "name": b})
     assert fork["state"] == "running", fork
+    assert fork["snapshot"] == "s1" and [v["name"] for v in fork["vms"]] == [b], fork
     await s.guest(b, "write_file", {"path": "src/notes.txt", "content": "b's\n"})
     assert (await s.guest(a, "read_file", {"path": "src/notes.txt"}))["content"] == "v1\ngoodbye world\n"
     assert (await s.guest(b, "read_file", {"path": "src/notes.txt"}))["content"] == "b's\n"
@@ -303,6 +304,8 @@ async def run(s, prefix, mode):
     # Bad input: a clear tool error, nothing changed.
     message = await s.err("fork_vm", {"vm": a, "snapshot": "nope"})
     assert "has no snapshot" in message, message
+    message = await s.err("fork_vm", {"vm": a, "count": 0})
+    assert "`count` must be between 1 and 16, got 0" in message, message
     message = await s.err(s.guest_name("ghost", "exec"), {"command": "true", **({"vm": "ghost"} if s.surface == "shared" else {})})
     assert "does not exist" in message, message
 

@@ -60,6 +60,43 @@ pub struct FileConfig {
     pub quota: Option<crate::daemon::quota::QuotaConfig>,
     /// The egress proxy (`[egress]`).
     pub egress: Option<EgressConfig>,
+    /// Booted VMs kept ready for spawn_vm and fork_vm (`[[warm_pool]]`,
+    /// one per image and shape; none by default).
+    pub warm_pool: Option<Vec<WarmPoolConfig>>,
+}
+
+/// `[[warm_pool]]`: `size` VMs of `image` and this shape kept booted.
+/// A spawn_vm (or a fork) asking for exactly this shape takes one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmPoolConfig {
+    /// The image (default "default").
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// How many to keep ready; 0 turns this pool off.
+    pub size: u32,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default = "one_u64")]
+    pub workspace_gib: u64,
+}
+
+/// The most VMs one `[[warm_pool]]` may keep.
+pub const MAX_WARM_POOL_SIZE: u32 = 64;
+
+fn default_image() -> String {
+    crate::daemon::DEFAULT_IMAGE.to_owned()
+}
+fn one() -> u32 {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+fn default_memory() -> u32 {
+    256
 }
 
 /// `[egress]`.
@@ -144,6 +181,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsConfig>,
     /// The names requests may be addressed to (`Host`).
     pub hosts: Vec<String>,
+    /// The warm pools, checked; those of size 0 left out.
+    pub warm_pools: Vec<WarmPoolConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +209,63 @@ pub enum ConfigError {
     BadHost(String),
     #[error("{what} {path:?} must be an absolute path")]
     Relative { what: &'static str, path: PathBuf },
+    #[error("[[warm_pool]] for image {image:?}: {why}")]
+    WarmPool { image: String, why: String },
+}
+
+/// Each pool's image name, size and shape are ones spawn_vm would take;
+/// no two pools share an image and shape.
+fn check_warm_pools(pools: Vec<WarmPoolConfig>) -> Result<Vec<WarmPoolConfig>, ConfigError> {
+    let mut kept: Vec<WarmPoolConfig> = Vec::new();
+    for pool in pools {
+        let bad = |why: String| ConfigError::WarmPool {
+            image: pool.image.clone(),
+            why,
+        };
+        if let Err(e) = nexus_storage::validate_name("image", &pool.image) {
+            return Err(bad(e.to_string()));
+        }
+        if pool.size > MAX_WARM_POOL_SIZE {
+            return Err(bad(format!(
+                "`size` must be at most {MAX_WARM_POOL_SIZE}, got {}",
+                pool.size
+            )));
+        }
+        if pool.vcpus == 0 || pool.vcpus > nexus_vmm::spec::MAX_VCPUS {
+            return Err(bad(format!(
+                "`vcpus` must be between 1 and {}, got {}",
+                nexus_vmm::spec::MAX_VCPUS,
+                pool.vcpus
+            )));
+        }
+        if pool.memory_mib < nexus_vmm::spec::MIN_MEMORY_MIB {
+            return Err(bad(format!(
+                "`memory_mib` must be at least {}, got {}",
+                nexus_vmm::spec::MIN_MEMORY_MIB,
+                pool.memory_mib
+            )));
+        }
+        if pool.workspace_gib == 0 || pool.workspace_gib > crate::daemon::MAX_WORKSPACE_GIB {
+            return Err(bad(format!(
+                "`workspace_gib` must be between 1 and {}, got {}",
+                crate::daemon::MAX_WORKSPACE_GIB,
+                pool.workspace_gib
+            )));
+        }
+        let same_shape = |p: &WarmPoolConfig| {
+            (&p.image, p.vcpus, p.memory_mib, p.workspace_gib)
+                == (&pool.image, pool.vcpus, pool.memory_mib, pool.workspace_gib)
+        };
+        if kept.iter().any(same_shape) {
+            return Err(bad(
+                "another [[warm_pool]] has the same image, vcpus, memory_mib and workspace_gib: give one pool the sum of their sizes".into(),
+            ));
+        }
+        if pool.size > 0 {
+            kept.push(pool);
+        }
+    }
+    Ok(kept)
 }
 
 impl Config {
@@ -229,7 +325,9 @@ impl Config {
             }
             hosts.push(host.to_ascii_lowercase());
         }
+        let warm_pools = check_warm_pools(file.warm_pool.unwrap_or_default())?;
         Ok(Self {
+            warm_pools,
             tls: file.tls,
             hosts,
             admin_socket_gid,

@@ -21,8 +21,9 @@ use nexus_host::tools::Surface;
 /// admin_socket, surface, tools_page_size, and a [limits] table: max_vms,
 /// max_memory_mib, max_vcpus, max_snapshots_per_vm; a [quota] table for each
 /// user: max_running_vms, max_vcpus, max_memory_mib, max_workspace_gib,
-/// max_snapshots), then environment variables and
-/// flags, which win.
+/// max_snapshots; [[warm_pool]] tables, VMs booted ahead of need that
+/// spawn_vm and fork_vm take: image, size (0: off), vcpus, memory_mib,
+/// workspace_gib), then environment variables and flags, which win.
 ///
 /// State (the btrfs pool, the catalog, VM logs) lives in the state
 /// directory; images built into <state-dir>/images/<name> are imported at

@@ -50,6 +50,30 @@ pub struct Metrics {
     decision_time: Histogram,
     egress: Family<EgressLabels, Counter>,
     egress_bytes: Family<EgressBytesLabels, Counter>,
+    warm: Family<WarmLabels, Gauge>,
+    warm_claims: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WarmLabels {
+    image: String,
+    shape: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: String,
+}
+
+/// One warm pool as `/metrics` shows it.
+pub struct WarmGauge {
+    pub image: String,
+    /// `<vcpus>cpu-<memory>mib-<workspace>gib`.
+    pub shape: String,
+    pub size: u32,
+    pub ready: u32,
+    pub booting: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -125,7 +149,21 @@ impl Metrics {
             "Egress bytes by VM and direction (up: to the upstream)",
             egress_bytes.clone(),
         );
+        let warm = Family::<WarmLabels, Gauge>::default();
+        registry.register(
+            "warm_pool_vms",
+            "Warm pools: spare VMs ready and booting, and the size kept (target), by image and shape",
+            warm.clone(),
+        );
+        let warm_claims = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "warm_pool_claims",
+            "VMs made by spawn_vm and fork_vm: taken from a warm pool (hit) or booted because none was ready (miss)",
+            warm_claims.clone(),
+        );
         Arc::new(Self {
+            warm,
+            warm_claims,
             registry,
             calls,
             latency,
@@ -187,8 +225,39 @@ impl Metrics {
         self.decision_time.observe(took.as_secs_f64());
     }
 
-    /// The text exposition, with the VM counts and pool space as they are now.
-    pub fn render(&self, running: usize, stopped: usize, pool: (u64, u64)) -> String {
+    /// Counts a VM made of a pooled shape: taken from its pool, or not.
+    pub fn record_warm_claim(&self, hit: bool) {
+        self.warm_claims
+            .get_or_create(&OutcomeLabel {
+                outcome: if hit { "hit" } else { "miss" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the VM counts, pool space and warm
+    /// pools as they are now.
+    pub fn render(
+        &self,
+        running: usize,
+        stopped: usize,
+        pool: (u64, u64),
+        warm: &[WarmGauge],
+    ) -> String {
+        for w in warm {
+            for (state, n) in [
+                ("ready", w.ready),
+                ("booting", u32::from(w.booting)),
+                ("target", w.size),
+            ] {
+                self.warm
+                    .get_or_create(&WarmLabels {
+                        image: w.image.clone(),
+                        shape: w.shape.clone(),
+                        state: state.to_owned(),
+                    })
+                    .set(i64::from(n));
+            }
+        }
         for (kind, bytes) in [("total", pool.0), ("free", pool.1)] {
             self.pool
                 .get_or_create(&KindLabel {

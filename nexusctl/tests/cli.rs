@@ -631,6 +631,18 @@ fn vms_and_secrets_through_the_admin_socket_and_http() {
         (fork["name"].as_str(), fork["state"].as_str()),
         (Some("f1"), Some("running"))
     );
+    // Without a snapshot: the VM as it is now.
+    let now = run(&["fork", "c1", "--name", "g1"], None);
+    assert!(
+        now.stdout.contains("VM g1 forked from c1@fork-"),
+        "{}",
+        now.stdout
+    );
+    assert!(
+        run(&["vm", "rm", "g1"], None)
+            .stdout
+            .contains("VM g1 destroyed")
+    );
     assert_eq!(
         run(&["--json", "snapshot", "restore", "c1", "s1"], None).json()["name"],
         "s1"

@@ -43,6 +43,7 @@ mod secrets;
 mod snapshots;
 mod tokens;
 mod vms;
+mod warm;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -67,6 +68,7 @@ pub use secrets::SecretRecord;
 use serde::Serialize;
 pub use tokens::TokenRecord;
 pub use vms::VmAttrs;
+pub use warm::WarmDrives;
 
 /// The drive file names a VM has.
 pub const ROOT_DRIVE: &str = "root";
@@ -95,6 +97,9 @@ pub enum StorageError {
     },
     #[error("image {0:?} does not exist: import it first (list_images shows what exists)")]
     NoImage(String),
+    /// A pooled VM's image was replaced since it booted.
+    #[error("image {0:?} changed since the pooled VM booted")]
+    ImageChanged(String),
     #[error(
         "VM {vm:?} was made from a version of image {image:?} that is gone from the pool: destroy the VM and make it again"
     )]

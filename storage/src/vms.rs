@@ -47,11 +47,14 @@ impl Default for VmAttrs<'_> {
 }
 
 /// Where a new VM's row takes its attributes from.
-enum Attrs<'a> {
+pub(crate) enum Attrs<'a> {
     Given(VmAttrs<'a>),
     /// A fork's: its source's image and config, and its owner unless
     /// one is given (`Some(None)`: no one).
     From(&'a str, Option<Option<&'a str>>),
+    /// A pooled VM's: given, and only while its image is still the
+    /// version (digest) its drives were made of.
+    Warm(VmAttrs<'a>, &'a str),
 }
 
 impl Storage {
@@ -303,7 +306,7 @@ impl Storage {
         )?)
     }
 
-    fn vm_row_exists(&self, vm: &str) -> Result<bool> {
+    pub(crate) fn vm_row_exists(&self, vm: &str) -> Result<bool> {
         Ok(self
             .db()
             .connection()
@@ -314,7 +317,7 @@ impl Storage {
 
     /// Records a VM being created; for a new one (`Attrs::Given`), with
     /// the current version of `image`, whose directory it returns.
-    fn record_vm(
+    pub(crate) fn record_vm(
         &self,
         vm: &str,
         image: &str,
@@ -325,8 +328,12 @@ impl Storage {
         let mut db = self.db();
         let tx = db.connection_mut().transaction()?;
         let mut image_path = None;
+        let made_of = match attrs {
+            Attrs::Warm(_, digest) => Some(digest),
+            _ => None,
+        };
         match attrs {
-            Attrs::Given(attrs) => {
+            Attrs::Given(attrs) | Attrs::Warm(attrs, _) => {
                 let Some((digest, path)) = tx
                     .query_row(
                         "SELECT digest, path FROM images WHERE name = ?1 AND op IS NULL",
@@ -337,6 +344,9 @@ impl Storage {
                 else {
                     return Err(StorageError::NoImage(image.to_owned()));
                 };
+                if made_of.is_some_and(|made_of| digest.as_deref() != Some(made_of)) {
+                    return Err(StorageError::ImageChanged(image.to_owned()));
+                }
                 tx.execute(
                     "INSERT INTO vms
                         (name, image, created_at, base_snapshot, op, config, owner, image_digest)
@@ -369,7 +379,7 @@ impl Storage {
         Ok(image_path)
     }
 
-    fn finish_vm_record(&self, vm: &str) -> Result<()> {
+    pub(crate) fn finish_vm_record(&self, vm: &str) -> Result<()> {
         let dir = self.pool().vm_dir(vm);
         let mut db = self.db();
         let tx = db.connection_mut().transaction()?;

@@ -37,7 +37,8 @@ pub struct VmInfo {
     pub from_snapshot: Option<String>,
     /// vsock CID while running.
     pub cid: Option<u32>,
-    /// Milliseconds from start to guest readiness, while running.
+    /// Milliseconds from start to guest readiness, while running (for
+    /// a VM taken from a warm pool: how long taking it took).
     pub ready_ms: Option<u64>,
     /// While running, how its guest's tools stand: "answering",
     /// "connecting", or "unresponsive for N s: why".
@@ -121,6 +122,25 @@ pub struct HostStatus {
     pub usage: Usage,
     /// The images VMs can be made from, by name.
     pub images: Vec<String>,
+    /// The warm pools (`[[warm_pool]]`): spares booted ahead of need.
+    #[serde(default)]
+    pub warm_pools: Vec<WarmPool>,
+}
+
+/// One warm pool: spare VMs of one image and shape, kept booted for
+/// spawn_vm and fork_vm to take.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WarmPool {
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub workspace_gib: u64,
+    /// How many it keeps.
+    pub size: u32,
+    /// How many are booted and waiting.
+    pub ready: u32,
+    /// Whether one is booting now.
+    pub booting: bool,
 }
 
 /// The storage pool (workspaces, snapshots).

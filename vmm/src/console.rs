@@ -14,6 +14,7 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How much of the end of a log is read to find its last lines.
@@ -35,12 +36,13 @@ pub fn older(log: &Path) -> PathBuf {
 /// Starts capturing the console socket `socket` into `log`, at most `cap`
 /// bytes on disk. With `new_boot`, the output starts a fresh half, after a
 /// boot marker. The thread ends when the VMM closes the socket.
-pub fn capture(socket: PathBuf, log: PathBuf, cap: u64, new_boot: bool) {
+pub fn capture(socket: PathBuf, log: impl Into<LogPath>, cap: u64, new_boot: bool) {
+    let log = log.into();
     let spawned = std::thread::Builder::new()
         .name("console".into())
         .spawn(move || {
             if let Err(e) = run(&socket, &log, cap, new_boot) {
-                tracing::warn!(log = %log.display(), error = %e, "console capture ended");
+                tracing::warn!(log = %log.get().display(), error = %e, "console capture ended");
             }
         });
     if let Err(e) = spawned {
@@ -48,7 +50,43 @@ pub fn capture(socket: PathBuf, log: PathBuf, cap: u64, new_boot: bool) {
     }
 }
 
-fn run(socket: &Path, log: &Path, cap: u64, new_boot: bool) -> std::io::Result<()> {
+/// Where a capture writes: shared with its VM, which may move the log
+/// (a pooled VM takes its user's name) while the capture runs.
+#[derive(Debug, Clone)]
+pub struct LogPath(Arc<Mutex<PathBuf>>);
+
+impl From<PathBuf> for LogPath {
+    fn from(path: PathBuf) -> Self {
+        Self(Arc::new(Mutex::new(path)))
+    }
+}
+
+impl LogPath {
+    pub fn get(&self) -> PathBuf {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Moves the log and its previous half to `to` (and `to.1`); what the
+    /// capture writes from then on goes there.
+    pub fn rename(&self, to: &Path) -> std::io::Result<()> {
+        let mut path = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let ignore_missing = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        ignore_missing(std::fs::rename(&*path, to))?;
+        // A stale previous half of another log must not follow this one.
+        ignore_missing(std::fs::remove_file(older(to)))?;
+        ignore_missing(std::fs::rename(older(&path), older(to)))?;
+        *path = to.to_path_buf();
+        Ok(())
+    }
+}
+
+fn run(socket: &Path, log: &LogPath, cap: u64, new_boot: bool) -> std::io::Result<()> {
     let started = Instant::now();
     let mut stream = loop {
         match UnixStream::connect(socket) {
@@ -75,21 +113,21 @@ fn run(socket: &Path, log: &Path, cap: u64, new_boot: bool) -> std::io::Result<(
 
 /// The log and its previous half.
 struct Ring {
-    log: PathBuf,
+    log: LogPath,
     file: std::fs::File,
     len: u64,
     half: u64,
 }
 
 impl Ring {
-    fn open(log: &Path, half: u64) -> std::io::Result<Self> {
+    fn open(log: &LogPath, half: u64) -> std::io::Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log)?;
+            .open(log.get())?;
         let len = file.metadata()?.len();
         Ok(Self {
-            log: log.to_path_buf(),
+            log: log.clone(),
             file,
             len,
             half,
@@ -98,11 +136,17 @@ impl Ring {
 
     /// The log becomes the previous half; a new log starts.
     fn rotate(&mut self) -> std::io::Result<()> {
-        match std::fs::rename(&self.log, older(&self.log)) {
+        // Held throughout: a rename of the log waits for the rotation.
+        let path = self.log.0.lock().unwrap_or_else(|e| e.into_inner());
+        match std::fs::rename(&*path, older(&path)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        *self = Self::open(&self.log, self.half)?;
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&*path)?;
+        self.len = 0;
         Ok(())
     }
 
@@ -207,7 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("vm.console");
         let cap = 64 * 1024;
-        let mut ring = Ring::open(&log, cap / 2).unwrap();
+        let mut ring = Ring::open(&LogPath::from(log.clone()), cap / 2).unwrap();
         ring.write(b"old boot\nKernel panic - old\n").unwrap();
         ring.rotate().unwrap();
         ring.write(format!("{BOOT_MARKER}\n").as_bytes()).unwrap();
@@ -231,7 +275,7 @@ mod tests {
     fn boot_errors_carry_only_this_boots_lines() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("vm.console");
-        let mut ring = Ring::open(&log, 1 << 20).unwrap();
+        let mut ring = Ring::open(&LogPath::from(log.clone()), 1 << 20).unwrap();
         ring.write(b"previous boot\nKernel panic - previous\n")
             .unwrap();
         ring.rotate().unwrap();
@@ -249,5 +293,29 @@ mod tests {
         assert!(tail(&log, 20, false).contains("previous boot"));
         assert_eq!(tail(&dir.path().join("none"), 20, true), "");
         assert_eq!(tail_verbatim(&dir.path().join("none"), 20), "");
+    }
+
+    #[test]
+    fn a_log_moved_mid_capture_goes_on_at_its_new_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("pool-1.log"), dir.path().join("mine.log"));
+        // A stale previous half at the new path must not be taken for ours.
+        std::fs::write(older(&to), "someone else's\n").unwrap();
+        let path = LogPath::from(from.clone());
+        let mut ring = Ring::open(&path, 64).unwrap();
+        ring.write(b"booted in the pool\n").unwrap();
+        path.rename(&to).unwrap();
+        assert_eq!(path.get(), to);
+        ring.write(b"claimed\n").unwrap();
+        assert!(!from.exists());
+        assert_eq!(
+            std::fs::read_to_string(&to).unwrap(),
+            "booted in the pool\nclaimed\n"
+        );
+        assert!(!older(&to).exists());
+        // Rotation follows the move.
+        ring.write(&[b'x'; 100]).unwrap();
+        assert!(older(&to).exists() && !older(&from).exists());
+        assert!(tail(&to, 5, false).contains("xxxx"));
     }
 }

@@ -154,6 +154,19 @@ impl Vmm {
         &self.config
     }
 
+    /// The same VMM backend and settings, its VMs' run directories under
+    /// `run_root` (VMs kept apart: booted ahead of need, say, never to be
+    /// taken for another's leftovers).
+    pub fn with_run_root(&self, run_root: PathBuf) -> Self {
+        Self {
+            backend: self.backend.clone(),
+            config: VmmConfig {
+                run_root,
+                ..self.config.clone()
+            },
+        }
+    }
+
     /// The uid VM `cid`'s processes run as, if not root.
     fn run_as(&self, cid: u32) -> Result<Option<u32>, VmmError> {
         match self.config.vm_uid_base {
@@ -248,9 +261,10 @@ impl Vmm {
             })
             .await?;
         // The VMM waits for this before it starts the guest.
+        let console_log = console::LogPath::from(spec.console_log.clone());
         console::capture(
             run_dir.join(CONSOLE_SOCKET),
-            spec.console_log.clone(),
+            console_log.clone(),
             self.config.console_cap_bytes,
             true,
         );
@@ -271,7 +285,10 @@ impl Vmm {
             run_dir.join(LIMITS_FILE),
             format!("{} {}\n", limits.vcpus, limits.memory_mib),
         );
-        let cgroup = VmCgroup::create(&format!("{}.{}", spec.name, lease.cid()), limits);
+        // Named once: a VM renamed later (a pooled one, claimed) keeps it.
+        let cgroup_name = format!("{}.{}", spec.name, lease.cid());
+        let _ = std::fs::write(run_dir.join(CGROUP_FILE), &cgroup_name);
+        let cgroup = VmCgroup::create(&cgroup_name, limits);
         if let Some(cgroup) = &cgroup {
             for pid in pending.processes.iter().flatten() {
                 if let Err(e) = cgroup.add(*pid) {
@@ -340,7 +357,7 @@ impl Vmm {
             accel,
             run_dir,
             vsock_uds,
-            console_log: spec.console_log,
+            console_log,
             vmm,
             helpers,
             readiness: Some(readiness),
@@ -355,6 +372,17 @@ impl Vmm {
 }
 
 const PIDS_FILE: &str = "pids";
+/// The name of the VM's cgroup (its run directory's first name).
+const CGROUP_FILE: &str = "cgroup";
+
+/// The cgroup of the VM whose run directory is `run_dir`.
+fn cgroup_name(run_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(run_dir.join(CGROUP_FILE))
+        .ok()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .or_else(|| Some(run_dir.file_name()?.to_str()?.to_owned()))
+}
 
 /// Writes `pid start_ticks` lines for a VM's processes into its run dir.
 fn record_pids<'a>(run_dir: &Path, processes: impl Iterator<Item = &'a Watched>) {
@@ -402,10 +430,13 @@ pub fn reap_leftovers(run_root: &Path, keep: &[PathBuf]) -> Vec<String> {
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
+        let cgroup = cgroup_name(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         if let Some(run_name) = dir.file_name().and_then(|n| n.to_str()) {
             // Its cgroup goes too, once its killed processes are gone.
-            drop(VmCgroup::existing(run_name));
+            if let Some(cgroup) = cgroup {
+                drop(VmCgroup::existing(&cgroup));
+            }
             if let Some((name, _cid)) = run_name.rsplit_once('.') {
                 found.push(name.to_owned());
             }
@@ -469,6 +500,7 @@ impl Vmm {
             });
         // The console goes on where it was (the old capture ended with
         // the daemon that ran it; meanwhile the VMM dropped the output).
+        let console_log = console::LogPath::from(console_log);
         console::capture(
             run_dir.join(CONSOLE_SOCKET),
             console_log.clone(),
@@ -495,7 +527,10 @@ impl Vmm {
         .unwrap_or(false);
         // Limits again (a VMM adopted from a dead daemon is still in its
         // cgroup; the limits are written anew).
-        let cgroup = VmCgroup::create(&format!("{name}.{cid}"), recorded_limits(&run_dir));
+        let cgroup = VmCgroup::create(
+            &cgroup_name(&run_dir).unwrap_or_else(|| format!("{name}.{cid}")),
+            recorded_limits(&run_dir),
+        );
         if let Some(cgroup) = &cgroup {
             for (pid, _) in &recorded {
                 let _ = cgroup.add(*pid);
@@ -735,7 +770,7 @@ pub struct Vm {
     accel: Resolved,
     run_dir: PathBuf,
     vsock_uds: PathBuf,
-    console_log: PathBuf,
+    console_log: console::LogPath,
     vmm: Watched,
     helpers: Vec<Watched>,
     readiness: Option<Readiness>,
@@ -846,13 +881,61 @@ impl Vm {
         &self.run_dir
     }
 
-    pub fn console_log(&self) -> &Path {
-        &self.console_log
+    pub fn console_log(&self) -> PathBuf {
+        self.console_log.get()
     }
 
-    /// Time from launching the VMM to the guest's readiness signal.
+    /// Gives the running VM a new name (a pooled VM taken by a user): its
+    /// run directory moves into `run_root` (on the same filesystem) and
+    /// its console log to `console_log`; its processes, sockets and CID
+    /// stay as they are.
+    pub fn rename(
+        &mut self,
+        name: &str,
+        run_root: &Path,
+        console_log: &Path,
+    ) -> Result<(), VmmError> {
+        crate::spec::validate_name(name)?;
+        let io = |action: String| {
+            let vm = name.to_owned();
+            move |source| VmmError::Io { vm, action, source }
+        };
+        let run_dir = run_root.join(format!("{name}.{}", self.lease.cid()));
+        if run_dir.join(CONSOLE_SOCKET).as_os_str().len() > MAX_UDS_PATH {
+            return Err(VmmError::InvalidSpec(format!(
+                "run directory {} is too long for Unix sockets: keep run_root under {} bytes",
+                run_dir.display(),
+                MAX_UDS_PATH - 30
+            )));
+        }
+        std::fs::create_dir_all(run_root).map_err(io(format!("create {}", run_root.display())))?;
+        std::fs::rename(&self.run_dir, &run_dir).map_err(io(format!(
+            "move its run directory to {}",
+            run_dir.display()
+        )))?;
+        if let Err(e) = self.console_log.rename(console_log) {
+            let _ = std::fs::rename(&run_dir, &self.run_dir);
+            return Err(io(format!(
+                "move its console log to {}",
+                console_log.display()
+            ))(e));
+        }
+        self.run_dir = run_dir;
+        self.config.run_root = run_root.to_path_buf();
+        self.name = name.to_owned();
+        Ok(())
+    }
+
+    /// Time from launching the VMM to the guest's readiness signal (for
+    /// a VM booted ahead of need, what [`Vm::set_ready_after`] says).
     pub fn ready_after(&self) -> Duration {
         self.ready_after
+    }
+
+    /// A VM booted ahead of need and taken now: the time the taking took
+    /// is how long its user waited for it.
+    pub fn set_ready_after(&mut self, took: Duration) {
+        self.ready_after = took;
     }
 
     /// Process ids of the VMM and its helpers, for checks and adoption.

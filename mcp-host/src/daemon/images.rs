@@ -137,6 +137,9 @@ impl Daemon {
                 "image replaced: new VMs get the new version"
             );
         }
+        if !matches!(imported.change, ImageChange::Unchanged) {
+            self.drain_warm(&imported.image.name).await;
+        }
         Ok(ImageOutcome {
             image: imported.image,
             change: imported.change,
@@ -151,6 +154,7 @@ impl Daemon {
         let _one_at_a_time = self.image_ops.lock().await;
         let owned = name.to_owned();
         self.blocking(move |s| s.delete_image(&owned)).await?;
+        self.drain_warm(name).await;
         let _ = std::fs::remove_dir_all(self.config.state_dir.join("builds").join(name));
         Ok(())
     }

@@ -19,7 +19,19 @@ impl Daemon {
         name: &str,
         vm: Vm,
         tools: Option<Vec<rmcp::model::Tool>>,
+        size: (u32, u64),
+    ) {
+        self.run_with(name, vm, tools, size, None).await;
+    }
+
+    /// [`Daemon::run`] with the guest's tools session open already.
+    pub(super) async fn run_with(
+        &self,
+        name: &str,
+        vm: Vm,
+        tools: Option<Vec<rmcp::model::Tool>>,
         (vcpus, memory_mib): (u32, u64),
+        session: Option<std::sync::Arc<crate::guest::GuestSession>>,
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let endpoint = vm.endpoint();
@@ -51,7 +63,12 @@ impl Daemon {
             let _ = self.set_egress_list(name, Some(&[]));
         }
         let egress = self.start_egress(name, &vm);
-        self.guests.attach(name, endpoint.clone(), tools);
+        match session {
+            Some(session) => self
+                .guests
+                .attach_open(name, endpoint.clone(), tools, session),
+            None => self.guests.attach(name, endpoint.clone(), tools),
+        }
         self.running.lock().await.insert(
             name.to_owned(),
             Running {
@@ -236,8 +253,9 @@ impl Daemon {
         }
     }
 
-    /// Stops every running VM (daemon shutdown).
+    /// Stops every running VM and spare (daemon shutdown).
     pub async fn shutdown(&self) {
+        self.close_warm_pools().await;
         let vms: Vec<Vm> = self
             .running
             .lock()

@@ -14,6 +14,7 @@ pub mod admission;
 pub mod audit;
 mod egress;
 mod events;
+mod fork;
 mod hooks;
 mod images;
 mod lifecycle;
@@ -26,6 +27,7 @@ mod snapshots;
 mod spawn;
 mod status;
 pub mod tokens;
+mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,6 +42,7 @@ use tokio::sync::Mutex;
 
 pub use access::RoleView;
 pub use events::{EventKind, Severity, VmEvent};
+pub use fork::{Forked, MAX_FORKS};
 pub use images::{ImageInput, ImageOutcome};
 pub use quota::QuotaConfig;
 pub use secrets::SecretInfo;
@@ -175,6 +178,8 @@ pub struct Daemon {
     /// Held by a secret's change from its write to its reload.
     secret_changes: Mutex<()>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Spare VMs, booted ahead of need.
+    warm: warm::Warm,
     /// When this nexusd opened its state (for status).
     started_at: std::time::SystemTime,
     _lock: StateLock,
@@ -219,6 +224,12 @@ impl Daemon {
             tracing::warn!(why, "VMs cannot be started until this is fixed");
         }
         let running = recovery::adopt_leftovers(&config, &storage, &vmm).await?;
+        let warm_pools = config.warm_pools.clone();
+        // Spares run apart: never adopted, never taken for a VM's leftovers.
+        let warm_vmm = vmm
+            .as_ref()
+            .ok()
+            .map(|vmm| vmm.with_run_root(config.state_dir.join(warm::RUN_DIR)));
         let changes = tokio::sync::broadcast::channel(16).0;
         let audit_writer = audit::writer(storage.clone());
         let egress_settings = crate::egress::Settings {
@@ -262,6 +273,7 @@ impl Daemon {
             changes,
             events: tokio::sync::broadcast::channel(256).0,
             metrics: crate::metrics::Metrics::new(),
+            warm: warm::Warm::new(warm_pools, warm_vmm),
             me: me.clone(),
             limits: admission::Limits::resolve(&limits),
             started_at: std::time::SystemTime::now(),
@@ -311,6 +323,7 @@ impl Daemon {
             let daemon = daemon.clone();
             tokio::spawn(async move { daemon.give_back_drive(&name, &drive).await });
         }
+        daemon.start_warm_pools();
         Ok(daemon)
     }
 
@@ -365,10 +378,23 @@ impl Daemon {
         let running = self.running.lock().await.len();
         let total = self.list().await.map_or(running, |l| l.len());
         let pool = self.pool_space();
+        let warm: Vec<crate::metrics::WarmGauge> = self
+            .warm
+            .status()
+            .into_iter()
+            .map(|(p, ready, booting)| crate::metrics::WarmGauge {
+                shape: format!("{}cpu-{}mib-{}gib", p.vcpus, p.memory_mib, p.workspace_gib),
+                image: p.image,
+                size: p.size,
+                ready,
+                booting,
+            })
+            .collect();
         self.metrics.render(
             running,
             total.saturating_sub(running),
             (pool.total_bytes, pool.free_bytes),
+            &warm,
         )
     }
 

@@ -52,11 +52,37 @@ pub(super) async fn adopt_leftovers(
         .map(|vm: &Vm| vm.run_dir().to_path_buf())
         .collect();
     let stopped = nexus_vmm::vm::reap_leftovers(&config.state_dir.join("run"), &keep);
+    // Spares are never adopted: a previous nexusd's are stopped, their
+    // drives and consoles removed.
+    let spares = nexus_vmm::vm::reap_leftovers(&config.state_dir.join(super::warm::RUN_DIR), &[]);
+    if !spares.is_empty() {
+        tracing::info!(
+            count = spares.len(),
+            "stopped a previous nexusd's pooled VMs"
+        );
+    }
+    let _ = std::fs::remove_dir_all(config.state_dir.join(super::warm::CONSOLE_DIR));
     if !running.is_empty() {
         tracing::info!(vms = ?running.keys().collect::<Vec<_>>(), "adopted VMs a previous nexusd left running");
     }
     if !stopped.is_empty() {
         tracing::warn!(vms = ?stopped, "stopped leftovers of VMs that could not be adopted");
+    }
+    // Pooled VMs are never adopted (their processes were just stopped):
+    // their drives go.
+    let storage = storage.clone();
+    let discarded = tokio::task::spawn_blocking(move || storage.discard_all_warm_drives()).await?;
+    match discarded {
+        Ok(gone) if !gone.is_empty() => {
+            tracing::info!(
+                count = gone.len(),
+                "removed a previous nexusd's pooled VMs' drives"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remove a previous nexusd's pooled VMs' drives")
+        }
     }
     Ok(running)
 }

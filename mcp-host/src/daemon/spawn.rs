@@ -39,28 +39,111 @@ impl Daemon {
     }
 
     /// Counts a booting VM against the host's limits until it runs (or
-    /// fails), if they admit it.
-    pub(super) async fn book(
+    /// fails), if they admit it. Pooled VMs count too; with `evict`, as
+    /// many as it takes make room (a client's VM comes before a spare).
+    pub(super) async fn book(&self, name: &str, size: (u32, u64)) -> Result<Booking<'_>> {
+        loop {
+            match self.try_book(name, Some(name), size).await {
+                Ok(booking) => return Ok(booking),
+                // It would fit without spares: they give way, one by one.
+                Err(Refusal::Spares(e)) => {
+                    if !self.evict_warm().await {
+                        return Err(e);
+                    }
+                }
+                Err(Refusal::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Counts a booting spare (a pooled VM, `id`) against the host's
+    /// limits, if they admit it; no owner's, and it evicts nothing.
+    pub(super) async fn book_spare(&self, id: &str, size: (u32, u64)) -> Result<Booking<'_>> {
+        // Not a VM name: a spare never counts as a VM of the same name.
+        self.try_book(&format!("{id}{}", super::warm::SPARE_SUFFIX), None, size)
+            .await
+            .map_err(Refusal::into_error)
+    }
+
+    /// Books `key`; `vm`: the VM it is, whose owner's quota applies.
+    async fn try_book(
         &self,
-        name: &str,
+        key: &str,
+        vm: Option<&str>,
         (vcpus, memory_mib): (u32, u64),
-    ) -> Result<Booking<'_>> {
+    ) -> std::result::Result<Booking<'_>, Refusal> {
         // Both held at once: two bookings cannot each miss the other.
         let running = self.running.lock().await;
         let mut booting = lock_std(&self.booting);
-        let mut used = admission::InUse::default();
-        let sizes = running
-            .values()
-            .map(|r| (r.vcpus, r.memory_mib))
-            .chain(booting.values().copied());
-        for (vcpus, memory_mib) in sizes {
-            used.vms += 1;
-            used.vcpus += vcpus;
-            used.memory_mib += memory_mib;
+        // The owner's quota first: spares give way only to a VM that may run.
+        if let Some(vm) = vm {
+            let owner = self.owner_of(vm).flatten();
+            self.admit_owner_locked(
+                owner.as_deref(),
+                vm,
+                (vcpus, memory_mib),
+                &running,
+                &booting,
+            )
+            .map_err(Refusal::Other)?;
         }
-        admission::admit_start(&self.limits, used, name, vcpus, memory_mib)?;
-        let owner = self.owner_of(name).flatten();
-        if let Some(who) = owner.as_deref() {
+        let sum = |sizes: &mut dyn Iterator<Item = (u32, u64)>| {
+            let mut used = admission::InUse::default();
+            for (vcpus, memory_mib) in sizes {
+                used.vms += 1;
+                used.vcpus += vcpus;
+                used.memory_mib += memory_mib;
+            }
+            used
+        };
+        let spare = |key: &String| key.ends_with(super::warm::SPARE_SUFFIX);
+        let clients = |with_spares: bool| {
+            running.values().map(|r| (r.vcpus, r.memory_mib)).chain(
+                booting
+                    .iter()
+                    .filter(move |(key, _)| with_spares || !spare(key))
+                    .map(|(_, size)| *size),
+            )
+        };
+        let label = vm.unwrap_or("pooled");
+        if let Err(e) = admission::admit_start(
+            &self.limits,
+            sum(&mut clients(true).chain(self.warm.sizes())),
+            label,
+            vcpus,
+            memory_mib,
+        ) {
+            let without_spares = admission::admit_start(
+                &self.limits,
+                sum(&mut clients(false)),
+                label,
+                vcpus,
+                memory_mib,
+            );
+            return Err(if vm.is_some() && without_spares.is_ok() {
+                Refusal::Spares(e)
+            } else {
+                Refusal::Other(e)
+            });
+        }
+        booting.insert(key.to_owned(), (vcpus, memory_mib));
+        Ok(Booking {
+            daemon: self,
+            name: key.to_owned(),
+        })
+    }
+
+    /// Whether `owner`'s quota lets VM `name` run, beside the owner's
+    /// other VMs that run or boot.
+    fn admit_owner_locked(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+        (vcpus, memory_mib): (u32, u64),
+        running: &std::collections::HashMap<String, super::Running>,
+        booting: &std::collections::HashMap<String, (u32, u64)>,
+    ) -> Result<()> {
+        if let Some(who) = owner {
             let owned = self.owned_by(who);
             let theirs: Vec<(u32, u64)> = running
                 .iter()
@@ -71,11 +154,41 @@ impl Daemon {
                 .collect();
             self.admit_owner_start(Some(who), &theirs, (vcpus, memory_mib))?;
         }
-        booting.insert(name.to_owned(), (vcpus, memory_mib));
+        Ok(())
+    }
+
+    /// Counts VM `name`, about to run, against the host's limits in place
+    /// of taken spare `spare` (whose room it takes over: no check) and
+    /// against `owner`'s quota (checked).
+    pub(super) async fn book_claimed(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        size: (u32, u64),
+        spare: &str,
+    ) -> Result<Booking<'_>> {
+        let running = self.running.lock().await;
+        let mut booting = lock_std(&self.booting);
+        self.admit_owner_locked(owner, name, size, &running, &booting)?;
+        booting.insert(name.to_owned(), size);
+        self.warm.taken_over(spare);
         Ok(Booking {
             daemon: self,
             name: name.to_owned(),
         })
+    }
+
+    /// Whether `owner` may run one more VM of `size` now (checked again
+    /// when it is booked).
+    pub(super) async fn admit_owner_running(
+        &self,
+        owner: Option<&str>,
+        name: &str,
+        size: (u32, u64),
+    ) -> Result<()> {
+        let running = self.running.lock().await;
+        let booting = lock_std(&self.booting);
+        self.admit_owner_locked(owner, name, size, &running, &booting)
     }
 
     /// The tools the image of VM `name` recorded, if it did.
@@ -88,7 +201,44 @@ impl Daemon {
 
     /// Creates a VM's drives and boots it; returns once its guest is ready.
     /// On any failure nothing of the VM remains.
+    /// Runs to the end even if its caller goes (a client that
+    /// disconnects): a spare half taken would be left behind otherwise.
     pub async fn spawn(&self, req: SpawnRequest, progress: Option<Progress>) -> Result<VmInfo> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(DaemonError::Internal("nexusd is stopping".into()));
+        };
+        tokio::spawn(async move { me.spawn_with(req, progress, None).await })
+            .await
+            .map_err(|e| DaemonError::Internal(format!("spawn task: {e}")))?
+    }
+
+    /// [`Daemon::spawn`]; `given`: the spare to use, taken and prepared
+    /// already (`Some(None)`: none, boot one), instead of looking for one.
+    /// A given spare not used goes back (or, changed, goes).
+    pub(super) async fn spawn_with(
+        &self,
+        req: SpawnRequest,
+        progress: Option<Progress>,
+        given: Option<Option<super::warm::Prepared>>,
+    ) -> Result<VmInfo> {
+        let look = given.is_none();
+        let mut spare = given.flatten();
+        let made = self.spawn_inner(req, progress, &mut spare, look).await;
+        if let Some(unused) = spare {
+            self.unprepare(unused).await;
+        }
+        made
+    }
+
+    /// [`Daemon::spawn_with`], taking the spare out of `spare` when it
+    /// uses it; with `look`, looking for one itself.
+    async fn spawn_inner(
+        &self,
+        req: SpawnRequest,
+        progress: Option<Progress>,
+        spare: &mut Option<super::warm::Prepared>,
+        look: bool,
+    ) -> Result<VmInfo> {
         let say = |step: f64, message: String| {
             if let Some(progress) = &progress {
                 let _ = progress.send((step, message));
@@ -121,7 +271,7 @@ impl Daemon {
                 "`workspace_gib` must be between 1 and {MAX_WORKSPACE_GIB}, got {gib}"
             )));
         }
-        let workspace = match req.from_snapshot {
+        let workspace = match req.from_snapshot.clone() {
             None => {
                 admission::admit_workspace(self.storage.pool().root(), gib << 30)?;
                 WorkspaceSource::New { bytes: gib << 30 }
@@ -146,18 +296,71 @@ impl Daemon {
         })
         .map_err(|e| DaemonError::Internal(e.to_string()))?;
         let _op = self.lock_vm(&name).await;
+        if self.info(&name).await.is_ok() {
+            return Err(StorageError::VmExists(name).into());
+        }
+        let bytes = match &workspace {
+            WorkspaceSource::New { bytes } => *bytes,
+            WorkspaceSource::Snapshot { vm, snapshot } => {
+                self.snapshot_workspace_bytes(vm, snapshot).await?
+            }
+        };
+        let shape = super::warm::Shape {
+            image: image.clone(),
+            vcpus,
+            memory_mib,
+            workspace_bytes: bytes,
+        };
+        // What would refuse it is asked before a spare is touched (and
+        // asked again under `creating`): a refused spawn uses up none.
+        self.admit_new().await?;
+        self.admit_owner_workspace(req.owner.as_deref(), bytes)
+            .await?;
+        self.admit_owner_running(req.owner.as_deref(), &name, (vcpus, u64::from(memory_mib)))
+            .await?;
+        // A given spare of another shape is not this VM's.
+        if spare.as_ref().is_some_and(|s| s.shape() != &shape)
+            && let Some(other) = spare.take()
+        {
+            self.unprepare(other).await;
+        }
+        // A spare of this shape takes its workspace before `creating`:
+        // spawns of several at once do that side by side.
+        if look {
+            *spare = self.prepare_spare(&shape, req.from_snapshot.as_ref()).await;
+        }
         {
             let creating = self.creating.lock().await;
-            self.admit_new().await?;
             // Under `creating`: two spawns of one owner see each other.
-            let bytes = match &workspace {
-                WorkspaceSource::New { bytes } => *bytes,
-                WorkspaceSource::Snapshot { vm, snapshot } => {
-                    self.snapshot_workspace_bytes(vm, snapshot).await?
-                }
-            };
+            self.admit_new().await?;
             self.admit_owner_workspace(req.owner.as_deref(), bytes)
                 .await?;
+            let creating = match spare.take() {
+                None => creating,
+                Some(spare) => {
+                    let base = req
+                        .from_snapshot
+                        .as_ref()
+                        .map(|(vm, snapshot)| format!("{vm}/{snapshot}"));
+                    let claimed = self
+                        .claim_spare(creating, spare, &name, &config, req.owner.as_deref(), base)
+                        .await?;
+                    match claimed {
+                        super::warm::Claim::Taken => {
+                            let info = self.info(&name).await?;
+                            say(
+                                3.0,
+                                format!(
+                                    "{name} is ready, from the warm pool ({} ms)",
+                                    info.ready_ms.unwrap_or_default()
+                                ),
+                            );
+                            return Ok(info);
+                        }
+                        super::warm::Claim::None(creating) => creating,
+                    }
+                }
+            };
             let (vm, image, owner) = (name.clone(), image.clone(), req.owner.clone());
             self.blocking(move |s| {
                 let attrs = VmAttrs {
@@ -289,29 +492,15 @@ impl Daemon {
         let booking = self.book(name, size).await?;
         let owned = name.to_owned();
         let image = self.blocking(move |s| s.vm_image(&owned)).await?;
-        let manifest: Manifest =
-            serde_json::from_str(&image.manifest).map_err(|e| DaemonError::BadImage {
-                image: image.name.clone(),
-                why: e.to_string(),
-            })?;
-        let mut spec = VmSpec::new(name, manifest.boot_kernel(&image.path));
-        spec.initrd = manifest.initrd(&image.path);
-        spec.cmdline = manifest.boot.cmdline.clone();
-        spec.acpi = manifest.boot.acpi;
-        spec.vcpus = config.vcpus;
-        spec.memory_mib = config.memory_mib;
-        spec.drives = vec![
-            Drive {
-                path: drives.root,
-                read_only: false,
-            },
-            Drive {
-                path: drives.workspace,
-                read_only: false,
-            },
-        ];
-        spec.console_log = self.console_log(name);
-        spec.ready_timeout = Duration::from_secs(120);
+        let manifest = manifest_of(&image)?;
+        let spec = vm_spec(
+            name,
+            &manifest,
+            &image.path,
+            (drives.root, drives.workspace),
+            (config.vcpus, config.memory_mib),
+            self.console_log(name),
+        );
         // A destroy asked for meanwhile ends the boot (the start future,
         // dropped, kills what it launched).
         let started = tokio::select! {
@@ -357,14 +546,66 @@ impl Daemon {
     }
 }
 
+pub(super) fn manifest_of(image: &nexus_storage::ImageInfo) -> Result<Manifest> {
+    serde_json::from_str(&image.manifest).map_err(|e| DaemonError::BadImage {
+        image: image.name.clone(),
+        why: e.to_string(),
+    })
+}
+
+/// How VM `name` boots: `image`'s kernel, its drives, its size.
+pub(super) fn vm_spec(
+    name: &str,
+    manifest: &Manifest,
+    image_path: &std::path::Path,
+    (root, workspace): (std::path::PathBuf, std::path::PathBuf),
+    (vcpus, memory_mib): (u32, u32),
+    console_log: std::path::PathBuf,
+) -> VmSpec {
+    let mut spec = VmSpec::new(name, manifest.boot_kernel(image_path));
+    spec.initrd = manifest.initrd(image_path);
+    spec.cmdline = manifest.boot.cmdline.clone();
+    spec.acpi = manifest.boot.acpi;
+    spec.vcpus = vcpus;
+    spec.memory_mib = memory_mib;
+    spec.drives = vec![
+        Drive {
+            path: root,
+            read_only: false,
+        },
+        Drive {
+            path: workspace,
+            read_only: false,
+        },
+    ];
+    spec.console_log = console_log;
+    spec.ready_timeout = Duration::from_secs(120);
+    spec
+}
+
 /// The guest tools an image recorded at build time (see `guest::checks`).
-fn trusted_tools(manifest: &Manifest) -> Option<Vec<rmcp::model::Tool>> {
+pub(super) fn trusted_tools(manifest: &Manifest) -> Option<Vec<rmcp::model::Tool>> {
     let recorded = manifest.guest_tools.as_ref()?;
     let tools: Vec<rmcp::model::Tool> = recorded
         .iter()
         .filter_map(|t| serde_json::from_value(t.clone()).ok())
         .collect();
     (!tools.is_empty()).then_some(tools)
+}
+
+/// Why a booking was refused: the host is full but would not be without
+/// spares (they may make room), or anything else.
+enum Refusal {
+    Spares(DaemonError),
+    Other(DaemonError),
+}
+
+impl Refusal {
+    fn into_error(self) -> DaemonError {
+        match self {
+            Self::Spares(e) | Self::Other(e) => e,
+        }
+    }
 }
 
 /// A booting VM's hold on the host's limits; released when dropped.

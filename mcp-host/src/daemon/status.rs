@@ -63,6 +63,20 @@ impl Daemon {
                 max_vms: self.limits.max_vms,
             },
             images,
+            warm_pools: self
+                .warm
+                .status()
+                .into_iter()
+                .map(|(pool, ready, booting)| nexus_types::WarmPool {
+                    image: pool.image,
+                    vcpus: pool.vcpus,
+                    memory_mib: pool.memory_mib,
+                    workspace_gib: pool.workspace_gib,
+                    size: pool.size,
+                    ready,
+                    booting,
+                })
+                .collect(),
         })
     }
 }

@@ -186,6 +186,35 @@ impl Guests {
         lock(&self.links).insert(vm.to_owned(), link);
     }
 
+    /// [`Guests::attach`] with a session opened already ([`open_session`],
+    /// a VM booted ahead of need): its tools are listable at once.
+    pub fn attach_open(
+        &self,
+        vm: &str,
+        endpoint: GuestEndpoint,
+        trusted: Option<Vec<Tool>>,
+        session: Arc<GuestSession>,
+    ) {
+        let open = !session.is_closed();
+        let link = Arc::new(Link {
+            endpoint,
+            trusted: trusted.map(|tools| Arc::new(checks::trusted(tools))),
+            state: watch::channel(if open {
+                LinkState::Open(session)
+            } else {
+                LinkState::Idle
+            })
+            .0,
+        });
+        lock(&self.links).insert(vm.to_owned(), link);
+        if open {
+            let _ = self.opened.send(ToolsChanged {
+                vm: Some(vm.to_owned()),
+                also: Vec::new(),
+            });
+        }
+    }
+
     /// The VM stopped: its session and endpoint go.
     pub fn detach(&self, vm: &str) {
         lock(&self.links).remove(vm);
@@ -351,9 +380,46 @@ impl Guests {
     }
 }
 
+/// A session with the guest behind `endpoint` (VM `vm`, for logs), its
+/// tools checked against `trusted` (the image's record) if given.
+pub async fn open_session(
+    vm: &str,
+    endpoint: GuestEndpoint,
+    trusted: Option<Vec<Tool>>,
+) -> Result<Arc<GuestSession>, String> {
+    let link = Arc::new(Link {
+        endpoint,
+        trusted: trusted.map(|tools| Arc::new(checks::trusted(tools))),
+        state: watch::channel(LinkState::Opening).0,
+    });
+    connect(&link, vm).await
+}
+
 /// Opens a VM's session (one at a time per VM) and says how it went.
 async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sender<ToolsChanged>) {
-    let result = async {
+    let state = match connect(&link, &vm).await {
+        Ok(session) => {
+            let _ = opened.send(ToolsChanged {
+                vm: Some(vm.clone()),
+                also: Vec::new(),
+            });
+            LinkState::Open(session)
+        }
+        Err(why) => {
+            let why = checks::reason(&why);
+            tracing::warn!(vm, why, "guest tools unreachable");
+            LinkState::Failed {
+                at: Instant::now(),
+                why,
+            }
+        }
+    };
+    link.state.send_replace(state);
+}
+
+/// Connects to a VM's guest-mcp and opens an MCP session with it.
+async fn connect(link: &Link, vm: &str) -> Result<Arc<GuestSession>, String> {
+    async {
         // A guest-mcp that just restarted is back within a second or two.
         if !link.endpoint.wait_ready(READY_WAIT).await {
             return Err(format!(
@@ -391,7 +457,7 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
             .map_err(|_| format!("no tool list within {LIST_TIMEOUT:?}"))??;
         let tools = match &link.trusted {
             Some(trusted) => checks::available(trusted, &listed),
-            None => checks::own(&vm, listed),
+            None => checks::own(vm, listed),
         };
         Ok(Arc::new(GuestSession {
             service,
@@ -400,25 +466,7 @@ async fn open(link: Arc<Link>, vm: String, opened: tokio::sync::broadcast::Sende
             socket,
         }))
     }
-    .await;
-    let state = match result {
-        Ok(session) => {
-            let _ = opened.send(ToolsChanged {
-                vm: Some(vm.clone()),
-                also: Vec::new(),
-            });
-            LinkState::Open(session)
-        }
-        Err(why) => {
-            let why = checks::reason(&why);
-            tracing::warn!(vm, why, "guest tools unreachable");
-            LinkState::Failed {
-                at: Instant::now(),
-                why,
-            }
-        }
-    };
-    link.state.send_replace(state);
+    .await
 }
 
 /// The guest's tools, page by page, within the bounds of `checks`.

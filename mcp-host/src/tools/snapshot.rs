@@ -49,11 +49,30 @@ pub struct SnapshotRef {
 pub struct ForkParams {
     /// The VM to fork.
     pub vm: String,
-    /// Its snapshot to fork from (list_snapshots shows them).
-    pub snapshot: String,
-    /// Name for the new VM (default: vm-N).
+    /// Its snapshot to fork from (list_snapshots shows them); none: a
+    /// snapshot of its workspace is taken now.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Name for the new VM (default: vm-N); with `count`, the forks are
+    /// NAME-1 to NAME-count.
     #[serde(default)]
     pub name: Option<String>,
+    /// How many forks to make, each its own VM (1 to 16; default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// What fork_vm made: the first fork's fields, the snapshot they came
+/// from, and every fork.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct Forked {
+    #[serde(flatten)]
+    pub first: VmInfo,
+    /// The snapshot of `vm` the forks were made from (when none was
+    /// named: the one taken for them, deleted once they exist).
+    pub snapshot: String,
+    /// Every fork, in order.
+    pub vms: Vec<VmInfo>,
 }
 
 pub use nexus_types::{Snapshot, SnapshotList};
@@ -164,8 +183,8 @@ impl NexusTools {
     }
 
     #[tool(
-        description = "Make a new VM from a snapshot (root and workspace as they were then) and boot it; it then diverges from the original.",
-        output_schema = schema_for_output::<VmInfo>()
+        description = "Make new VMs from a VM; each then diverges from it. With `snapshot`: each fork gets that snapshot's root and workspace, booted. Without: a consistent snapshot of the VM's /workspace is taken now (frozen for the instant, as snapshot_drive does; the VM runs on) and each fork gets that workspace on a fresh root of the VM's image, like spawn_vm from that snapshot (the snapshot is deleted once the forks exist), so a running VM forks in milliseconds when a warm pool has its shape. Memory is not copied: no process of the VM carries over, each fork's guest starts fresh. `count` makes several at once (all or none).",
+        output_schema = schema_for_output::<Forked>()
     )]
     async fn fork_vm(
         &self,
@@ -173,15 +192,30 @@ impl NexusTools {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, String> {
         let caller = self.caller(&ctx)?;
-        let info = self
+        let forked = self
             .daemon
-            .fork(&p.vm, &p.snapshot, p.name, &caller)
+            .fork_many(&p.vm, p.snapshot, p.name, p.count.unwrap_or(1), &caller)
             .await
             .map_err(super::errors::shown)?;
+        let names: Vec<&str> = forked.vms.iter().map(|v| v.name.as_str()).collect();
         let text = format!(
-            "forked {}/{} into {} ({})",
-            p.vm, p.snapshot, info.name, info.state
+            "forked {}/{} into {}",
+            p.vm,
+            forked.snapshot,
+            names.join(", ")
         );
-        done(&info, text)
+        let first = forked
+            .vms
+            .first()
+            .cloned()
+            .ok_or_else(|| "no fork was made".to_owned())?;
+        done(
+            &Forked {
+                first,
+                snapshot: forked.snapshot,
+                vms: forked.vms,
+            },
+            text,
+        )
     }
 }

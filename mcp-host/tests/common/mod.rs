@@ -203,6 +203,12 @@ impl Served {
         self.0.wait().await.unwrap()
     }
 
+    /// SIGKILL (it leaves its VMs running), and its exit status.
+    pub async fn kill(mut self) -> std::process::ExitStatus {
+        self.0.start_kill().unwrap();
+        self.0.wait().await.unwrap()
+    }
+
     fn terminate(&self) {
         if let Some(pid) = self.0.id() {
             let _ = nix::sys::signal::kill(

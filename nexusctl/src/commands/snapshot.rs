@@ -35,14 +35,25 @@ pub enum SnapshotCmd {
     Rm { vm: String, snapshot: String },
 }
 
-/// `nexusctl fork VM SNAPSHOT [NAME]`.
+/// `nexusctl fork VM [SNAPSHOT [NAME]] [--name NAME] [--count N]`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example: nexusctl fork agent1 before-upgrade agent1-try2")]
+#[command(
+    after_help = "Examples:\n  nexusctl fork agent1 before-upgrade agent1-try2   (root and workspace of a snapshot)\n  nexusctl fork agent1 --count 5 --name try        (its workspace now: try-1 .. try-5)"
+)]
 pub struct ForkArgs {
     pub vm: String,
-    pub snapshot: String,
-    /// The new VM's name (default: one is picked).
+    /// The snapshot to fork from; none: the VM's workspace as it is now
+    /// (a snapshot is taken), on a fresh root of its image.
+    pub snapshot: Option<String>,
+    /// The new VM's name (default: one is picked; with --count, NAME-1
+    /// to NAME-N).
     pub name: Option<String>,
+    /// The new VM's name, when no snapshot is named.
+    #[arg(long = "name", value_name = "NAME", conflicts_with = "name")]
+    pub named: Option<String>,
+    /// How many forks to make at once (1 to 16), all or none.
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
 }
 
 fn line(s: &Snapshot) -> String {
@@ -125,17 +136,34 @@ pub async fn run(client: &Client, cmd: SnapshotCmd, out: &Out) -> Result<(), Ctl
 }
 
 pub async fn fork(client: &Client, args: ForkArgs, out: &Out) -> Result<(), CtlError> {
-    let mut call_args = json!({"vm": args.vm, "snapshot": args.snapshot});
-    if let Some(name) = args.name {
+    let mut call_args = json!({"vm": args.vm, "count": args.count});
+    if let Some(snapshot) = &args.snapshot {
+        call_args["snapshot"] = snapshot.clone().into();
+    }
+    if let Some(name) = args.name.or(args.named) {
         call_args["name"] = name.into();
     }
     let answer = super::call_with_progress(client, "fork_vm", call_args, "forking", false).await?;
-    let vm: VmInfo = parse("fork_vm", &answer)?;
+    let forked: Forked = parse("fork_vm", &answer)?;
     out.print(&answer, || {
-        format!(
-            "VM {} forked from {}@{}: {}",
-            vm.name, args.vm, args.snapshot, vm.state
-        )
+        forked
+            .vms
+            .iter()
+            .map(|vm| {
+                format!(
+                    "VM {} forked from {}@{}: {}",
+                    vm.name, args.vm, forked.snapshot, vm.state
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     });
     Ok(())
+}
+
+/// What fork_vm answers (besides the first fork's fields).
+#[derive(serde::Deserialize)]
+struct Forked {
+    snapshot: String,
+    vms: Vec<VmInfo>,
 }

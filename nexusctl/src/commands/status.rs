@@ -18,6 +18,26 @@ pub fn render(s: &HostStatus) -> String {
         None => s.backend.clone(),
     };
     let used = s.pool.total_bytes.saturating_sub(s.pool.free_bytes);
+    let warm = if s.warm_pools.is_empty() {
+        "none ([[warm_pool]] in the configuration)".to_owned()
+    } else {
+        s.warm_pools
+            .iter()
+            .map(|w| {
+                format!(
+                    "{} {} vCPU {} MiB {} GiB: {}/{} ready{}",
+                    w.image,
+                    w.vcpus,
+                    w.memory_mib,
+                    w.workspace_gib,
+                    w.ready,
+                    w.size,
+                    if w.booting { ", 1 booting" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let lines = [
         (
             "version",
@@ -65,6 +85,7 @@ pub fn render(s: &HostStatus) -> String {
                 s.images.join(", ")
             },
         ),
+        ("warm", warm),
     ];
     lines
         .iter()
@@ -116,11 +137,21 @@ mod tests {
                 max_vms: 256,
             },
             images: vec!["default".into(), "minimal".into()],
+            warm_pools: vec![nexus_types::WarmPool {
+                image: "default".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                workspace_gib: 1,
+                size: 2,
+                ready: 1,
+                booting: true,
+            }],
         };
         insta::assert_snapshot!("status", render(&status));
         let broken = HostStatus {
             backend_problem: Some("qemu-system-x86_64 is not installed".into()),
             images: vec![],
+            warm_pools: vec![],
             ..status
         };
         insta::assert_snapshot!("status_without_backend", render(&broken));
