@@ -5,9 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use nexus_storage::{Quiesce, Reattach};
-use rmcp::RoleClient;
 use rmcp::model::CallToolRequestParams;
-use rmcp::service::RunningService;
 
 use super::{DaemonError, Result};
 use crate::guest::HANDSHAKE_TIMEOUT;
@@ -50,7 +48,7 @@ pub(super) struct GuestHooks {
     pub handle: tokio::runtime::Handle,
     /// The guest's control channel; `None` for a stopped VM, which has
     /// nothing to freeze or release.
-    pub client: Option<RunningService<RoleClient, ()>>,
+    pub client: Option<super::Control>,
     pub vm: String,
     /// A destroy of the VM ends a hook's wait on its guest.
     pub abandon: Abandon,

@@ -2,11 +2,11 @@
 //! started, stopped and destroyed (which preempts whatever runs on it),
 //! and nexusd's own shutdown.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use nexus_vmm::Vm;
-use rmcp::service::RunningService;
-use rmcp::{RoleClient, ServiceExt};
+use rmcp::ServiceExt;
 
 use super::hooks::{self, handshake};
 use super::{Daemon, DaemonError, EventKind, Result, Running, VmEvent, VmInfo, events, lock_std};
@@ -77,6 +77,7 @@ impl Daemon {
                 vcpus,
                 memory_mib,
                 _egress: egress,
+                control: Arc::default(),
             },
         );
         tokio::spawn(events::watch(
@@ -268,16 +269,27 @@ impl Daemon {
         }
     }
 
-    /// A session with a running VM's control channel, or None if it is stopped.
-    pub(super) async fn control(
-        &self,
-        name: &str,
-    ) -> Result<Option<RunningService<RoleClient, ()>>> {
-        let endpoint = self.running.lock().await.get(name).map(|r| r.vm.endpoint());
-        let Some(endpoint) = endpoint else {
+    /// A session with a running VM's control channel, or None if it is
+    /// stopped: the one kept open since its last use, or a new one (a
+    /// guest-mcp restarted closed the old).
+    pub(super) async fn control(&self, name: &str) -> Result<Option<super::Control>> {
+        let found = self
+            .running
+            .lock()
+            .await
+            .get(name)
+            .map(|r| (r.vm.endpoint(), r.control.clone()));
+        let Some((endpoint, kept)) = found else {
             return Ok(None);
         };
+        if let Some(open) = lock_std(&kept).clone()
+            && !open.is_closed()
+        {
+            return Ok(Some(open));
+        }
         let stream = endpoint.connect(nexus_vmm::GUEST_CONTROL_PORT).await?;
-        handshake(name, ().serve(stream)).await.map(Some)
+        let opened = Arc::new(handshake(name, ().serve(stream)).await?);
+        *lock_std(&kept) = Some(opened.clone());
+        Ok(Some(opened))
     }
 }

@@ -130,7 +130,13 @@ struct Running {
     memory_mib: u64,
     /// Its egress proxy, stopped with this entry.
     _egress: Option<egress::EgressTask>,
+    /// Its guest's control session, kept open between uses (each call
+    /// still has its own deadline).
+    control: Arc<std::sync::Mutex<Option<Control>>>,
 }
+
+/// A session with a VM guest's control channel.
+type Control = Arc<rmcp::service::RunningService<rmcp::RoleClient, ()>>;
 
 pub struct Daemon {
     config: Config,

@@ -138,7 +138,6 @@ impl Daemon {
             .await
             .map_err(|_| failed(format!("no answer within {FREEZE_TIMEOUT:?}")))?
             .map_err(|e| failed(e.to_string()))?;
-        let _ = client.cancel().await;
         if result.is_error == Some(true) {
             return Err(failed(super::hooks::result_text(&result)));
         }

@@ -248,7 +248,6 @@ impl Daemon {
                 .await
                 .map_err(|_| format!("no answer within {PUSH_TIMEOUT:?}"))?
                 .map_err(|e| e.to_string())?;
-            let _ = client.cancel().await;
             if result.is_error == Some(true) {
                 return Err(super::hooks::result_text(&result));
             }
