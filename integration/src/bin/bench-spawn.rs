@@ -77,8 +77,11 @@ fn p(samples: &mut [Duration], at: f64) -> f64 {
 
 /// Host memory of each spare's processes (VMM and vsock helper), MiB:
 /// (RSS, of which guest memory (shared), of which the VMM's own
-/// (anonymous: TCG's translation cache among it)).
-fn spare_rss_mib(state: &Path) -> Vec<(f64, f64, f64)> {
+/// (anonymous: TCG's translation cache among it), and PSS: its share of
+/// the host's memory, pages shared with other processes divided among
+/// them (the guest memory both processes map counted once, the QEMU
+/// binary shared by all spares)).
+fn spare_rss_mib(state: &Path) -> Vec<(f64, f64, f64, f64)> {
     let Ok(dirs) = std::fs::read_dir(state.join("run-warm")) else {
         return Vec::new();
     };
@@ -92,18 +95,19 @@ fn spare_rss_mib(state: &Path) -> Vec<(f64, f64, f64)> {
     dirs.flatten()
         .map(|d| {
             let pids = std::fs::read_to_string(d.path().join("pids")).unwrap_or_default();
-            let (mut rss, mut shmem, mut anon) = (0u64, 0u64, 0u64);
-            for status in pids
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            {
+            let (mut rss, mut shmem, mut anon, mut pss) = (0u64, 0u64, 0u64, 0u64);
+            for pid in pids.lines().filter_map(|l| l.split_whitespace().next()) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
                 rss += field(&status, "VmRSS:");
                 shmem += field(&status, "RssShmem:");
                 anon += field(&status, "RssAnon:");
+                let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                    .unwrap_or_default();
+                pss += field(&rollup, "Pss:");
             }
             let mib = |kib: u64| kib as f64 / 1024.0;
-            (mib(rss), mib(shmem), mib(anon))
+            (mib(rss), mib(shmem), mib(anon), mib(pss))
         })
         .collect()
 }
@@ -140,14 +144,16 @@ async fn main() -> anyhow::Result<()> {
     // Idle host memory of a spare, once they have all idled a while.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss = spare_rss_mib(state.path());
-    let mean =
-        |f: fn(&(f64, f64, f64)) -> f64| rss.iter().map(f).sum::<f64>() / rss.len().max(1) as f64;
+    let mean = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+        rss.iter().map(f).sum::<f64>() / rss.len().max(1) as f64
+    };
     let rss_mib = mean(|r| r.0);
     println!(
-        "pool idle RSS per VM: {rss_mib:.0} MiB (VMM and vsock helper, {} spares), of which guest memory {:.0} MiB, the VMM's own {:.0} MiB (TCG's translation cache among it), the rest mapped files (binaries, shared)",
+        "pool idle RSS per VM: {rss_mib:.0} MiB (VMM and vsock helper, {} spares), of which guest memory {:.0} MiB, the VMM's own {:.0} MiB (TCG's translation cache among it), the rest mapped files (binaries, shared); PSS (its share of host memory) {:.0} MiB",
         rss.len(),
         mean(|r| r.1),
         mean(|r| r.2),
+        mean(|r| r.3),
     );
 
     // Spawns, pooled and cold alternating; the pool is refilled (not
