@@ -46,6 +46,16 @@ async fn wait_ready(client: &RunningService<RoleClient, ()>, image: &str, ready:
     }
 }
 
+/// Spares ready in every pool together, from a `host_status` answer.
+fn ready_in_all(status: &Value) -> u64 {
+    status["warm_pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ready"].as_u64().unwrap())
+        .sum()
+}
+
 async fn metrics(url: &str, token: &str) -> String {
     let rest = url.trim_start_matches("http://");
     let addr = &rest[..rest.find('/').unwrap()];
@@ -288,12 +298,7 @@ async fn claims_faster_than_the_refill_boot_and_spares_give_way_and_go() {
     // fits beside them (768 + 256 > 900).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = status(&client).await;
-    let ready: u64 = s["warm_pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["ready"].as_u64().unwrap())
-        .sum();
+    let ready = ready_in_all(&s);
     assert_eq!(ready, 0, "{s}");
     // Room again: the pools refill.
     call(&client, "destroy_vm", json!({"vm": "x1"})).await.ok();
@@ -310,12 +315,7 @@ async fn claims_faster_than_the_refill_boot_and_spares_give_way_and_go() {
     .err();
     assert!(err.contains("max_memory_mib"), "{err}");
     let s = status(&client).await;
-    let ready: u64 = s["warm_pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["ready"].as_u64().unwrap())
-        .sum();
+    let ready = ready_in_all(&s);
     assert_eq!(ready, 2, "{s}");
 
     // An image deleted drains its pool, and nothing boots it again.

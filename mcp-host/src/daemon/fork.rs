@@ -96,13 +96,7 @@ impl Daemon {
         let config: VmConfig = serde_json::from_str(&config)
             .map_err(|e| DaemonError::Internal(format!("VM config: {e}")))?;
         let source_owner = self.owner_of(from_vm).flatten();
-        let owner = if self.role_of(by).spec.vms == crate::policy::VmScope::All
-            || source_owner.as_deref() == Some(by.name.as_str())
-        {
-            source_owner
-        } else {
-            Some(by.name.clone())
-        };
+        let owner = self.fork_owner(source_owner.clone(), by);
         let shape = Shape {
             image: image.clone(),
             vcpus: config.vcpus,
@@ -117,7 +111,6 @@ impl Daemon {
             .await?
             .len();
         admission::admit_snapshot(&self.limits, from_vm, snapshots)?;
-        let source_owner = self.owner_of(from_vm).flatten();
         self.admit_owner_snapshot(source_owner.as_deref()).await?;
         let existing = self.blocking(|s| s.list_vms()).await?.len();
         admission::admit_new(&self.limits, (existing + names.len() - 1) as u32)?;
@@ -188,6 +181,19 @@ impl Daemon {
             snapshot: taken.name,
             vms,
         })
+    }
+
+    /// Whose a fork of a VM owned by `source_owner` made by `by` is: the
+    /// source's owner's when they or one who reaches every VM (an admin)
+    /// fork it; else (one the source is granted to) `by`'s.
+    pub(super) fn fork_owner(&self, source_owner: Option<String>, by: &Identity) -> Option<String> {
+        if self.role_of(by).spec.vms == crate::policy::VmScope::All
+            || source_owner.as_deref() == Some(by.name.as_str())
+        {
+            source_owner
+        } else {
+            Some(by.name.clone())
+        }
     }
 
     /// The VMs made, or (when one failed) the first error, the made ones

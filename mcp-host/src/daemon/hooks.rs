@@ -43,6 +43,28 @@ pub(super) fn result_text(result: &rmcp::model::CallToolResult) -> String {
         .join(" ")
 }
 
+/// Calls tool `tool` of a guest's control channel with `args`, within
+/// `deadline`; the error says why (a refusal: the guest's own text).
+pub(super) async fn control_call(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    tool: &str,
+    args: serde_json::Value,
+    deadline: Duration,
+) -> std::result::Result<(), String> {
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    if let serde_json::Value::Object(map) = args {
+        params = params.with_arguments(map);
+    }
+    let result = tokio::time::timeout(deadline, client.call_tool(params))
+        .await
+        .map_err(|_| format!("no answer within {deadline:?}"))?
+        .map_err(|e| e.to_string())?;
+    if result.is_error == Some(true) {
+        return Err(result_text(&result));
+    }
+    Ok(())
+}
+
 /// Storage's hooks, done by a running guest over its control channel.
 pub(super) struct GuestHooks {
     pub handle: tokio::runtime::Handle,
@@ -87,34 +109,15 @@ impl GuestHooks {
         let Some(client) = &self.client else {
             return Ok(());
         };
-        let mut params = CallToolRequestParams::new(tool);
-        if let serde_json::Value::Object(map) = args {
-            params = params.with_arguments(map);
-        }
         let abandon = Abandon::new(self.abandon.destroying.clone(), &self.vm);
-        let result = self
-            .handle
+        self.handle
             .block_on(async {
                 tokio::select! {
-                    answer = tokio::time::timeout(HOOK_TIMEOUT, client.call_tool(params)) => {
-                        answer.map_err(|_| {
-                            format!("{tool} on VM {}: no answer within {HOOK_TIMEOUT:?}", self.vm)
-                        })
-                    }
-                    () = abandon.wait() => {
-                        Err(format!("{tool} on VM {}: given up, the VM is being destroyed", self.vm))
-                    }
+                    called = control_call(client, tool, args, HOOK_TIMEOUT) => called,
+                    () = abandon.wait() => Err("given up, the VM is being destroyed".to_owned()),
                 }
-            })?
-            .map_err(|e| format!("{tool} on VM {}: {e}", self.vm))?;
-        if result.is_error == Some(true) {
-            return Err(format!(
-                "{tool} on VM {}: {}",
-                self.vm,
-                result_text(&result)
-            ));
-        }
-        Ok(())
+            })
+            .map_err(|why| format!("{tool} on VM {}: {why}", self.vm))
     }
 }
 

@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use rmcp::model::CallToolRequestParams;
-
 use super::events::{EventKind, VmEvent};
 use super::{Daemon, DaemonError, Result, VmInfo};
 
@@ -130,17 +128,8 @@ impl Daemon {
             .control(name)
             .await?
             .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
-        let mut params = CallToolRequestParams::new(tool);
-        if let serde_json::Value::Object(map) = args {
-            params = params.with_arguments(map);
-        }
-        let result = tokio::time::timeout(FREEZE_TIMEOUT, client.call_tool(params))
+        super::hooks::control_call(&client, tool, args, FREEZE_TIMEOUT)
             .await
-            .map_err(|_| failed(format!("no answer within {FREEZE_TIMEOUT:?}")))?
-            .map_err(|e| failed(e.to_string()))?;
-        if result.is_error == Some(true) {
-            return Err(failed(super::hooks::result_text(&result)));
-        }
-        Ok(())
+            .map_err(failed)
     }
 }

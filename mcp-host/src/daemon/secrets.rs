@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use super::{Daemon, DaemonError, Result, lock_std};
 use crate::egress::secrets::{Binding, Granted, Secret, check_value, new_placeholder};
-use rmcp::model::CallToolRequestParams;
 
 /// How long a guest has to take its network settings.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(20);
@@ -243,15 +242,7 @@ impl Daemon {
             let Some(client) = self.control(vm).await.map_err(|e| e.to_string())? else {
                 return Ok(());
             };
-            let params = CallToolRequestParams::new("set_network").with_arguments(args);
-            let result = tokio::time::timeout(PUSH_TIMEOUT, client.call_tool(params))
-                .await
-                .map_err(|_| format!("no answer within {PUSH_TIMEOUT:?}"))?
-                .map_err(|e| e.to_string())?;
-            if result.is_error == Some(true) {
-                return Err(super::hooks::result_text(&result));
-            }
-            Ok::<(), String>(())
+            super::hooks::control_call(&client, "set_network", args.into(), PUSH_TIMEOUT).await
         };
         if let Err(why) = pushed.await {
             tracing::warn!(vm, why, "the guest did not take its network settings");

@@ -412,14 +412,7 @@ impl Daemon {
         let creating = self.creating.lock().await;
         self.admit_new().await?;
         let bytes = self.snapshot_workspace_bytes(from_vm, snapshot).await?;
-        let source_owner = self.owner_of(from_vm).flatten();
-        let owner = if self.role_of(by).spec.vms == crate::policy::VmScope::All
-            || source_owner.as_deref() == Some(by.name.as_str())
-        {
-            source_owner
-        } else {
-            Some(by.name.clone())
-        };
+        let owner = self.fork_owner(self.owner_of(from_vm).flatten(), by);
         self.admit_owner_workspace(owner.as_deref(), bytes).await?;
         let (from, snap, new, to) = (
             from_vm.to_owned(),

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use nexus_storage::{VmAttrs, WarmDrives};
 use nexus_vmm::Vm;
-use rmcp::model::CallToolRequestParams;
 use rmcp::service::RunningService;
 use rmcp::{RoleClient, ServiceExt};
 
-use super::hooks::{handshake, result_text};
+use super::hooks::{control_call, handshake};
 use super::spawn::{manifest_of, trusted_tools, vm_spec};
 use super::{Daemon, DaemonError, EventKind, Result, VmEvent, admission, lock_std};
 use crate::config::WarmPoolConfig;
@@ -96,18 +95,9 @@ async fn guest_step(
         .control
         .as_ref()
         .ok_or_else(|| format!("{tool}: no control session"))?;
-    let mut params = CallToolRequestParams::new(tool);
-    if let serde_json::Value::Object(map) = args {
-        params = params.with_arguments(map);
-    }
-    let result = tokio::time::timeout(GUEST_STEP_TIMEOUT, client.call_tool(params))
+    control_call(client, tool, args, GUEST_STEP_TIMEOUT)
         .await
-        .map_err(|_| format!("{tool}: no answer within {GUEST_STEP_TIMEOUT:?}"))?
-        .map_err(|e| format!("{tool}: {e}"))?;
-    if result.is_error == Some(true) {
-        return Err(format!("{tool}: {}", result_text(&result)));
-    }
-    Ok(())
+        .map_err(|why| format!("{tool}: {why}"))
 }
 
 /// A session with a VM's guest control channel.
