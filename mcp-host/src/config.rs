@@ -408,6 +408,66 @@ mod tests {
     }
 
     #[test]
+    fn warm_pools_are_checked_and_empty_ones_left_out() {
+        let merged = Config::merge(
+            file("[[warm_pool]]\nsize = 2\n[[warm_pool]]\nimage = \"py\"\nsize = 0\n"),
+            FlagConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            merged.warm_pools,
+            [WarmPoolConfig {
+                image: "default".into(),
+                size: 2,
+                vcpus: 1,
+                memory_mib: 256,
+                workspace_gib: 1,
+            }]
+        );
+        for (toml, says) in [
+            ("size = 65", "`size` must be at most 64, got 65"),
+            (
+                "size = 1\nvcpus = 0",
+                "`vcpus` must be between 1 and 32, got 0",
+            ),
+            (
+                "size = 1\nmemory_mib = 8",
+                "`memory_mib` must be at least 64, got 8",
+            ),
+            (
+                "size = 1\nworkspace_gib = 0",
+                "`workspace_gib` must be between 1 and 1024, got 0",
+            ),
+            (
+                "size = 1\nimage = \"Bad Name\"",
+                "[[warm_pool]] for image \"Bad Name\"",
+            ),
+        ] {
+            let err = Config::merge(
+                file(&format!("[[warm_pool]]\n{toml}\n")),
+                FlagConfig::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(says), "{toml}: {err}");
+        }
+        let err = Config::merge(
+            file("[[warm_pool]]\nsize = 1\n[[warm_pool]]\nsize = 3\nmemory_mib = 256\n"),
+            FlagConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("same image, vcpus, memory_mib and workspace_gib"),
+            "{err}"
+        );
+        let err = toml::from_str::<FileConfig>("[[warm_pool]]\nsize = 1\nshape = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `shape`"), "{err}");
+    }
+
+    #[test]
     fn bad_configs_say_what_is_wrong() {
         let err = toml::from_str::<FileConfig>("stat_dir = \"/x\"")
             .unwrap_err()
