@@ -470,6 +470,16 @@ async fn forks_of_a_running_vm_while_it_writes_are_consistent_and_diverge() {
 
     // The snapshot taken for them is gone (their workspaces are theirs).
     assert_eq!(snapshots_of(&client, "src").await, 0);
+    // The source was thawed (a write to a frozen filesystem waits).
+    assert_eq!(
+        sh(
+            &client,
+            "src",
+            "timeout 5 sh -c 'echo x > /workspace/thawed'; echo $?"
+        )
+        .await["stdout"],
+        "0\n"
+    );
     // It was taken frozen: each fork mounted a clean filesystem, with no
     // journal to replay (a snapshot of a mounted ext4 not frozen needs
     // recovery, which the kernel logs).

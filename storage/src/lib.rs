@@ -55,6 +55,7 @@ pub mod steps {
     pub use crate::images::{DELETE_IMAGE_STEPS, IMPORT_STEPS};
     pub use crate::snapshots::{DELETE_STEPS, ROLLBACK_STEPS, SNAPSHOT_STEPS};
     pub use crate::vms::{CREATE_STEPS, DESTROY_STEPS, FORK_STEPS};
+    pub use crate::warm::ADOPT_STEPS;
 }
 
 pub use audit::{AuditQuery, AuditRecord};

@@ -15,6 +15,9 @@ use crate::{
     WORKSPACE_DRIVE, names::validate_name,
 };
 
+/// The step boundaries of [`Storage::adopt_warm_drives`].
+pub const ADOPT_STEPS: &[&str] = &["adopt:recorded", "adopt:moved"];
+
 /// A pooled VM's drives, and the image version they were made of.
 #[derive(Debug, Clone)]
 pub struct WarmDrives {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use common::{Fixture, VARIANT_AT, byte_at, can_run, scribble};
 use nexus_storage::{
     ImageChange, NoQuiesce, NoReattach, PoolKind, Quiesce, Reattach, Storage, StorageError,
-    WORKSPACE_DRIVE, WorkspaceSource, pool::is_btrfs, steps,
+    VmAttrs, WORKSPACE_DRIVE, WorkspaceSource, pool::is_btrfs, steps,
 };
 
 const WS: WorkspaceSource = WorkspaceSource::New { bytes: 64 << 20 };
@@ -584,6 +584,29 @@ fn a_crash_between_any_two_steps_leaves_catalog_and_pool_consistent() {
             },
         ),
         (
+            "adopt",
+            steps::ADOPT_STEPS,
+            |s, i| {
+                let drives = s.make_warm_drives(&format!("w{i}"), "default", 64 << 20)?;
+                s.adopt_warm_drives(&drives, &format!("a{i}"), None, VmAttrs::default())
+                    .map(|_| ())
+            },
+            |s, i| {
+                let vm = format!("a{i}");
+                assert!(
+                    s.vm_drives(&vm).is_err(),
+                    "an interrupted adoption is undone"
+                );
+                assert!(!s.pool().vm_dir(&vm).exists(), "its drives are not a VM's");
+                // What a pooled VM left is discarded at nexusd's next start.
+                s.discard_all_warm_drives().unwrap();
+                assert!(
+                    s.discard_all_warm_drives().unwrap().is_empty(),
+                    "pooled VMs' drives are left"
+                );
+            },
+        ),
+        (
             "snapshot",
             steps::SNAPSHOT_STEPS,
             |s, i| {
@@ -708,6 +731,73 @@ fn a_crash_between_any_two_steps_leaves_catalog_and_pool_consistent() {
             );
         }
     }
+}
+
+/// A pooled VM's drives become a new VM's whole (moved, not copied), or
+/// stay as they were when the adoption is refused.
+#[test]
+fn pooled_drives_are_adopted_whole_or_left_as_they_were() {
+    if !can_run() {
+        return;
+    }
+    let fx = Fixture::new();
+    let storage = fx.open();
+    storage.import_image("default", &fx.image_src).unwrap();
+    storage.create_vm_drives("taken", "default", WS).unwrap();
+    let drives = storage
+        .make_warm_drives("pool-0", "default", 64 << 20)
+        .unwrap();
+    assert!(drives.root.is_file() && drives.workspace.is_file());
+    scribble(&drives.workspace, DATA_AT, 4096, b'W');
+    let before = state(&storage);
+
+    let refused = [
+        ("taken", "has drives already"),
+        ("Bad Name", "VM name"),
+        ("", "VM name"),
+    ];
+    for (name, expected) in refused {
+        let err = storage
+            .adopt_warm_drives(&drives, name, None, VmAttrs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{name:?}: {err}");
+        assert_eq!(state(&storage), before, "{name:?} changed something");
+        assert!(drives.dir.is_dir(), "{name:?}: the drives moved");
+    }
+    // An image rebuilt since the drives were made: they are not the
+    // image's any more.
+    let replaced = storage
+        .import_image("default", &fx.image_variant(b'2'))
+        .unwrap();
+    let err = storage
+        .adopt_warm_drives(&drives, "late", None, VmAttrs::default())
+        .unwrap_err();
+    assert!(matches!(err, StorageError::ImageChanged(_)), "{err:?}");
+    assert!(storage.vm_drives("late").is_err() && drives.dir.is_dir());
+    storage.discard_warm_drives(&drives).unwrap();
+    assert!(!drives.dir.exists());
+
+    let fresh = storage
+        .make_warm_drives("pool-1", "default", 64 << 20)
+        .unwrap();
+    scribble(&fresh.workspace, DATA_AT, 4096, b'F');
+    let owner = VmAttrs {
+        config: "{}",
+        owner: Some("alice"),
+    };
+    let vm = storage
+        .adopt_warm_drives(&fresh, "mine", None, owner)
+        .unwrap();
+    assert!(!fresh.dir.exists(), "moved, not copied");
+    assert_eq!(byte_at(&vm.workspace, DATA_AT), b'F');
+    assert_eq!(storage.vm_image("mine").unwrap().digest, replaced.digest);
+    assert!(storage.discard_all_warm_drives().unwrap().is_empty());
+    drop(storage);
+    let (storage, report) = Storage::open(&fx.config).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert!(storage.vm_drives("mine").is_ok());
+    assert!(storage.problems().unwrap().is_empty());
 }
 
 #[test]

@@ -123,6 +123,13 @@ impl QemuBackend {
             "rng-builtin,id=rng0".into(),
             "-device".into(),
             "virtio-rng-device,rng=rng0".into(),
+            // Free page reporting: the guest reports memory it has freed
+            // and QEMU punches it out of the memfd, so the host gets back
+            // what a VM used once (a build, a test run) and an idle VM
+            // holds little more than what it really uses. The balloon
+            // itself is never inflated: the guest's memory stays its own.
+            "-device".into(),
+            "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on".into(),
             // A guest that breaks out of the device models finds a process
             // that cannot run programs, use obsolete system calls or change
             // its limits...
@@ -162,9 +169,15 @@ impl QemuBackend {
 /// host's TSC frequency, without which boots sometimes hang, and no timer
 /// IRQ check: on a loaded host an emulated CPU can miss the check's window
 /// and the kernel panics ("IO-APIC + timer doesn't work!", seen in CI-like
-/// runs with both cores busy).
+/// runs with both cores busy). Free page reporting goes down to 128 KiB
+/// runs of free pages (order 5): the kernel's default, 4 MiB, left a
+/// third of what a workload had freed on the host (measured: 22 of 66 MiB
+/// after freeing 110 MiB; order 5 returns it all but ~1 MiB).
 pub fn kernel_cmdline(spec: &VmSpec, accel: Resolved) -> String {
-    let mut cmdline = format!("console=ttyS0 panic=-1 reboot=t {}", spec.cmdline.trim());
+    let mut cmdline = format!(
+        "console=ttyS0 panic=-1 reboot=t page_reporting.page_reporting_order=5 {}",
+        spec.cmdline.trim()
+    );
     if accel == Resolved::Tcg {
         cmdline.push_str(" no_timer_check");
         if let Some(khz) = host_tsc_khz() {
@@ -476,13 +489,22 @@ mod tests {
             "{args}"
         );
         assert!(
+            args.contains("-device virtio-balloon-device,free-page-reporting=on"),
+            "{args}"
+        );
+        assert!(
             args.contains("-sandbox on,obsolete=deny,spawn=deny"),
             "{args}"
         );
         assert!(args.contains("-runas 3000000009:3000000009"), "{args}");
         assert!(args.contains("werror=report,rerror=report"), "{args}");
         let cmdline = kernel_cmdline(&spec, Resolved::Tcg);
-        assert!(cmdline.starts_with("console=ttyS0 panic=-1 reboot=t root=/dev/vda rw"));
+        assert!(
+            cmdline.starts_with(
+                "console=ttyS0 panic=-1 reboot=t page_reporting.page_reporting_order=5 root=/dev/vda rw"
+            ),
+            "{cmdline}"
+        );
         assert!(cmdline.contains("no_timer_check"), "{cmdline}");
         if host_tsc_khz().is_some() {
             assert!(cmdline.contains("tsc_early_khz="), "{cmdline}");

@@ -1,0 +1,69 @@
+//! A VM's memory on the host (QEMU backend): what the guest frees comes
+//! back to the host (free page reporting), so a VM that once ran a big job
+//! does not keep that memory for the rest of its life.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use nexus_integration::{Harness, ensure_minimal_image, exec, guest_client};
+
+/// The guest's memory the VMM holds on the host, MiB: the resident pages
+/// of its shared memory (the memfd the guest's RAM lives in).
+fn guest_memory_mib(vmm_pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{vmm_pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_the_guest_frees_goes_back_to_the_host() {
+    let (image, manifest) = ensure_minimal_image().unwrap();
+    let harness = Harness::with_image(image, manifest).unwrap();
+    let vm = harness.boot("mem").await.unwrap();
+    let guest = guest_client(&vm).await.unwrap();
+    let vmm = vm.pids()[0];
+    let idle = guest_memory_mib(vmm);
+    assert!(idle > 0, "no guest memory seen for the VMM (pid {vmm})");
+
+    // 100 MiB held in the guest's tmpfs: the host holds it too.
+    let out = exec(
+        &guest,
+        "dd if=/dev/zero of=/dev/shm/big bs=1M count=100 2>&1 && sync",
+    )
+    .await
+    .unwrap();
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let held = guest_memory_mib(vmm);
+    assert!(
+        held >= idle + 90,
+        "100 MiB written in the guest's RAM, the host holds {held} MiB (idle: {idle})"
+    );
+
+    // Freed in the guest: reported (after the guest's 2 s delay) and
+    // punched out of the memfd: at least 80 of the 100 MiB come back.
+    let out = exec(&guest, "rm /dev/shm/big").await.unwrap();
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let freed_at = Instant::now();
+    let mut now = guest_memory_mib(vmm);
+    while now + 80 > held && freed_at.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        now = guest_memory_mib(vmm);
+    }
+    eprintln!(
+        "guest memory on the host: idle {idle} MiB, holding 100 MiB {held} MiB, \
+         {now} MiB {:.1} s after it was freed",
+        freed_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        now + 80 <= held,
+        "the guest freed 100 MiB a minute ago, the host still holds {now} MiB (idle: {idle}, holding: {held})"
+    );
+
+    guest.cancel().await.unwrap();
+    vm.stop().await;
+}
