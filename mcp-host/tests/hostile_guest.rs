@@ -167,6 +167,13 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
         "{info}"
     );
     tools_list_within(&client, MANAGEMENT_BOUND).await;
+    // A pause waits on its freeze (which the stopped guest-mcp never
+    // answers) holding the VM: a destroy does not wait for it.
+    let pausing = {
+        let client = ().serve(state.http(url.clone())).await.unwrap();
+        tokio::spawn(async move { call(&client, "pause_vm", json!({"vm": "h"})).await.err() })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     call(&client, "destroy_vm", json!({"vm": "h"})).await.ok();
     let destroy = started.elapsed();
@@ -174,6 +181,8 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
         destroy < STOP_BOUND,
         "destroying a wedged VM took {destroy:?}"
     );
+    let err = pausing.await.unwrap();
+    assert!(err.contains("being destroyed"), "{err}");
     eprintln!(
         "destroying a VM whose guest-mcp is stopped took {destroy:?}; nexusd RSS now {} MiB",
         rss_kib(nexusd) >> 10

@@ -1,8 +1,8 @@
 //! Pause and resume of a running VM (its VMM and vsock helper stopped and
 //! continued): its tools answer "paused" at once, a call under way when
 //! it pauses is answered so, a snapshot of it is consistent and forks,
-//! its processes carry on after resume, and a paused VM stops and is
-//! destroyed cleanly.
+//! its processes carry on after resume (also when a nexusd killed meanwhile
+//! adopted it, paused), and a paused VM stops and is destroyed cleanly.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{State, call, can_run, sh};
 use nexus_integration::ensure_minimal_image;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,6 +81,8 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     assert!(pids.iter().all(stopped), "all stopped: {pids:?}");
     let listed = call(&client, "list_vms", json!({})).await.ok();
     assert_eq!(listed["vms"][0]["state"], "paused");
+    // Its guest is not said to answer.
+    assert_eq!(listed["vms"][0]["guest"], "paused", "{listed}");
     // Its tools refuse at once, naming what to do; nothing waits on it.
     let asked = Instant::now();
     let err = call(&client, "p1__exec", json!({"command": "true"}))
@@ -121,9 +125,28 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     let seen = sh(&client, "p2", "cat /workspace/before.txt").await;
     assert_eq!(seen["stdout"], "kept\n", "{seen}");
 
+    // A nexusd killed while it is paused: the next one adopts it paused
+    // (its processes still stopped, its tools refusing), not continued.
+    let daemon = state
+        .daemon_pid()
+        .expect("a daemon holds the state directory");
+    kill(Pid::from_raw(daemon), Signal::SIGKILL).unwrap();
+    assert!(state.wait_daemon_gone(Duration::from_secs(10)));
+    drop(client);
+    let client = state.client().await;
+    let adopted = call(&client, "get_vm", json!({"vm": "p1"})).await.ok();
+    assert_eq!(adopted["state"], "paused", "{adopted}");
+    assert_eq!(adopted["guest"], "paused", "{adopted}");
+    assert!(pids.iter().all(stopped), "all still stopped: {pids:?}");
+    let err = call(&client, "p1__exec", json!({"command": "true"}))
+        .await
+        .err();
+    assert!(err.contains("is paused: resume_vm p1 first"), "{err}");
+
     // Resumed: the same process counts on; the workspace takes writes.
     let resumed = call(&client, "resume_vm", json!({"vm": "p1"})).await.ok();
     assert_eq!(resumed["state"], "running");
+    assert_eq!(resumed["guest"], "answering", "{resumed}");
     assert!(!pids.iter().any(stopped), "none stopped after resume");
     let status = call(&client, "p1__process_status", json!({"id": counting}))
         .await

@@ -35,6 +35,8 @@ const INITRD_MODULES: &[&str] = &[
     "virtio_blk",
     "vmw_vsock_virtio_transport",
     "ext4",
+    // Free page reporting (nexus-vmm attaches the balloon).
+    "virtio_balloon",
 ];
 const INITRD_INIT: &str = include_str!("../guest/initrd-init");
 
@@ -667,6 +669,7 @@ kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drive
 kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko kernel/net/vmw_vsock/vsock.ko
 kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
 kernel/net/vmw_vsock/vsock.ko:
+kernel/drivers/virtio/virtio_balloon.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 ";
         let order = load_order(dep, INITRD_MODULES).unwrap();
         let names: Vec<String> = order.iter().map(|p| module_name(p)).collect();
@@ -680,6 +683,7 @@ kernel/net/vmw_vsock/vsock.ko:
                 "vsock",
                 "vmw_vsock_virtio_transport_common",
                 "vmw_vsock_virtio_transport",
+                "virtio_balloon",
             ]
         );
     }

@@ -598,12 +598,16 @@ fn a_crash_between_any_two_steps_leaves_catalog_and_pool_consistent() {
                     "an interrupted adoption is undone"
                 );
                 assert!(!s.pool().vm_dir(&vm).exists(), "its drives are not a VM's");
-                // What a pooled VM left is discarded at nexusd's next start.
-                s.discard_all_warm_drives().unwrap();
+                // What a pooled VM left is discarded at nexusd's next start
+                // (its drives, where a crash before the move left them).
+                let left = s.discard_all_warm_drives().unwrap();
                 assert!(
-                    s.discard_all_warm_drives().unwrap().is_empty(),
-                    "pooled VMs' drives are left"
+                    left.iter().all(|p| p.ends_with(format!("w{i}"))),
+                    "{left:?}"
                 );
+                let warm = s.pool().root().join("warm");
+                let entries = std::fs::read_dir(&warm).map_or(0, |d| d.count());
+                assert_eq!(entries, 0, "pooled drives are left in {}", warm.display());
             },
         ),
         (
@@ -764,6 +768,7 @@ fn pooled_drives_are_adopted_whole_or_left_as_they_were() {
         assert!(err.contains(expected), "{name:?}: {err}");
         assert_eq!(state(&storage), before, "{name:?} changed something");
         assert!(drives.dir.is_dir(), "{name:?}: the drives moved");
+        assert_eq!(byte_at(&drives.workspace, DATA_AT), b'W', "{name:?}");
     }
     // An image rebuilt since the drives were made: they are not the
     // image's any more.
@@ -775,6 +780,7 @@ fn pooled_drives_are_adopted_whole_or_left_as_they_were() {
         .unwrap_err();
     assert!(matches!(err, StorageError::ImageChanged(_)), "{err:?}");
     assert!(storage.vm_drives("late").is_err() && drives.dir.is_dir());
+    assert_eq!(byte_at(&drives.workspace, DATA_AT), b'W');
     storage.discard_warm_drives(&drives).unwrap();
     assert!(!drives.dir.exists());
 

@@ -41,7 +41,8 @@ pub struct VmInfo {
     /// a VM taken from a warm pool: how long taking it took).
     pub ready_ms: Option<u64>,
     /// While running, how its guest's tools stand: "answering",
-    /// "connecting", or "unresponsive for N s: why".
+    /// "connecting", "paused" (pause_vm; it answers once resumed), or
+    /// "unresponsive for N s: why".
     pub guest: Option<String>,
     /// Its own egress allowlist, narrowing its owner's role's; none: the
     /// role's alone.

@@ -125,9 +125,10 @@ impl QemuBackend {
             "virtio-rng-device,rng=rng0".into(),
             // Free page reporting: the guest reports memory it has freed
             // and QEMU punches it out of the memfd, so the host gets back
-            // what a VM used once (a build, a test run) and an idle VM
-            // holds little more than what it really uses. The balloon
-            // itself is never inflated: the guest's memory stays its own.
+            // what a VM used once (a build, a test run). The guest's
+            // early boot sets how small a run of free pages it reports
+            // (rootfs/guest/rcS). The balloon itself is never inflated:
+            // the guest's memory stays its own.
             "-device".into(),
             "virtio-balloon-device,free-page-reporting=on,deflate-on-oom=on".into(),
             // A guest that breaks out of the device models finds a process
@@ -169,15 +170,9 @@ impl QemuBackend {
 /// host's TSC frequency, without which boots sometimes hang, and no timer
 /// IRQ check: on a loaded host an emulated CPU can miss the check's window
 /// and the kernel panics ("IO-APIC + timer doesn't work!", seen in CI-like
-/// runs with both cores busy). Free page reporting goes down to 128 KiB
-/// runs of free pages (order 5): the kernel's default, 4 MiB, left a
-/// third of what a workload had freed on the host (measured: 22 of 66 MiB
-/// after freeing 110 MiB; order 5 returns it all but ~1 MiB).
+/// runs with both cores busy).
 pub fn kernel_cmdline(spec: &VmSpec, accel: Resolved) -> String {
-    let mut cmdline = format!(
-        "console=ttyS0 panic=-1 reboot=t page_reporting.page_reporting_order=5 {}",
-        spec.cmdline.trim()
-    );
+    let mut cmdline = format!("console=ttyS0 panic=-1 reboot=t {}", spec.cmdline.trim());
     if accel == Resolved::Tcg {
         cmdline.push_str(" no_timer_check");
         if let Some(khz) = host_tsc_khz() {
@@ -249,10 +244,14 @@ impl Backend for QemuBackend {
     }
 }
 
-/// Starts `program` in a process group of its own (so a signal meant for
-/// the caller's group does not reach it), output to `log`; `inherit` is a
-/// descriptor it keeps open (the CID lock); in `cwd` (entered as root),
-/// then as uid and gid `run_as` with no supplementary groups.
+/// Starts `program` in a session (and so a process group) of its own,
+/// output to `log`; `inherit` is a descriptor it keeps open (the CID
+/// lock); in `cwd` (entered as root), then as uid and gid `run_as` with no
+/// supplementary groups. A group of its own: a signal meant for the
+/// caller's group does not reach it. A session of its own: when the
+/// caller dies, the kernel does not treat the group as newly orphaned,
+/// which would send a paused (stopped) VM SIGHUP, ending QEMU, and then
+/// SIGCONT; the VM outlives its daemon paused, to be adopted so.
 fn spawn_logged(
     program: &Path,
     args: &[String],
@@ -264,11 +263,16 @@ fn spawn_logged(
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     if let Some(fd) = inherit {
         // SAFETY: fcntl(2) is async-signal-safe; it only clears the
         // close-on-exec flag of a descriptor this process owns.
@@ -499,12 +503,7 @@ mod tests {
         assert!(args.contains("-runas 3000000009:3000000009"), "{args}");
         assert!(args.contains("werror=report,rerror=report"), "{args}");
         let cmdline = kernel_cmdline(&spec, Resolved::Tcg);
-        assert!(
-            cmdline.starts_with(
-                "console=ttyS0 panic=-1 reboot=t page_reporting.page_reporting_order=5 root=/dev/vda rw"
-            ),
-            "{cmdline}"
-        );
+        assert!(cmdline.starts_with("console=ttyS0 panic=-1 reboot=t root=/dev/vda rw"));
         assert!(cmdline.contains("no_timer_check"), "{cmdline}");
         if host_tsc_khz().is_some() {
             assert!(cmdline.contains("tsc_early_khz="), "{cmdline}");

@@ -27,6 +27,9 @@ const CONSOLE_TAIL_LINES: usize = 20;
 pub const VM_UID_BASE: u32 = 3_000_000_000;
 /// The VM's size, in its run directory (for the cgroup of an adopted VM).
 const LIMITS_FILE: &str = "limits";
+/// Present in a run directory while its VM is paused: a daemon that
+/// adopts it keeps it paused (the pause is its user's, not the daemon's).
+const PAUSED_FILE: &str = "paused";
 /// The VMM's console socket, in the run directory.
 const CONSOLE_SOCKET: &str = "console.sock";
 /// The hybrid-vsock socket, in the VM's vsock directory.
@@ -44,6 +47,8 @@ pub struct Machine {
     /// while its process is unreaped (never a reused pid).
     processes: Vec<(u32, tokio::sync::watch::Receiver<Option<ExitStatus>>)>,
     paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the pause is recorded ([`PAUSED_FILE`]).
+    run_dir: PathBuf,
 }
 
 impl Machine {
@@ -57,12 +62,25 @@ impl Machine {
             let _ = self.signal_all(Signal::SIGCONT, self.processes.iter().rev());
             self.paused
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            return stopped;
         }
-        stopped
+        // Unrecorded, a daemon that adopts it after a crash continues it.
+        if let Err(e) = std::fs::write(self.run_dir.join(PAUSED_FILE), b"") {
+            tracing::warn!(vm = self.vm, error = %e, "could not record the pause");
+        }
+        Ok(())
     }
 
     /// Continues its processes: helpers first, then the VMM.
     pub async fn resume(&self) -> Result<(), VmmError> {
+        // Unrecorded first: a crash after it leaves a VM that is continued
+        // when adopted, as asked.
+        match std::fs::remove_file(self.run_dir.join(PAUSED_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(vm = self.vm, error = %e, "could not unrecord the pause");
+            }
+            _ => {}
+        }
         self.signal_all(Signal::SIGCONT, self.processes.iter().rev())?;
         self.paused
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -511,13 +529,26 @@ impl Vmm {
             listen_ready(&vsock_uds, run_as).map_err(io("listen for the guest's readiness"))?;
         let mut state = readiness.subscribe();
         let mut exit = vmm.exit_watch();
-        // A VM its previous daemon left paused would never answer: it runs
-        // on (its guest thaws its workspace by itself; see the daemon).
-        for (pid, _) in recorded.iter().rev() {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), Signal::SIGCONT);
+        // A VM paused by pause_vm stays paused (stopped again, should
+        // anything have continued it): its guest reconnects once resumed.
+        // One stopped by a pause cut short before it was recorded would
+        // never answer: it runs on (its guest thaws its workspace by
+        // itself; see the daemon).
+        let left_paused = run_dir.join(PAUSED_FILE).exists();
+        let order: Vec<&(u32, u64)> = if left_paused {
+            recorded.iter().collect()
+        } else {
+            recorded.iter().rev().collect()
+        };
+        let signal = if left_paused {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        for (pid, _) in order {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal);
         }
-        let ready = tokio::time::timeout(ready_timeout, async {
+        let ready = left_paused || tokio::time::timeout(ready_timeout, async {
             tokio::select! {
                 ready = state.wait_for(|s| matches!(s, GuestState::Ready { .. })) => ready.is_ok(),
                 _ = exit.wait_for(Option::is_some) => false,
@@ -550,7 +581,7 @@ impl Vmm {
             config: self.config.clone(),
             cgroup,
             cut_off: Arc::default(),
-            paused: Arc::default(),
+            paused: Arc::new(std::sync::atomic::AtomicBool::new(left_paused)),
             finished: false,
         };
         if !ready {
@@ -561,7 +592,7 @@ impl Vmm {
             vm.kill().await;
             return Ok(None);
         }
-        tracing::info!(vm = name, cid, "adopted a running VM");
+        tracing::info!(vm = name, cid, paused = left_paused, "adopted a running VM");
         Ok(Some(Vm::guarded(vm)))
     }
 
@@ -976,6 +1007,7 @@ impl Vm {
             vm: self.name.clone(),
             processes,
             paused: self.paused.clone(),
+            run_dir: self.run_dir.clone(),
         })
     }
 
@@ -1028,16 +1060,22 @@ impl Vm {
         // A paused guest cannot power off: it runs again first. If it
         // cannot, it is killed (a stopped process would only take its
         // SIGTERM once continued).
-        if self.is_paused()
-            && let Err(e) = match self.machine() {
+        if self.is_paused() {
+            let resumed = match self.machine() {
                 Ok(machine) => machine.resume().await,
                 Err(e) => Err(e),
-            }
-        {
-            tracing::warn!(error = %e, "could not resume the paused VM to stop it; killing it");
-            self.vmm.signal(Signal::SIGKILL);
-            for helper in &self.helpers {
-                helper.signal(Signal::SIGCONT);
+            };
+            if let Err(e) = resumed {
+                tracing::warn!(error = %e, "could not resume the paused VM to stop it; killing it");
+                self.vmm.signal(Signal::SIGKILL);
+                for helper in &self.helpers {
+                    helper.signal(Signal::SIGCONT);
+                }
+            } else {
+                // One adopted paused reconnects its guest only now.
+                self.endpoint()
+                    .wait_ready(self.config.connect_timeout)
+                    .await;
             }
         }
         let method = if self.vmm.exit_status().is_some() {
@@ -1155,6 +1193,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_machine_stops_and_continues_all_its_processes_even_past_one_that_ended() {
+        let dir = tempfile::tempdir().unwrap();
         let mut children: Vec<std::process::Child> = (0..2)
             .map(|_| {
                 std::process::Command::new("sleep")
@@ -1169,12 +1208,18 @@ mod tests {
             vm: "t".into(),
             processes: vec![(children[0].id(), live.clone()), (children[1].id(), live)],
             paused: Arc::default(),
+            run_dir: dir.path().to_path_buf(),
         };
         machine.pause().await.unwrap();
         assert!(machine.paused.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            dir.path().join(PAUSED_FILE).exists(),
+            "the pause is recorded"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(children.iter().all(|c| state(c.id()) == 'T'));
         machine.resume().await.unwrap();
+        assert!(!dir.path().join(PAUSED_FILE).exists(), "and unrecorded");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(children.iter().all(|c| state(c.id()) != 'T'));
 
@@ -1185,6 +1230,7 @@ mod tests {
             vm: "t".into(),
             processes: vec![(a, ended_rx), (b, tokio::sync::watch::channel(None).1)],
             paused: Arc::default(),
+            run_dir: dir.path().to_path_buf(),
         };
         ended_tx.send_replace(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
         let err = with_ended.pause().await.unwrap_err().to_string();

@@ -300,8 +300,12 @@ impl Daemon {
         for (name, vm) in running {
             let tools = daemon.image_tools(&name).await;
             let size = daemon.size(&name).await;
+            // One left paused gets its network settings when resumed.
+            let paused = vm.is_paused();
             daemon.run(&name, vm, tools, size).await;
-            daemon.give_network(&name, false).await;
+            if !paused {
+                daemon.give_network(&name, false).await;
+            }
         }
         daemon
             .reload_tokens()

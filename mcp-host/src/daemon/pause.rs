@@ -12,9 +12,11 @@ use super::{Daemon, DaemonError, Result, VmInfo};
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The guest thaws by itself after this long if nexusd never does. The
 /// VM is stopped right after the freeze, and its clock jumps by the pause
-/// on resume: a long pause thaws at once, and a VM a dead nexusd left
-/// paused (continued when adopted) thaws within this.
+/// on resume: a long pause thaws at once, and a VM whose pause a crash cut
+/// short (continued when adopted) thaws within this.
 const FREEZE_DEADLINE_S: u64 = 30;
+/// How long a resumed guest has to reconnect (one adopted paused).
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Daemon {
     /// Pauses a running VM; its guest tools answer "paused" until resumed.
@@ -69,6 +71,17 @@ impl Daemon {
             )));
         }
         machine.resume().await?;
+        // A VM adopted paused (a previous nexusd paused it) reconnects its
+        // guest only now; any other is ready already.
+        let endpoint = self.running.lock().await.get(name).map(|r| r.vm.endpoint());
+        if let Some(endpoint) = endpoint
+            && !endpoint.wait_ready(RECONNECT_TIMEOUT).await
+        {
+            tracing::warn!(vm = name, "the resumed guest has not reconnected yet");
+        }
+        // Its tools listable again before the answer (one adopted paused
+        // had no session yet).
+        let _ = self.guests.session(name, crate::guest::CALL_WAIT).await;
         // Thawed by the guest's own deadline already if the pause was
         // long ("not frozen"); anything else is tried once more.
         for attempt in 0..2 {
@@ -124,12 +137,21 @@ impl Daemon {
             vm: name.to_owned(),
             why: format!("{tool}: {why}"),
         };
-        let client = self
-            .control(name)
-            .await?
-            .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
-        super::hooks::control_call(&client, tool, args, FREEZE_TIMEOUT)
-            .await
-            .map_err(failed)
+        // A destroy waits for this VM's lock: a guest that never answers
+        // delays it no longer than it takes to ask.
+        let abandon = self.destroy_asked(name);
+        let called = async {
+            let client = self
+                .control(name)
+                .await?
+                .ok_or_else(|| DaemonError::NotRunning(name.to_owned()))?;
+            super::hooks::control_call(&client, tool, args, FREEZE_TIMEOUT)
+                .await
+                .map_err(failed)
+        };
+        tokio::select! {
+            called = called => called,
+            () = abandon.wait() => Err(failed("given up, the VM is being destroyed".to_owned())),
+        }
     }
 }

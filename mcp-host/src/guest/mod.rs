@@ -121,6 +121,8 @@ pub enum Health {
     /// Not asked yet, or being connected to.
     Connecting,
     Answering,
+    /// Its vCPUs are stopped (pause_vm): it answers once resumed.
+    Paused,
     /// The last attempt to reach it failed.
     Unresponsive {
         why: String,
@@ -133,6 +135,7 @@ impl std::fmt::Display for Health {
         match self {
             Self::Connecting => f.write_str("connecting"),
             Self::Answering => f.write_str("answering"),
+            Self::Paused => f.write_str("paused"),
             Self::Unresponsive { why, for_s } => {
                 write!(f, "unresponsive for {for_s} s: {why}")
             }
@@ -255,6 +258,9 @@ impl Guests {
     /// How the VM's guest stands, if it is attached.
     pub fn health(&self, vm: &str) -> Option<Health> {
         let link = lock(&self.links).get(vm).cloned()?;
+        if link.endpoint.is_paused() {
+            return Some(Health::Paused);
+        }
         let state = link.state.borrow().clone();
         Some(match state {
             LinkState::Idle | LinkState::Opening => Health::Connecting,
