@@ -488,12 +488,16 @@ impl ProcessTable {
         ))
     }
 
+    /// Writes `data` to a process's input (`close`: then ends it); the
+    /// bytes written, and whether its input is still open once written
+    /// (a terminal's stays open: `close` typed Ctrl-D), as of the write,
+    /// whatever the process does with it next.
     pub async fn write_stdin(
         &self,
         id: &str,
         data: &[u8],
         close: bool,
-    ) -> Result<usize, ProcessError> {
+    ) -> Result<(usize, bool), ProcessError> {
         let key = parse_id(id)?;
         let stdin = {
             let entries = self.lock();
@@ -528,7 +532,7 @@ impl ProcessTable {
             })
             .await;
             return match eof {
-                Ok(Ok(())) => Ok(data.len()),
+                Ok(Ok(())) => Ok((data.len(), true)),
                 Ok(Err(source)) => Err(ProcessError::Stdin {
                     id: id.to_owned(),
                     source,
@@ -540,7 +544,7 @@ impl ProcessTable {
             entry.stdin = None;
             entry.info.stdin_open = false;
         }
-        Ok(data.len())
+        Ok((data.len(), !close))
     }
 
     /// Gives a process's terminal a new size (it gets SIGWINCH).

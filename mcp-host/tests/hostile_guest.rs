@@ -183,6 +183,7 @@ async fn a_hostile_guest_cannot_stall_flood_or_outlive_nexusd() {
     );
     let err = pausing.await.unwrap();
     assert!(err.contains("being destroyed"), "{err}");
+    eprintln!("the pause under way when the VM was destroyed: {err}");
     eprintln!(
         "destroying a VM whose guest-mcp is stopped took {destroy:?}; nexusd RSS now {} MiB",
         rss_kib(nexusd) >> 10

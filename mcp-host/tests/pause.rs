@@ -125,8 +125,10 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     let seen = sh(&client, "p2", "cat /workspace/before.txt").await;
     assert_eq!(seen["stdout"], "kept\n", "{seen}");
 
-    // A nexusd killed while it is paused: the next one adopts it paused
-    // (its processes still stopped, its tools refusing), not continued.
+    // A nexusd killed while they are paused: the next one adopts them
+    // paused (their processes still stopped, their tools refusing), not
+    // continued.
+    call(&client, "pause_vm", json!({"vm": "p2"})).await.ok();
     let daemon = state
         .daemon_pid()
         .expect("a daemon holds the state directory");
@@ -144,7 +146,12 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     assert!(err.contains("is paused: resume_vm p1 first"), "{err}");
 
     // Resumed: the same process counts on; the workspace takes writes.
+    let asked = Instant::now();
     let resumed = call(&client, "resume_vm", json!({"vm": "p1"})).await.ok();
+    eprintln!(
+        "resume_vm of a VM adopted paused took {:?}",
+        asked.elapsed()
+    );
     assert_eq!(resumed["state"], "running");
     assert_eq!(resumed["guest"], "answering", "{resumed}");
     assert!(!pids.iter().any(stopped), "none stopped after resume");
@@ -187,9 +194,16 @@ async fn a_paused_vm_answers_paused_snapshots_consistently_and_resumes_where_it_
     )
     .await;
     assert_eq!(after["stdout"], "more\nkept\n", "{after}");
-    // A paused VM is destroyed cleanly, nothing of it left running.
-    call(&client, "pause_vm", json!({"vm": "p2"})).await.ok();
+    // A paused VM (adopted so) is destroyed cleanly, nothing of it left
+    // running.
+    let p2 = call(&client, "get_vm", json!({"vm": "p2"})).await.ok();
+    assert_eq!(p2["state"], "paused", "{p2}");
+    let asked = Instant::now();
     call(&client, "destroy_vm", json!({"vm": "p2"})).await.ok();
+    eprintln!(
+        "destroy_vm of a VM adopted paused took {:?}",
+        asked.elapsed()
+    );
     call(&client, "destroy_vm", json!({"vm": "p1"})).await.ok();
     assert!(
         nexus_integration::processes_mentioning(run.to_str().unwrap()).is_empty(),

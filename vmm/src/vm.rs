@@ -417,6 +417,12 @@ fn record_pids<'a>(run_dir: &Path, processes: impl Iterator<Item = &'a Watched>)
 
 /// Field 22 of /proc/PID/stat: the start time, which tells a process from
 /// a later one that reuses its pid.
+/// A process's state letter (`T`: stopped).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -534,7 +540,15 @@ impl Vmm {
         // One stopped by a pause cut short before it was recorded would
         // never answer: it runs on (its guest thaws its workspace by
         // itself; see the daemon).
-        let left_paused = run_dir.join(PAUSED_FILE).exists();
+        // Kept paused only if it still is (every process stopped): one
+        // continued meanwhile may have thawed its workspace; it runs on.
+        let left_paused = run_dir.join(PAUSED_FILE).exists()
+            && recorded
+                .iter()
+                .all(|(pid, _)| process_state(*pid) == Some('T'));
+        if !left_paused {
+            let _ = std::fs::remove_file(run_dir.join(PAUSED_FILE));
+        }
         let order: Vec<&(u32, u64)> = if left_paused {
             recorded.iter().collect()
         } else {
@@ -1072,9 +1086,10 @@ impl Vm {
                     helper.signal(Signal::SIGCONT);
                 }
             } else {
-                // One adopted paused reconnects its guest only now.
+                // One adopted paused reconnects its guest only now (within
+                // the time a power-off has; else it is escalated).
                 self.endpoint()
-                    .wait_ready(self.config.connect_timeout)
+                    .wait_ready(self.config.graceful_timeout)
                     .await;
             }
         }

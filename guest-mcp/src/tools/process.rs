@@ -273,14 +273,15 @@ impl GuestTools {
         Parameters(p): Parameters<WriteStdinParams>,
     ) -> Result<CallToolResult, String> {
         let table = &self.shared.processes;
-        let n = table
+        // As of the write: a terminal stays open after `close` (it typed
+        // Ctrl-D), even if the program then ends at once.
+        let (n, stdin_open) = table
             .write_stdin(&p.id, p.data.as_bytes(), p.close)
             .await
             .map_err(|e| e.to_string())?;
         let written = Written {
             bytes_written: n,
-            // A terminal stays open after `close` (it typed Ctrl-D).
-            stdin_open: table.status(&p.id).is_ok_and(|i| i.stdin_open),
+            stdin_open,
         };
         done(&written, format!("wrote {n} bytes to {}", p.id))
     }

@@ -72,16 +72,24 @@ impl Daemon {
         }
         machine.resume().await?;
         // A VM adopted paused (a previous nexusd paused it) reconnects its
-        // guest only now; any other is ready already.
+        // guest only now; any other is ready already. Its tools are
+        // listable again before the answer (one adopted paused had no
+        // session yet). Neither wait holds up a destroy.
         let endpoint = self.running.lock().await.get(name).map(|r| r.vm.endpoint());
-        if let Some(endpoint) = endpoint
-            && !endpoint.wait_ready(RECONNECT_TIMEOUT).await
-        {
-            tracing::warn!(vm = name, "the resumed guest has not reconnected yet");
+        self.guests.retry_now(name);
+        let reconnected = async {
+            if let Some(endpoint) = endpoint
+                && !endpoint.wait_ready(RECONNECT_TIMEOUT).await
+            {
+                tracing::warn!(vm = name, "the resumed guest has not reconnected yet");
+                return;
+            }
+            let _ = self.guests.session(name, crate::guest::CALL_WAIT).await;
+        };
+        tokio::select! {
+            () = reconnected => {}
+            () = self.destroy_asked(name).wait() => {}
         }
-        // Its tools listable again before the answer (one adopted paused
-        // had no session yet).
-        let _ = self.guests.session(name, crate::guest::CALL_WAIT).await;
         // Thawed by the guest's own deadline already if the pause was
         // long ("not frozen"); anything else is tried once more.
         for attempt in 0..2 {

@@ -294,6 +294,12 @@ impl Guests {
                     return Err(unreachable(why));
                 }
                 LinkState::Opening => {}
+                // A paused guest answers nothing: no opening is tried (it
+                // would wait out its deadlines and be remembered as a
+                // failure after the resume).
+                _ if link.endpoint.is_paused() => {
+                    return Err(unreachable("the VM is paused".to_owned()));
+                }
                 // Idle, closed (guest-mcp restarted) or failed long enough ago.
                 _ => {
                     // Checked again under the lock: another caller may
@@ -324,6 +330,20 @@ impl Guests {
                     )));
                 }
             }
+        }
+    }
+
+    /// Forgets a failure to reach the guest (a VM just resumed): the next
+    /// caller opens a session at once.
+    pub fn retry_now(&self, vm: &str) {
+        if let Some(link) = lock(&self.links).get(vm) {
+            link.state.send_if_modified(|s| {
+                let failed = matches!(s, LinkState::Failed { .. });
+                if failed {
+                    *s = LinkState::Idle;
+                }
+                failed
+            });
         }
     }
 
