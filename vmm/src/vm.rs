@@ -415,22 +415,24 @@ fn record_pids<'a>(run_dir: &Path, processes: impl Iterator<Item = &'a Watched>)
     }
 }
 
-/// Field 22 of /proc/PID/stat: the start time, which tells a process from
-/// a later one that reuses its pid.
-/// A process's state letter (`T`: stopped).
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-fn start_ticks(pid: u32) -> Option<u64> {
+/// A process's state letter (`T`: stopped, `Z`: ended) and field 22 of
+/// /proc/PID/stat, its start time, which tells a process from a later one
+/// that reuses its pid.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // A zombie has ended already: it is not a process to adopt.
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
+/// The start time of a process that has not ended (a zombie has: it is
+/// not a process to adopt).
+fn start_ticks(pid: u32) -> Option<u64> {
+    proc_stat(pid)
+        .filter(|(state, _)| *state != 'Z')
+        .map(|(_, ticks)| ticks)
 }
 
 /// Stops the processes of VMs that nobody tracks any more (their run
@@ -486,10 +488,12 @@ impl Vmm {
             return Ok(None);
         };
         let recorded = read_pids(&run_dir);
+        let stats: Vec<Option<(char, u64)>> =
+            recorded.iter().map(|(pid, _)| proc_stat(*pid)).collect();
         let alive = !recorded.is_empty()
-            && recorded
-                .iter()
-                .all(|(pid, ticks)| start_ticks(*pid) == Some(*ticks));
+            && recorded.iter().zip(&stats).all(|((_, ticks), stat)| {
+                matches!(stat, Some((state, started)) if *state != 'Z' && started == ticks)
+            });
         if !alive {
             return Ok(None);
         }
@@ -535,32 +539,22 @@ impl Vmm {
             listen_ready(&vsock_uds, run_as).map_err(io("listen for the guest's readiness"))?;
         let mut state = readiness.subscribe();
         let mut exit = vmm.exit_watch();
-        // A VM paused by pause_vm stays paused (stopped again, should
-        // anything have continued it): its guest reconnects once resumed.
-        // One stopped by a pause cut short before it was recorded would
-        // never answer: it runs on (its guest thaws its workspace by
-        // itself; see the daemon).
-        // Kept paused only if it still is (every process stopped): one
-        // continued meanwhile may have thawed its workspace; it runs on.
+        // A VM paused by pause_vm stays paused if it still is (every
+        // process stopped): its guest reconnects once resumed. One
+        // continued meanwhile (its workspace may have thawed by itself),
+        // or stopped by a pause cut short before it was recorded (it would
+        // never answer), runs on: its guest thaws its workspace by itself
+        // (see the daemon).
         let left_paused = run_dir.join(PAUSED_FILE).exists()
-            && recorded
-                .iter()
-                .all(|(pid, _)| process_state(*pid) == Some('T'));
+            && stats.iter().all(|stat| matches!(stat, Some(('T', _))));
         if !left_paused {
             let _ = std::fs::remove_file(run_dir.join(PAUSED_FILE));
-        }
-        let order: Vec<&(u32, u64)> = if left_paused {
-            recorded.iter().collect()
-        } else {
-            recorded.iter().rev().collect()
-        };
-        let signal = if left_paused {
-            Signal::SIGSTOP
-        } else {
-            Signal::SIGCONT
-        };
-        for (pid, _) in order {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), signal);
+            for (pid, _) in recorded.iter().rev() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    Signal::SIGCONT,
+                );
+            }
         }
         let ready = left_paused || tokio::time::timeout(ready_timeout, async {
             tokio::select! {
@@ -1197,13 +1191,7 @@ mod tests {
     use super::*;
 
     fn state(pid: u32) -> char {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.trim_start().chars().next())
-            })
-            .unwrap_or('?')
+        proc_stat(pid).map_or('?', |(state, _)| state)
     }
 
     #[tokio::test]

@@ -102,7 +102,20 @@ impl Abandon {
             std::future::pending::<()>().await;
         }
     }
+
+    /// `work`'s outcome, or `None` once a destroy of the VM is asked for
+    /// ([`GIVEN_UP`] says so): a destroy waits for the VM's lock, and a
+    /// guest that never answers must not hold it.
+    pub async fn race<F: Future>(self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            done = work => Some(done),
+            () = self.wait() => None,
+        }
+    }
 }
+
+/// Why a wait on a guest ended early ([`Abandon::race`]).
+pub(super) const GIVEN_UP: &str = "given up, the VM is being destroyed";
 
 impl GuestHooks {
     fn call(&self, tool: &'static str, args: serde_json::Value) -> std::result::Result<(), String> {
@@ -111,12 +124,8 @@ impl GuestHooks {
         };
         let abandon = Abandon::new(self.abandon.destroying.clone(), &self.vm);
         self.handle
-            .block_on(async {
-                tokio::select! {
-                    called = control_call(client, tool, args, HOOK_TIMEOUT) => called,
-                    () = abandon.wait() => Err("given up, the VM is being destroyed".to_owned()),
-                }
-            })
+            .block_on(abandon.race(control_call(client, tool, args, HOOK_TIMEOUT)))
+            .unwrap_or_else(|| Err(GIVEN_UP.to_owned()))
             .map_err(|why| format!("{tool} on VM {}: {why}", self.vm))
     }
 }

@@ -90,14 +90,9 @@ impl Daemon {
         // The guest's session opens now, not at the first listing: its
         // tools are listable as soon as the VM is (and clients are told
         // again when they are). One adopted paused: when resumed.
-        if !self.guests.is_paused(name) {
-            self.open_guest_session(name);
-        }
-    }
-
-    /// Opens the VM's guest session in the background.
-    pub(super) fn open_guest_session(&self, name: &str) {
-        if let Some(me) = self.me.upgrade() {
+        if !self.guests.is_paused(name)
+            && let Some(me) = self.me.upgrade()
+        {
             let name = name.to_owned();
             tokio::spawn(async move {
                 let _ = me.guests.session(&name, crate::guest::CALL_WAIT).await;

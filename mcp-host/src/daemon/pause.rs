@@ -86,10 +86,7 @@ impl Daemon {
             }
             let _ = self.guests.session(name, crate::guest::CALL_WAIT).await;
         };
-        tokio::select! {
-            () = reconnected => {}
-            () = self.destroy_asked(name).wait() => {}
-        }
+        let _ = self.destroy_asked(name).race(reconnected).await;
         // Thawed by the guest's own deadline already if the pause was
         // long ("not frozen"); anything else is tried once more.
         for attempt in 0..2 {
@@ -145,9 +142,6 @@ impl Daemon {
             vm: name.to_owned(),
             why: format!("{tool}: {why}"),
         };
-        // A destroy waits for this VM's lock: a guest that never answers
-        // delays it no longer than it takes to ask.
-        let abandon = self.destroy_asked(name);
         let called = async {
             let client = self
                 .control(name)
@@ -157,9 +151,9 @@ impl Daemon {
                 .await
                 .map_err(failed)
         };
-        tokio::select! {
-            called = called => called,
-            () = abandon.wait() => Err(failed("given up, the VM is being destroyed".to_owned())),
-        }
+        self.destroy_asked(name)
+            .race(called)
+            .await
+            .unwrap_or_else(|| Err(failed(super::hooks::GIVEN_UP.to_owned())))
     }
 }
